@@ -1,0 +1,62 @@
+"""The command line: one error boundary, then the commands of each module below."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Sequence
+
+import click
+
+from audience_sync.cli import admin, daemon, deliveries, engine
+from audience_sync.cli.common import app
+from audience_sync.errors import AudienceSyncError
+
+__all__ = ["app", "main"]
+
+# The command modules register themselves on `app` when imported.
+_COMMAND_MODULES = (admin, engine, deliveries, daemon)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in args)
+    try:
+        result = app(args=args, prog_name="audience-sync", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("audience-sync: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.UsageError as exc:
+        hint = f" (see: audience-sync {exc.ctx.command_path.split(' ', 1)[-1]} --help)" \
+            if exc.ctx and " " in exc.ctx.command_path else " (see: audience-sync --help)"
+        print(f"audience-sync: {exc.format_message()}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as exc:
+        print(f"audience-sync: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except AudienceSyncError as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"audience-sync: error: {_chain(exc)}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("audience-sync: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"audience-sync: unexpected error: {type(exc).__name__}: {exc}"
+              " (run with -v for the traceback)", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _chain(exc: AudienceSyncError) -> str:
+    return exc.message.replace("\n", " ")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

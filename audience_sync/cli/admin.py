@@ -1,0 +1,125 @@
+"""`check`, `db upgrade` and `status`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from audience_sync.cli.common import app, console, iso, open_config, open_store, print_json
+from audience_sync.destinations import check_destination
+from audience_sync.errors import AudienceSyncError
+from audience_sync.sources import ping_source
+from audience_sync.store import Store
+
+db_app = typer.Typer(help="State database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Apply the state database migrations (every command also does this on start)."""
+    config = open_config(ctx)
+    store = Store(config.state_db)
+    applied = store.upgrade()
+    revision = store.current_revision()
+    print(f"state database at revision {revision}" + (" (upgraded)" if applied else
+                                                       " (already up to date)"))
+
+
+@app.command()
+def check(ctx: typer.Context) -> None:
+    """Validate the config and reach every source and destination; print what is wrong."""
+    config = open_config(ctx)
+    out = console()
+    problems = 0
+    out.print(f"config {config.path}: ok ({len(config.computations)} audiences and traits)")
+    try:
+        open_store(config, register=False)
+        out.print("state_db: ok")
+    except AudienceSyncError as exc:
+        problems += 1
+        out.print(f"state_db: FAILED: {exc}")
+    for name, source in config.sources.items():
+        error = ping_source(source)
+        problems += error is not None
+        out.print(f"sources.{name}: " + ("ok" if error is None else f"FAILED: {error}"))
+    for name, dest in config.destinations.items():
+        ok, message = check_destination(name, dest)
+        problems += not ok
+        out.print(f"destinations.{name}: " + (message if ok else f"FAILED: {message}"))
+    if problems:
+        out.print(f"{problems} problem(s) found")
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Per audience and trait: key, members, last run, next due, deliveries pending and failed."""
+    config = open_config(ctx)
+    store = open_store(config)
+    rows = {row.key: row for row in store.computations()}
+    counts = store.delivery_counts()
+    items: list[dict[str, Any]] = []
+    configured = {comp.key for comp in config.computations}
+    for key, row in rows.items():
+        comp = next((c for c in config.computations if c.key == key), None)
+        last_run = store.run_row(row.last_run_id) if row.last_run_id else None
+        pending = {dest: n for (cid, dest, st), n in counts.items()
+                   if cid == row.id and st == "pending"}
+        failed = {dest: n for (cid, dest, st), n in counts.items()
+                  if cid == row.id and st == "failed"}
+        items.append({
+            "key": key,
+            "name": row.name,
+            "kind": row.kind,
+            "orphaned": key not in configured,
+            "destinations": list(comp.destinations) if comp else [],
+            "members": row.member_count,
+            "initial_sync": row.initial_state,
+            "last_run": _run_summary(last_run),
+            "last_success_at": iso(row.last_success_at),
+            "next_due_at": iso(row.next_due_at) if key in configured else None,
+            "pending": pending,
+            "failed": failed,
+            "lease_owner": row.lease_owner,
+        })
+    if as_json:
+        print_json({"state_db": store.dialect, "computations": items})
+        return
+    table = Table(title=None, show_edge=False)
+    for column in ("key", "kind", "members", "initial", "last run", "next due", "pending",
+                   "failed"):
+        table.add_column(column)
+    for item in items:
+        run = item["last_run"]
+        run_text = "-" if run is None else (
+            f"{run['kind']} {run['status']} +{run['entered']} -{run['exited']} ~{run['changed']}")
+        table.add_row(
+            item["key"] + (" (orphaned)" if item["orphaned"] else ""),
+            item["kind"], str(item["members"]), item["initial_sync"], run_text,
+            item["next_due_at"] or "-",
+            _per_destination(item["pending"]), _per_destination(item["failed"]))
+    console().print(table)
+
+
+def _run_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    return {
+        "id": run["id"], "kind": run["kind"], "status": run["status"],
+        "clock": iso(run["clock"]), "finished_at": iso(run["finished_at"]),
+        "members": run["members"], "entered": run["entered"], "exited": run["exited"],
+        "changed": run["changed"], "queued": run["queued"],
+        "skipped": {"null": run["skipped_null"], "empty": run["skipped_empty"],
+                    "too_long": run["skipped_too_long"], "duplicate": run["skipped_duplicate"]},
+        "error": run["error"],
+    }
+
+
+def _per_destination(counts: dict[str, int]) -> str:
+    return ", ".join(f"{dest}: {n}" for dest, n in sorted(counts.items())) or "0"

@@ -1,0 +1,92 @@
+"""What every command shares: the app, global options, opening config and store, output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from audience_sync.config import Config, load_config
+from audience_sync.errors import UsageError
+from audience_sync.store import Store
+
+app = typer.Typer(
+    name="audience-sync",
+    help="Engage-style audience sync: compute audiences from your SQL database, "
+    "keep their history, send the changes to Planhat and Segment-spec destinations.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@dataclass
+class Globals:
+    config_path: Path | None
+    verbose: bool
+
+
+@app.callback()
+def _callback(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(
+        None, "--config", "-c", envvar="AUDIENCE_SYNC_CONFIG",
+        help="Path to config.yaml (default ./config.yaml, or $AUDIENCE_SYNC_CONFIG)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Tracebacks and debug logs."),
+) -> None:
+    ctx.obj = Globals(config_path=config, verbose=verbose)
+
+
+def globals_of(ctx: typer.Context) -> Globals:
+    root = ctx.find_root()
+    obj = root.obj
+    assert isinstance(obj, Globals)
+    return obj
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def open_config(ctx: typer.Context) -> Config:
+    return load_config(globals_of(ctx).config_path)
+
+
+def open_store(config: Config, *, register: bool = True) -> Store:
+    """Open the state database, upgrade its schema and register configured audiences."""
+    store = Store(config.state_db)
+    store.upgrade()
+    if register:
+        store.register(config.computations, utcnow())
+    return store
+
+
+def parse_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{option}: {value!r} is not an ISO-8601 time "
+                         "such as 2026-11-28T10:00:00Z") from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def console() -> Console:
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)

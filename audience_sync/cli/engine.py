@@ -1,0 +1,296 @@
+"""`sync`, `resync`, `members`, `history` and `runs`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from sqlalchemy import and_, desc, literal, or_, select, union_all
+
+from audience_sync import schema as t
+from audience_sync.cli.common import (
+    app,
+    console,
+    iso,
+    open_config,
+    open_store,
+    parse_time,
+    print_json,
+)
+from audience_sync.config import Computation, Config
+from audience_sync.errors import ConfigError, UsageError
+from audience_sync.outbox import DrainReport, drain
+from audience_sync.runner import RunResult, run_computation
+from audience_sync.store import Store
+
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
+
+
+def resolve(config: Config, names: list[str]) -> list[Computation]:
+    if not names:
+        return list(config.computations)
+    found: list[Computation] = []
+    for name in names:
+        try:
+            comp = config.find(name)
+        except ConfigError:
+            known = ", ".join(c.key for c in config.computations)
+            raise UsageError(f"unknown audience {name!r} (known: {known})") from None
+        if comp not in found:
+            found.append(comp)
+    return found
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int], None] | None]:
+    if not sys.stderr.isatty():
+        yield None
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                  TextColumn("{task.completed:,} rows"), TimeElapsedColumn(),
+                  transient=True, console=console().__class__(stderr=True)) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda n: bar.advance(task, n)
+
+
+def _execute(ctx: typer.Context, names: list[str], *, resync: bool, dry_run: bool, force: bool,
+             as_json: bool) -> None:
+    config = open_config(ctx)
+    comps = resolve(config, names)
+    store = open_store(config, register=not dry_run)
+    results: list[RunResult] = []
+    for comp in comps:
+        with _progress(f"{comp.key}: loading snapshot") as progress:
+            result = run_computation(store, config, comp, resync=resync, force=force,
+                                     dry_run=dry_run, progress=progress)
+        results.append(result)
+        if not as_json:
+            _print_result(result, dry_run)
+    report: DrainReport | None = None
+    if not dry_run:
+        report = drain(store, config, keys=[c.key for c in comps])
+        if not as_json:
+            for name, dest in report.destinations.items():
+                line = f"  -> {name}: {dest.sent} sent, {dest.failed} failed"
+                if dest.deferred:
+                    line += f", {dest.deferred} to retry"
+                if dest.error:
+                    line += f" ({dest.error})"
+                print(line)
+    ok = all(r.ok for r in results) and (report is None or report.ok)
+    if as_json:
+        print_json({"ok": ok, "dry_run": dry_run, "runs": [r.as_dict() for r in results],
+                    "deliveries": report.as_dict() if report else None})
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _print_result(result: RunResult, dry_run: bool) -> None:
+    skipped = result.skipped
+    parts = [f"{result.key}: {result.kind} {'plan' if dry_run and result.ok else result.status}",
+             f"{result.members} members (+{result.entered} -{result.exited} ~{result.changed})",
+             f"{result.queued} queued" if not dry_run else f"{result.queued} would be sent"]
+    if skipped.total:
+        parts.append(f"skipped {skipped.total} rows (null {skipped.null}, empty {skipped.empty}, "
+                     f"too long {skipped.too_long}, duplicate {skipped.duplicate})")
+    print(", ".join(parts))
+    if result.error:
+        print(f"  {result.error}", file=sys.stderr)
+    if dry_run:
+        if result.sample_entered:
+            print(f"  would enter: {', '.join(result.sample_entered)}")
+        if result.sample_exited:
+            print(f"  would exit: {', '.join(result.sample_exited)}")
+
+
+@app.command()
+def sync(
+    ctx: typer.Context,
+    audiences: list[str] = typer.Argument(None, help="Names or keys; all when omitted."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Apply a run the removal guard held."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Evaluate audiences now, whatever their cadence, and deliver the changes."""
+    _execute(ctx, audiences or [], resync=False, dry_run=dry_run, force=force, as_json=as_json)
+
+
+@app.command()
+def resync(
+    ctx: typer.Context,
+    audience: str = typer.Argument(..., help="Name or key."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Apply a run the removal guard held."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Send every current member again, and false to those who left since the last run."""
+    _execute(ctx, [audience], resync=True, dry_run=dry_run, force=force, as_json=as_json)
+
+
+def _computation_id(store: Store, comp: Computation) -> int:
+    row = store.computation(comp.key)
+    if row is None:  # pragma: no cover - open_store registers every configured computation
+        raise UsageError(f"{comp.key} is not in the state database")
+    return row.id
+
+
+@app.command()
+def members(
+    ctx: typer.Context,
+    audience: str = typer.Argument(..., help="Name or key."),
+    at: str = typer.Option(None, "--at", help="ISO-8601 time; members now when omitted."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Members now, or at a past time (from the history)."""
+    when = parse_time(at, "--at")
+    config = open_config(ctx)
+    comp = resolve(config, [audience])[0]
+    store = open_store(config)
+    cid = _computation_id(store, comp)
+    if comp.kind == "audience":
+        if when is None:
+            m = t.members
+            query = select(m.c.user_id, m.c.email, m.c.name, m.c.title, m.c.company_id) \
+                .where(m.c.computation_id == cid).order_by(m.c.user_id)
+        else:
+            h = t.membership_history
+            query = select(h.c.user_id).where(
+                h.c.computation_id == cid, h.c.entered_at <= when,
+                or_(h.c.exited_at.is_(None), h.c.exited_at > when)).order_by(h.c.user_id)
+    elif when is None:
+        m = t.members
+        query = select(m.c.user_id, m.c.value).where(m.c.computation_id == cid) \
+            .order_by(m.c.user_id)
+    else:
+        th = t.trait_history
+        query = select(th.c.user_id, th.c.value).where(
+            th.c.computation_id == cid, th.c.valid_from <= when,
+            or_(th.c.valid_to.is_(None), th.c.valid_to > when)).order_by(th.c.user_id)
+    with store.read() as conn:
+        rows = conn.execute(query)
+        _stream(rows, as_json, lambda r: {
+            k: (json.loads(v) if k == "value" and v is not None else v)
+            for k, v in r._asdict().items() if v is not None or k == "value"})
+
+
+def _stream(rows: Any, as_json: bool, shape: Callable[[Any], dict[str, Any]]) -> None:
+    """Write rows as they come: a million members never sit in memory."""
+    out = sys.stdout
+    count = 0
+    if as_json:
+        out.write("[")
+    for row in rows:
+        item = shape(row)
+        if as_json:
+            out.write(("," if count else "") + "\n  " + json.dumps(item, default=str))
+        else:
+            out.write("\t".join("" if v is None else str(v) for v in item.values()) + "\n")
+        count += 1
+    if as_json:
+        out.write("\n]\n" if count else "]\n")
+    elif count == 0:
+        print("(none)", file=sys.stderr)
+
+
+@app.command()
+def history(
+    ctx: typer.Context,
+    audience: str = typer.Argument(..., help="Name or key."),
+    user: str = typer.Option(None, "--user", help="Only this user id."),
+    since: str = typer.Option(None, "--since", help="Only changes at or after this time."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Membership changes (entered / exited), oldest first."""
+    when = parse_time(since, "--since")
+    config = open_config(ctx)
+    comp = resolve(config, [audience])[0]
+    store = open_store(config)
+    cid = _computation_id(store, comp)
+    if comp.kind == "audience":
+        h = t.membership_history
+        base = [h.c.computation_id == cid] + ([h.c.user_id == user] if user else [])
+        entered = select(h.c.user_id, literal("entered").label("change"),
+                         h.c.entered_at.label("at"), h.c.entered_run.label("run_id"),
+                         literal(None).label("value")).where(*base)
+        exits = select(h.c.user_id, literal("exited").label("change"),
+                       h.c.exited_at.label("at"), h.c.exited_run.label("run_id"),
+                       literal(None).label("value")).where(*base, h.c.exited_at.is_not(None))
+        if when is not None:
+            entered = entered.where(h.c.entered_at >= when)
+            exits = exits.where(h.c.exited_at >= when)
+    else:
+        th = t.trait_history
+        nxt = t.trait_history.alias("nxt")
+        base = [th.c.computation_id == cid] + ([th.c.user_id == user] if user else [])
+        entered = select(th.c.user_id, literal("set").label("change"),
+                         th.c.valid_from.label("at"), th.c.valid_from_run.label("run_id"),
+                         th.c.value).where(*base)
+        superseded = select(nxt.c.id).where(and_(
+            nxt.c.computation_id == th.c.computation_id, nxt.c.user_id == th.c.user_id,
+            nxt.c.valid_from_run == th.c.valid_to_run))
+        exits = select(th.c.user_id, literal("exited").label("change"),
+                       th.c.valid_to.label("at"), th.c.valid_to_run.label("run_id"),
+                       literal(None).label("value")).where(
+            *base, th.c.valid_to.is_not(None), ~superseded.exists())
+        if when is not None:
+            entered = entered.where(th.c.valid_from >= when)
+            exits = exits.where(th.c.valid_to >= when)
+    events = union_all(entered, exits).subquery("events")
+    query = select(events).order_by(events.c.at, events.c.run_id, events.c.user_id,
+                                    desc(events.c.change))
+    with store.read() as conn:
+        rows = conn.execute(query)
+
+        def shape(row: Any) -> dict[str, Any]:
+            item: dict[str, Any] = {"user_id": row.user_id, "change": row.change,
+                                    "at": iso(t.UTCDateTime().process_result_value(
+                                        row.at, conn.dialect)),
+                                    "run_id": row.run_id}
+            if comp.kind == "trait" and row.change == "set":
+                item["value"] = json.loads(row.value) if row.value is not None else None
+            return item
+
+        _stream(rows, as_json, shape)
+
+
+@app.command()
+def runs(
+    ctx: typer.Context,
+    audience: str = typer.Argument(None, help="Name or key; every audience when omitted."),
+    limit: int = typer.Option(50, "--limit", min=1, help="Most recent N runs."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Run history with counts and outcome, newest first."""
+    config = open_config(ctx)
+    store = open_store(config)
+    r, c = t.runs, t.computations
+    query = select(r, c.c.key).join(c, c.c.id == r.c.computation_id) \
+        .order_by(r.c.id.desc()).limit(limit)
+    if audience:
+        comp = resolve(config, [audience])[0]
+        query = query.where(c.c.key == comp.key)
+    with store.read() as conn:
+        items = [{
+            "run_id": row.id, "key": row.key, "kind": row.kind, "status": row.status,
+            "clock": iso(row.clock), "finished_at": iso(row.finished_at),
+            "members": row.members, "entered": row.entered, "exited": row.exited,
+            "changed": row.changed, "queued": row.queued, "forced": bool(row.forced),
+            "skipped": {"null": row.skipped_null, "empty": row.skipped_empty,
+                        "too_long": row.skipped_too_long, "duplicate": row.skipped_duplicate},
+            "error": row.error,
+        } for row in conn.execute(query)]
+    if as_json:
+        print_json(items)
+        return
+    for item in items:
+        print(f"#{item['run_id']} {item['clock']} {item['key']} {item['kind']} {item['status']}: "
+              f"{item['members']} members +{item['entered']} -{item['exited']} "
+              f"~{item['changed']}, {item['queued']} queued"
+              + (f" ({item['error']})" if item["error"] else ""))
+    if not items:
+        print("(no runs yet)", file=sys.stderr)

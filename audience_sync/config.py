@@ -1,0 +1,486 @@
+"""config.yaml: parsed once, validated into frozen objects, passed down as values."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from audience_sync.errors import ConfigError
+from audience_sync.keys import check_key, derive_key
+
+DEFAULT_CONFIG = "config.yaml"
+CONFIG_ENV = "AUDIENCE_SYNC_CONFIG"
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
+               "hour": 3600}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def parse_duration(value: object) -> timedelta:
+    """`30s`, `15m`, `2h`, `30d` (a bare integer is seconds)."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 15m, 2h or 30d")
+    if isinstance(value, int):
+        seconds = value
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration such as 30s, 15m, 2h or 30d")
+        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return timedelta(seconds=seconds)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """`count` requests per `per_seconds`."""
+
+    count: float
+    per_seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.per_seconds
+
+    def __str__(self) -> str:
+        return f"{self.count:g}/{self.per_seconds:g}s"
+
+
+def parse_rate(value: object) -> RateLimit:
+    if isinstance(value, RateLimit):
+        return value
+    match = _RATE.match(str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{value!r} is not a rate such as 100/s or 200/min")
+    return RateLimit(float(match.group(1)), float(_RATE_UNITS[match.group(2)]))
+
+
+Rate = Annotated[RateLimit, BeforeValidator(parse_rate)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class Schedule(_Frozen):
+    every: Duration = timedelta(hours=2)
+    jitter: Duration = timedelta(minutes=10)
+    tick: Duration = timedelta(seconds=30)
+    max_removal_fraction: float = Field(default=0.5, gt=0, le=1)
+
+    @field_validator("every", "tick")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() <= 0:
+            raise ValueError("must be longer than 0s")
+        return value
+
+
+class ScheduleOverride(_Frozen):
+    every: Duration | None = None
+    jitter: Duration | None = None
+    max_removal_fraction: float | None = Field(default=None, gt=0, le=1)
+
+    @field_validator("every")
+    @classmethod
+    def _positive(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value.total_seconds() <= 0:
+            raise ValueError("must be longer than 0s")
+        return value
+
+
+class Tables(_Frozen):
+    tracks: str = "tracks"
+    users: str = "users"
+
+
+class Columns(_Frozen):
+    """Column names of Segment's warehouse schema, renamable per source."""
+
+    user_id: str = "user_id"
+    event: str = "event"
+    timestamp: str = "timestamp"
+    users_id: str = "id"
+    email: str = "email"
+    name: str = "name"
+    title: str = "title"
+
+
+class Source(_Frozen):
+    url: str
+    tables: Tables = Tables()
+    columns: Columns = Columns()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value)
+
+
+class _HttpDestination(_Frozen):
+    base_url: str | None = None
+    timeout: Duration = timedelta(seconds=30)
+    max_retries: int = Field(default=5, ge=0, le=20)
+    concurrency: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+
+class PlanhatDestination(_HttpDestination):
+    type: Literal["planhat"]
+    mode: Literal["segment", "api"] = "segment"
+    tenant_token: SecretStr | None = None
+    api_token: SecretStr | None = None
+    subdomain: str = "api"
+    rate_limit: Rate | None = None
+    batch_size: int = Field(default=5000, ge=1, le=5000)
+
+    @field_validator("subdomain")
+    @classmethod
+    def _subdomain(cls, value: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9-]*$", value):
+            raise ValueError("must be a host label such as api, api-eu or analytics")
+        return value
+
+    @model_validator(mode="after")
+    def _tokens(self) -> PlanhatDestination:
+        if self.mode == "segment" and not self.tenant_token:
+            raise ValueError("tenant_token is required in mode segment")
+        if self.mode == "api" and not self.api_token:
+            raise ValueError("api_token is required in mode api")
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.base_url or f"https://{self.subdomain}.planhat.com"
+
+    @property
+    def effective_rate_limit(self) -> RateLimit:
+        if self.rate_limit is not None:
+            return self.rate_limit
+        # Planhat: hard limit 150 req/s; soft quota 200 calls/min for its REST API.
+        return RateLimit(100, 1) if self.mode == "segment" else RateLimit(200, 60)
+
+
+class SegmentDestination(_HttpDestination):
+    type: Literal["segment"]
+    write_key: SecretStr
+    base_url: str | None = "https://api.segment.io"
+    rate_limit: Rate = RateLimit(500, 1)
+
+    @property
+    def url(self) -> str:
+        return self.base_url or "https://api.segment.io"
+
+
+class JsonlDestination(_Frozen):
+    type: Literal["jsonl"]
+    path: str
+
+
+Destination = Annotated[
+    PlanhatDestination | SegmentDestination | JsonlDestination, Field(discriminator="type")
+]
+
+
+class Rule(_Frozen):
+    """Engage-style event rule: performed EVENT at least N times within D (or not at all)."""
+
+    event: str = Field(min_length=1)
+    within: Duration
+    at_least: int = Field(default=1, ge=1)
+    at_most: int | None = Field(default=None, ge=0)
+    not_performed: bool = False
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Rule:
+        if self.within.total_seconds() <= 0:
+            raise ValueError("within must be longer than 0s")
+        if self.at_most is not None and self.at_most < self.at_least and not self.not_performed:
+            raise ValueError("at_most is smaller than at_least")
+        return self
+
+
+class _ComputationModel(_Frozen):
+    name: str = Field(min_length=1)
+    key: str | None = None
+    source: str
+    destinations: list[str] = Field(min_length=1)
+    schedule: ScheduleOverride = ScheduleOverride()
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        return None if value is None else check_key(value)
+
+
+class AudienceModel(_ComputationModel):
+    query: str | None = None
+    rule: Rule | None = None
+
+    @model_validator(mode="after")
+    def _one_definition(self) -> AudienceModel:
+        if (self.query is None) == (self.rule is None):
+            raise ValueError("give exactly one of query or rule")
+        if self.query is not None and not self.query.strip():
+            raise ValueError("query is empty")
+        return self
+
+
+class TraitModel(_ComputationModel):
+    query: str = Field(min_length=1)
+
+
+class ConfigModel(_Frozen):
+    state_db: str = "sqlite:///audience_sync.db"
+    schedule: Schedule = Schedule()
+    sources: dict[str, Source] = Field(default_factory=dict)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    audiences: list[AudienceModel] = Field(default_factory=list)
+    computed_traits: list[TraitModel] = Field(default_factory=list)
+
+    @field_validator("state_db")
+    @classmethod
+    def _state_db(cls, value: str) -> str:
+        url = _check_url(value)
+        if make_url(url).get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("the state database must be SQLite or PostgreSQL")
+        return url
+
+
+@dataclass(frozen=True)
+class Computation:
+    """One audience or computed trait, with its schedule resolved."""
+
+    kind: Literal["audience", "trait"]
+    key: str
+    name: str
+    source_name: str
+    source: Source
+    destinations: tuple[str, ...]
+    query: str | None
+    rule: Rule | None
+    every: timedelta
+    jitter: timedelta
+    max_removal_fraction: float
+    path: str
+
+    @property
+    def definition_hash(self) -> str:
+        body = {"kind": self.kind, "query": self.query,
+                "rule": self.rule.model_dump(mode="json") if self.rule else None,
+                "source": self.source_name}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    model: ConfigModel
+    computations: tuple[Computation, ...]
+
+    @property
+    def state_db(self) -> str:
+        return self.model.state_db
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.model.schedule
+
+    @property
+    def destinations(self) -> Mapping[str, PlanhatDestination | SegmentDestination |
+                                      JsonlDestination]:
+        return self.model.destinations
+
+    @property
+    def sources(self) -> Mapping[str, Source]:
+        return self.model.sources
+
+    def find(self, name_or_key: str) -> Computation:
+        for comp in self.computations:
+            if name_or_key in (comp.key, comp.name):
+                return comp
+        raise ConfigError("", f"no audience or computed trait named {name_or_key!r} in config")
+
+
+def _check_url(value: str) -> str:
+    try:
+        make_url(value)
+    except ArgumentError as exc:
+        raise ValueError("is not a valid database URL") from exc
+    return value
+
+
+def _substitute_env(node: Any, path: str, env: Mapping[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _substitute_env(v, _join(path, str(k)), env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute_env(v, f"{path}[{i}]", env) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                raise ConfigError(path, f"environment variable {name} is not set")
+            return env[name]
+
+        return _ENV_REF.sub(replace, node)
+    return node
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("planhat", "segment", "jsonl") and out.startswith("destinations."):
+            # pydantic adds the discriminator tag to the location; it is not a field.
+            continue
+        else:
+            out = _join(out, part)
+    return out
+
+
+def _resolve_sqlite(url: str, base: Path) -> str:
+    parsed: URL = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return url
+    if database.startswith("file:"):
+        return url
+    path = Path(database).expanduser()
+    if not path.is_absolute():
+        path = (base / path).resolve()
+    return parsed.set(database=str(path)).render_as_string(hide_password=False)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate config.yaml; every problem is a ConfigError naming the field."""
+    env = os.environ if env is None else env
+    config_path = Path(path or env.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {config_path} not found") from None
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {config_path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError("", f"{config_path}: {problem}{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{config_path}: the top level must be a mapping of settings")
+    raw = _substitute_env(raw, "", env)
+    try:
+        model = ConfigModel.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        elif error["type"] == "missing":
+            message = "is required"
+        raise ConfigError(_format_loc(tuple(error["loc"])), message) from None
+    return _build(config_path, model)
+
+
+def _build(config_path: Path, model: ConfigModel) -> Config:
+    base = config_path.resolve().parent
+    model = model.model_copy(update={
+        "state_db": _resolve_sqlite(model.state_db, base),
+        "sources": {name: src.model_copy(update={"url": _resolve_sqlite(src.url, base)})
+                    for name, src in model.sources.items()},
+        "destinations": {
+            name: (dest.model_copy(update={"path": str((base / dest.path).resolve())})
+                   if isinstance(dest, JsonlDestination) else dest)
+            for name, dest in model.destinations.items()
+        },
+    })
+    if not model.audiences and not model.computed_traits:
+        raise ConfigError("audiences", "at least one audience or computed trait is required")
+    computations: list[Computation] = []
+    seen: dict[str, str] = {}
+    items: list[tuple[str, _ComputationModel]] = [
+        *((f"audiences[{i}]", a) for i, a in enumerate(model.audiences)),
+        *((f"computed_traits[{i}]", t) for i, t in enumerate(model.computed_traits)),
+    ]
+    for path, item in items:
+        kind: Literal["audience", "trait"] = "audience" if path.startswith("aud") else "trait"
+        if item.key is not None:
+            key = item.key
+        else:
+            try:
+                key = derive_key(item.name, prefix=kind)
+            except ValueError as exc:
+                raise ConfigError(f"{path}.name", str(exc)) from None
+        if key in seen:
+            raise ConfigError(f"{path}.key" if item.key else f"{path}.name",
+                              f"key {key!r} is already used by {seen[key]}")
+        seen[key] = path
+        if item.source not in model.sources:
+            raise ConfigError(f"{path}.source", f"unknown source {item.source!r}")
+        for j, dest in enumerate(item.destinations):
+            if dest not in model.destinations:
+                raise ConfigError(f"{path}.destinations[{j}]", f"unknown destination {dest!r}")
+        if len(set(item.destinations)) != len(item.destinations):
+            raise ConfigError(f"{path}.destinations", "lists a destination twice")
+        override = item.schedule
+        computations.append(Computation(
+            kind=kind,
+            key=key,
+            name=item.name,
+            source_name=item.source,
+            source=model.sources[item.source],
+            destinations=tuple(item.destinations),
+            query=item.query,
+            rule=item.rule if isinstance(item, AudienceModel) else None,
+            every=override.every or model.schedule.every,
+            jitter=override.jitter if override.jitter is not None else model.schedule.jitter,
+            max_removal_fraction=(override.max_removal_fraction
+                                  or model.schedule.max_removal_fraction),
+            path=path,
+        ))
+    return Config(path=config_path, model=model, computations=tuple(computations))

@@ -1,0 +1,44 @@
+"""What a destination is: something that takes a batch of deliveries and says what happened."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from audience_sync.messages import Delivery
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one delivery in a batch.
+
+    ok: acknowledged, mark sent. permanent: failed for good (until the operator retries).
+    Neither: transient, try again later (after retry_after seconds when the destination said so).
+    """
+
+    delivery_id: int
+    ok: bool
+    permanent: bool = False
+    error: str | None = None
+    retry_after: float | None = None
+
+
+class Destination(Protocol):
+    name: str
+    # Most deliveries one send() takes.
+    max_batch: int
+
+    def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        """Deliver a batch; one Outcome per delivery, in any order.
+
+        :raises DestinationError: when the destination cannot be used at all (bad credentials);
+            the whole batch stays pending.
+        """
+        ...
+
+    def check(self) -> tuple[bool, str]:
+        """Reach the destination without sending an identify; (ok, what was found)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,94 @@
+"""Segment-spec identify messages, built from an outbox row: a pure function of its inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from audience_sync import __version__
+
+LIBRARY = {"name": "audience-sync", "version": __version__}
+# Segment's limit on messageId; ours are far shorter.
+MESSAGE_ID_MAX = 100
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One outbox row with what is needed to build its message."""
+
+    id: int
+    computation_key: str
+    computation_kind: str  # audience | trait
+    run_id: int
+    destination: str
+    user_id: str
+    value: str  # canonical JSON
+    email: str | None
+    name: str | None
+    title: str | None
+    company_id: str | None
+    observed_at: datetime
+    attempts: int = 0
+
+    @property
+    def message_id(self) -> str:
+        return message_id(self.computation_key, self.user_id, self.run_id, self.value)
+
+
+def message_id(key: str, user_id: str, run_id: int, value: str) -> str:
+    """Deterministic per (audience, user, run, value): a retried delivery keeps its id."""
+    digest = hashlib.sha256(f"{key}\x1f{user_id}\x1f{run_id}\x1f{value}".encode()).hexdigest()
+    return f"as-{digest[:40]}"
+
+
+def computation_id(kind: str, key: str) -> str:
+    return f"{'aud' if kind == 'audience' else 'trait'}_{key}"
+
+
+def timestamp(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def contact_traits(delivery: Delivery, company_field: str = "company_id") -> dict[str, Any]:
+    traits: dict[str, Any] = {}
+    if delivery.email is not None:
+        traits["email"] = delivery.email
+    if delivery.name is not None:
+        traits["name"] = delivery.name
+    if delivery.title is not None:
+        traits["title"] = delivery.title
+    if delivery.company_id is not None:
+        traits[company_field] = delivery.company_id
+    return traits
+
+
+def identify(delivery: Delivery, *, integrations: dict[str, bool] | None = None,
+             snake_user_id: bool = False, company_field: str = "company_id") -> dict[str, Any]:
+    """The identify call for one delivery (DESIGN.md section 3)."""
+    traits = contact_traits(delivery, company_field)
+    traits[delivery.computation_key] = json.loads(delivery.value)
+    message: dict[str, Any] = {
+        "type": "identify",
+        "userId": delivery.user_id,
+    }
+    if snake_user_id:
+        message["user_id"] = delivery.user_id
+    message.update({
+        "traits": traits,
+        "context": {
+            "personas": {
+                "computation_class": delivery.computation_kind,
+                "computation_key": delivery.computation_key,
+                "computation_id": computation_id(delivery.computation_kind,
+                                                 delivery.computation_key),
+            },
+            "library": dict(LIBRARY),
+        },
+        "integrations": dict(integrations or {"All": True}),
+        "messageId": delivery.message_id,
+        "timestamp": timestamp(delivery.observed_at),
+    })
+    return message

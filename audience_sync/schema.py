@@ -1,0 +1,185 @@
+"""The state store's schema: the one source of truth; migrations are generated from it.
+
+The history tables are part of the product's interface (users query them with sqlite3 or psql),
+so their columns have plain names.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in, timezone-aware UTC out, on SQLite as on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the state store")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+USER_ID_MAX = 255
+
+computations = Table(
+    "computations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", String(100), nullable=False, unique=True),
+    Column("name", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),  # audience | trait
+    Column("definition_hash", String(32), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    # pending (never run) | delivering (initial run committed, deliveries outstanding) | complete
+    Column("initial_state", String(16), nullable=False, server_default="pending"),
+    Column("member_count", Integer, nullable=False, server_default="0"),
+    Column("last_run_id", Integer, nullable=True),
+    Column("last_run_at", UTCDateTime, nullable=True),
+    Column("last_success_at", UTCDateTime, nullable=True),
+    Column("next_due_at", UTCDateTime, nullable=True),
+    Column("consecutive_failures", Integer, nullable=False, server_default="0"),
+    Column("lease_owner", String(255), nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("fencing_token", BigInteger, nullable=False, server_default="0"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("computation_id", Integer, ForeignKey("computations.id"), nullable=False),
+    Column("kind", String(16), nullable=False),  # initial | incremental | resync
+    Column("status", String(16), nullable=False),  # running | succeeded | failed | held
+    Column("clock", UTCDateTime, nullable=False),  # the :now the queries saw
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("members", Integer, nullable=False, server_default="0"),
+    Column("entered", Integer, nullable=False, server_default="0"),
+    Column("exited", Integer, nullable=False, server_default="0"),
+    Column("changed", Integer, nullable=False, server_default="0"),
+    Column("queued", Integer, nullable=False, server_default="0"),
+    Column("skipped_null", Integer, nullable=False, server_default="0"),
+    Column("skipped_empty", Integer, nullable=False, server_default="0"),
+    Column("skipped_too_long", Integer, nullable=False, server_default="0"),
+    Column("skipped_duplicate", Integer, nullable=False, server_default="0"),
+    Column("forced", Boolean, nullable=False, server_default="0"),
+    Column("fencing_token", BigInteger, nullable=False, server_default="0"),
+    Column("error", Text, nullable=True),
+    Index(None, "computation_id", "id"),
+)
+
+# The current state: one row per member of each audience (or user with a trait value).
+members = Table(
+    "members",
+    metadata,
+    Column("computation_id", Integer, ForeignKey("computations.id"), primary_key=True),
+    Column("user_id", String(USER_ID_MAX), primary_key=True),
+    Column("email", Text, nullable=True),
+    Column("name", Text, nullable=True),
+    Column("title", Text, nullable=True),
+    Column("company_id", Text, nullable=True),
+    Column("value", Text, nullable=True),  # canonical JSON of a computed trait's value
+    Column("entered_run", Integer, nullable=False),
+)
+
+# One row per stay in an audience; exited_* stay null while the user is a member.
+membership_history = Table(
+    "membership_history",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("computation_id", Integer, ForeignKey("computations.id"), nullable=False),
+    Column("user_id", String(USER_ID_MAX), nullable=False),
+    Column("entered_at", UTCDateTime, nullable=False),
+    Column("entered_run", Integer, nullable=False),
+    Column("exited_at", UTCDateTime, nullable=True),
+    Column("exited_run", Integer, nullable=True),
+    Index(None, "computation_id", "user_id", "entered_at"),
+    Index(None, "computation_id", "entered_at"),
+    Index(None, "computation_id", "exited_at"),
+)
+
+# One row per period during which a user held one value of a computed trait.
+trait_history = Table(
+    "trait_history",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("computation_id", Integer, ForeignKey("computations.id"), nullable=False),
+    Column("user_id", String(USER_ID_MAX), nullable=False),
+    Column("value", Text, nullable=True),
+    Column("valid_from", UTCDateTime, nullable=False),
+    Column("valid_from_run", Integer, nullable=False),
+    Column("valid_to", UTCDateTime, nullable=True),
+    Column("valid_to_run", Integer, nullable=True),
+    Index(None, "computation_id", "user_id", "valid_from"),
+    Index(None, "computation_id", "valid_from"),
+)
+
+# The outbox: one row per change and destination, until the destination acknowledged it.
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("computation_id", Integer, ForeignKey("computations.id"), nullable=False),
+    Column("run_id", Integer, ForeignKey("runs.id"), nullable=False),
+    Column("destination", String(100), nullable=False),
+    Column("user_id", String(USER_ID_MAX), nullable=False),
+    Column("value", Text, nullable=False),  # canonical JSON: true, false, or the trait value
+    Column("email", Text, nullable=True),
+    Column("name", Text, nullable=True),
+    Column("title", Text, nullable=True),
+    Column("company_id", Text, nullable=True),
+    Column("observed_at", UTCDateTime, nullable=False),
+    # pending | sent | failed | superseded
+    Column("status", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", UTCDateTime, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("sent_at", UTCDateTime, nullable=True),
+    Index(None, "destination", "status", "id"),
+    Index(None, "computation_id", "user_id", "status"),
+    Index(None, "run_id"),
+)
+
+CONTACT_TRAITS = ("email", "name", "title", "company_id")

@@ -1,0 +1,276 @@
+"""Source databases: read-only engines, streamed query results, and event rules compiled to SQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Engine,
+    MetaData,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    cast,
+    create_engine,
+    exists,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import TextClause
+
+from audience_sync.config import Computation, Rule, Source
+from audience_sync.errors import SourceError
+from audience_sync.schema import CONTACT_TRAITS, USER_ID_MAX
+
+CHUNK_ROWS = 10_000
+
+
+def create_source_engine(url: str) -> Engine:
+    """An engine that cannot write: SQLite opened read-only, PostgreSQL in read-only sessions."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and parsed.database and parsed.database != ":memory:" \
+            and not parsed.database.startswith("file:"):
+        path = parsed.database
+        return create_engine(
+            f"sqlite:///file:{path}?mode=ro&uri=true", poolclass=NullPool)
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(parsed, poolclass=NullPool,
+                             connect_args={"options": "-c default_transaction_read_only=on"})
+    return create_engine(parsed, poolclass=NullPool)
+
+
+def ping_source(source: Source) -> str | None:
+    """None if the source answers, else a one-line reason."""
+    try:
+        engine = create_source_engine(source.url)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except SQLAlchemyError as exc:
+        return describe_db_error(exc)
+    return None
+
+
+def describe_db_error(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    lines = str(orig if orig is not None else exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+def canonical_json(value: Any) -> str:
+    """One text per value, whatever the driver returned: no false changes from formatting."""
+    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass
+class SkipCounts:
+    null: int = 0
+    empty: int = 0
+    too_long: int = 0
+    duplicate: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.null + self.empty + self.too_long + self.duplicate
+
+
+# A snapshot row as staged: user_id, email, name, title, company_id, value (canonical JSON).
+SnapshotRow = tuple[str, str | None, str | None, str | None, str | None, str | None]
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+# -- queries --------------------------------------------------------------------------------------
+
+def bind_now(engine_dialect: str, now: datetime) -> Any:
+    """`:now` as the source compares it: ISO-8601 text on SQLite, a timestamptz elsewhere."""
+    return now.astimezone(UTC).isoformat() if engine_dialect == "sqlite" else now
+
+
+def computation_statement(comp: Computation, engine: Engine, now: datetime) \
+        -> tuple[Select[Any] | TextClause, dict[str, Any]]:
+    """The statement that yields the snapshot, and its parameters."""
+    if comp.query is not None:
+        return text(comp.query), {"now": bind_now(engine.dialect.name, now)}
+    assert comp.rule is not None
+    return compile_rule(comp.rule, comp.source, engine, now), {}
+
+
+def stream_snapshot(comp: Computation, engine: Engine, now: datetime, skipped: SkipCounts) \
+        -> Iterator[list[SnapshotRow]]:
+    """Yield chunks of valid rows; count and drop null, empty and over-long user ids.
+
+    Duplicates are detected where the rows land (the staging table's primary key).
+    """
+    statement, params = computation_statement(comp, engine, now)
+    try:
+        with engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=CHUNK_ROWS) \
+                .execute(statement, params)
+            columns = list(result.keys())
+            positions = _positions(comp, columns)
+            uid, email, name, title, company, value = positions
+            for chunk in result.partitions(CHUNK_ROWS):
+                rows: list[SnapshotRow] = []
+                for raw in chunk:
+                    user_id = raw[uid]
+                    if user_id is None:
+                        skipped.null += 1
+                        continue
+                    user = str(user_id).strip()
+                    if not user:
+                        skipped.empty += 1
+                        continue
+                    if len(user) > USER_ID_MAX:
+                        skipped.too_long += 1
+                        continue
+                    rows.append((
+                        user,
+                        None if email is None else _text(raw[email]),
+                        None if name is None else _text(raw[name]),
+                        None if title is None else _text(raw[title]),
+                        None if company is None else _text(raw[company]),
+                        None if value is None else canonical_json(raw[value]),
+                    ))
+                yield rows
+    except SQLAlchemyError as exc:
+        raise SourceError(f"{comp.path} ({comp.key}): source {comp.source_name!r} query failed: "
+                          f"{describe_db_error(exc)}") from exc
+
+
+def _positions(comp: Computation, columns: list[str]) -> tuple[int, int | None, int | None,
+                                                               int | None, int | None, int | None]:
+    lowered = [c.lower() for c in columns]
+
+    def find(name: str) -> int | None:
+        return lowered.index(name) if name in lowered else None
+
+    uid = find("user_id")
+    if uid is None:
+        raise SourceError(f"{comp.path} ({comp.key}): the query returned no user_id column "
+                          f"(columns: {', '.join(columns) or 'none'})")
+    value = find("value")
+    if comp.kind == "trait" and value is None:
+        raise SourceError(f"{comp.path} ({comp.key}): a computed trait's query must return "
+                          "user_id and value columns")
+    traits = [find(name) for name in CONTACT_TRAITS]
+    return uid, traits[0], traits[1], traits[2], traits[3], value if comp.kind == "trait" else None
+
+
+# -- rules ----------------------------------------------------------------------------------------
+
+def compile_rule(rule: Rule, source: Source, engine: Engine, now: datetime) -> Select[Any]:
+    """An Engage-style event rule over Segment's warehouse schema, as SQLAlchemy Core."""
+    cols = source.columns
+    tracks = _reflect(engine, source.tables.tracks, (cols.user_id, cols.event, cols.timestamp))
+    users = _reflect_optional(engine, source.tables.users, cols.users_id)
+    start = now - rule.within
+    ts = tracks.c[cols.timestamp]
+    in_window = and_(
+        tracks.c[cols.event] == rule.event,
+        _ts_after(ts, start, engine, inclusive=False),
+        _ts_after(ts, now, engine, inclusive=True, before=True),
+    )
+    trait_columns: list[ColumnElement[Any]] = []
+    if users is not None:
+        trait_columns = [users.c[c].label(label) for c, label in
+                         ((cols.email, "email"), (cols.name, "name"), (cols.title, "title"))
+                         if c in users.c]
+    if rule.not_performed:
+        if users is None:
+            raise SourceError(f"rule on {rule.event!r}: not_performed needs the users table "
+                              f"{source.tables.users!r}, which the source does not have")
+        performed = exists().where(and_(tracks.c[cols.user_id] == users.c[cols.users_id],
+                                         in_window))
+        return select(users.c[cols.users_id].label("user_id"), *trait_columns) \
+            .where(~performed)
+    counted = (
+        select(tracks.c[cols.user_id].label("user_id"))
+        .where(in_window)
+        .group_by(tracks.c[cols.user_id])
+        .having(func.count() >= rule.at_least)
+    )
+    if rule.at_most is not None:
+        counted = counted.having(func.count() <= rule.at_most)
+    sub = counted.subquery("qualified")
+    if users is None:
+        return select(sub.c.user_id)
+    return select(sub.c.user_id, *trait_columns).select_from(
+        sub.outerjoin(users, users.c[cols.users_id] == sub.c.user_id))
+
+
+def _ts_after(ts: ColumnElement[Any], bound: datetime, engine: Engine, *, inclusive: bool,
+              before: bool = False) -> ColumnElement[bool]:
+    """Compare a native or ISO-8601 text timestamp column with an aware datetime."""
+    if engine.dialect.name == "sqlite":
+        # julianday() reads every ISO-8601 spelling (T or space, Z or offset, fractions).
+        left: ColumnElement[Any] = func.julianday(ts)
+        right: ColumnElement[Any] = func.julianday(bound.astimezone(UTC).isoformat())
+    else:
+        left = ts if isinstance(ts.type, DateTime) else cast(ts, DateTime(timezone=True))
+        right = bindparam(None, bound, type_=DateTime(timezone=True), unique=True)
+    if before:
+        return left <= right if inclusive else left < right
+    return left >= right if inclusive else left > right
+
+
+def _reflect(engine: Engine, name: str, needed: tuple[str, ...]) -> Table:
+    table = _reflect_optional(engine, name, None)
+    if table is None:
+        raise SourceError(f"the source has no table {name!r} (set tables: in the source config)")
+    missing = [c for c in needed if c not in table.c]
+    if missing:
+        raise SourceError(f"table {name!r} has no column {missing[0]!r} "
+                          "(set columns: in the source config)")
+    return table
+
+
+def _reflect_optional(engine: Engine, name: str, key: str | None) -> Table | None:
+    schema, _, table_name = name.rpartition(".")
+    try:
+        table = Table(table_name, MetaData(), schema=schema or None, autoload_with=engine)
+    except NoSuchTableError:
+        return None
+    except SQLAlchemyError as exc:
+        raise SourceError(f"cannot read table {name!r}: {describe_db_error(exc)}") from exc
+    if key is not None and key not in table.c:
+        return None
+    return table
+

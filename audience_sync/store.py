@@ -1,0 +1,238 @@
+"""The state store: engine set-up, migrations, and the queries the CLI reads.
+
+Everything that touches the state database goes through a Store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from audience_sync import schema as t
+from audience_sync.config import Computation
+from audience_sync.errors import StoreError
+
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+# Page cache per connection; bounded so peak memory stays flat as audiences grow.
+SQLITE_CACHE_KIB = 32_000
+
+
+def migrations_dir() -> Path:
+    """Inside the installed package (wheel), or at the repository root (editable checkout)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise StoreError("the migrations folder is missing from this installation")
+
+
+def create_state_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, poolclass=NullPool)
+        _configure_sqlite(engine)
+        return engine
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(parsed, pool_pre_ping=True, pool_size=4, max_overflow=4)
+    raise StoreError(f"unsupported state database {backend!r}: use SQLite or PostgreSQL")
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    # pysqlite's own transaction handling defers BEGIN and cannot BEGIN IMMEDIATE; take it over
+    # (the recipe in SQLAlchemy's SQLite dialect documentation).
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # Writers take the write lock up front: a deferred transaction that later tries to write
+        # fails at once with SQLITE_BUSY in WAL mode instead of waiting for the lock.
+        immediate = conn.get_execution_options().get("sqlite_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+@dataclass(frozen=True)
+class ComputationRow:
+    id: int
+    key: str
+    name: str
+    kind: str
+    initial_state: str
+    member_count: int
+    last_run_id: int | None
+    last_run_at: datetime | None
+    last_success_at: datetime | None
+    next_due_at: datetime | None
+    consecutive_failures: int
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    fencing_token: int
+
+
+class Store:
+    """The state database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = create_state_engine(url)
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreError(f"cannot open the state database: {_describe(exc)}") from exc
+        self.dialect = self.engine.dialect.name
+
+    def __repr__(self) -> str:
+        return f"Store({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+        except OperationalError as exc:
+            raise StoreError(f"state database error: {_describe(exc)}") from exc
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One transaction holding the write lock (SQLite) from its start."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execution_options(sqlite_immediate=True)
+                with conn.begin():
+                    yield conn
+        except OperationalError as exc:
+            raise StoreError(f"state database error: {_describe(exc)}") from exc
+
+    # -- schema --------------------------------------------------------------------------------
+
+    def current_revision(self) -> str | None:
+        with self.read() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def head_revision(self) -> str | None:
+        return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+    def upgrade(self) -> bool:
+        """Bring the schema to the newest revision; True if anything was applied."""
+        try:
+            if self.current_revision() == self.head_revision():
+                return False
+            with self.engine.connect() as conn:
+                conn.execution_options(sqlite_immediate=True)
+                command.upgrade(_alembic_config(conn), "head")
+                conn.commit()
+            return True
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot upgrade the state database: {_describe(exc)}") from exc
+
+    # -- computations --------------------------------------------------------------------------
+
+    def register(self, computations: Sequence[Computation], at: datetime) -> None:
+        """Create a row for each configured audience or trait the store does not know yet."""
+        with self.write() as conn:
+            known = {row.key: row for row in conn.execute(
+                select(t.computations.c.key, t.computations.c.name,
+                       t.computations.c.definition_hash, t.computations.c.kind))}
+            for comp in computations:
+                row = known.get(comp.key)
+                if row is None:
+                    conn.execute(insert(t.computations).values(
+                        key=comp.key, name=comp.name, kind=comp.kind,
+                        definition_hash=comp.definition_hash, created_at=at,
+                        initial_state="pending", next_due_at=at))
+                elif (row.name, row.definition_hash) != (comp.name, comp.definition_hash):
+                    conn.execute(update(t.computations)
+                                 .where(t.computations.c.key == comp.key)
+                                 .values(name=comp.name, definition_hash=comp.definition_hash))
+
+    def computation(self, key: str, conn: Connection | None = None) -> ComputationRow | None:
+        query = select(*_COMPUTATION_COLUMNS).where(t.computations.c.key == key)
+        if conn is not None:
+            row = conn.execute(query).first()
+        else:
+            with self.read() as c:
+                row = c.execute(query).first()
+        return ComputationRow(**row._asdict()) if row else None
+
+    def computations(self) -> list[ComputationRow]:
+        with self.read() as conn:
+            rows = conn.execute(select(*_COMPUTATION_COLUMNS).order_by(t.computations.c.id))
+            return [ComputationRow(**row._asdict()) for row in rows]
+
+    def delivery_counts(self) -> dict[tuple[int, str, str], int]:
+        """(computation id, destination, status) -> count, for pending and failed deliveries."""
+        d = t.deliveries
+        with self.read() as conn:
+            rows = conn.execute(
+                select(d.c.computation_id, d.c.destination, d.c.status, func.count())
+                .where(d.c.status.in_(("pending", "failed")))
+                .group_by(d.c.computation_id, d.c.destination, d.c.status))
+            return {(r[0], r[1], r[2]): int(r[3]) for r in rows}
+
+    def run_row(self, run_id: int) -> dict[str, Any] | None:
+        with self.read() as conn:
+            row = conn.execute(select(t.runs).where(t.runs.c.id == run_id)).first()
+            return row._asdict() if row else None
+
+
+_COMPUTATION_COLUMNS = (
+    t.computations.c.id, t.computations.c.key, t.computations.c.name, t.computations.c.kind,
+    t.computations.c.initial_state, t.computations.c.member_count, t.computations.c.last_run_id,
+    t.computations.c.last_run_at, t.computations.c.last_success_at, t.computations.c.next_due_at,
+    t.computations.c.consecutive_failures, t.computations.c.lease_owner,
+    t.computations.c.lease_expires_at, t.computations.c.fencing_token,
+)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line from a driver error, without the SQL statement or parameters."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

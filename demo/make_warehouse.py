@@ -1,0 +1,81 @@
+"""Create the demo warehouse (SQLite, Segment's warehouse schema) if it is missing.
+
+Deterministic: the same seed gives the same users and events; event times are laid out over
+the 90 days before the day the file is made, so the demo's "last 30 days" audiences are never
+empty.
+
+    python demo/make_warehouse.py [PATH] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+USERS = 5_000
+EVENTS = 100_000
+DAYS = 90
+SEED = 20261128
+EVENT_MIX = [("Page Viewed", 60), ("Product Viewed", 25), ("Order Completed", 10),
+             ("Signed Up", 5)]
+FIRST = ["Ann", "Ben", "Chloé", "Dev", "Eva", "Femi", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea"]
+LAST = ["Berg", "Costa", "Dahl", "Eze", "Faye", "Grün", "Hale", "Ito", "Jain", "Kerr", "Lund"]
+TITLES = ["CTO", "Data Engineer", "Head of Growth", "Analyst", "VP Sales", "Founder", None]
+
+
+def build(path: Path, now: datetime) -> None:
+    rng = random.Random(SEED)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    db = sqlite3.connect(tmp)
+    db.executescript("""
+        CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT, name TEXT, title TEXT,
+                            company_id TEXT, lifetime_value REAL, created_at TEXT);
+        CREATE TABLE tracks (id INTEGER PRIMARY KEY, user_id TEXT, event TEXT, timestamp TEXT);
+    """)
+    users = []
+    for i in range(1, USERS + 1):
+        first, last = rng.choice(FIRST), rng.choice(LAST)
+        users.append((f"u{i:05d}", f"{first.lower()}.{last.lower()}{i}@example.com",
+                      f"{first} {last}", rng.choice(TITLES), f"c{rng.randint(1, 400):04d}",
+                      round(rng.lognormvariate(5.5, 1.2), 2),
+                      (now - timedelta(days=rng.randint(90, 900))).strftime("%Y-%m-%dT%H:%M:%SZ")))
+    db.executemany("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?, ?)", users)
+    names = [name for name, _ in EVENT_MIX]
+    weights = [w for _, w in EVENT_MIX]
+    # A few heavy users, a long tail, and a third of users with no recent events at all.
+    active = [u[0] for u in users[: USERS * 2 // 3]]
+    events = []
+    for _ in range(EVENTS):
+        user = active[min(int(rng.paretovariate(1.2)) - 1, len(active) - 1)] \
+            if rng.random() < 0.3 else rng.choice(active)
+        at = now - timedelta(seconds=rng.randint(0, DAYS * 86400))
+        events.append((user, rng.choices(names, weights)[0], at.strftime("%Y-%m-%dT%H:%M:%SZ")))
+    events.sort(key=lambda e: e[2])
+    db.executemany("INSERT INTO tracks (user_id, event, timestamp) VALUES (?, ?, ?)", events)
+    db.execute("CREATE INDEX ix_tracks_event_timestamp ON tracks (event, timestamp)")
+    db.commit()
+    db.close()
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", nargs="?", default=Path(__file__).parent / "warehouse.db",
+                        type=Path)
+    parser.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    args = parser.parse_args()
+    if args.path.exists() and not args.force:
+        print(f"demo warehouse {args.path} exists")
+        return
+    args.path.parent.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    build(args.path, now)
+    print(f"demo warehouse {args.path}: {USERS} users, {EVENTS} events over {DAYS} days")
+
+
+if __name__ == "__main__":
+    main()
