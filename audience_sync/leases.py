@@ -1,0 +1,196 @@
+"""Per-audience leases in the computations table: owner, expiry, and a fencing token.
+
+Every grant increments the audience's fencing token. A run commits only while the token it was
+granted is still current (runner: `WHERE fencing_token = :token`), so a holder that paused past
+its expiry and lost the lease to another process cannot commit. Each grant is one conditional
+UPDATE: atomic under SQLite's write lock (BEGIN IMMEDIATE) and under PostgreSQL's row lock.
+
+Expiry is compared with the caller's clock (`at=`): hosts sharing a store need synchronised
+clocks (NTP), with a skew far below the lease TTL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+
+from sqlalchemy import or_, select, update
+
+from audience_sync import schema as t
+from audience_sync.errors import LeaseBusy, LeaseLost, StoreError
+from audience_sync.store import Store
+
+log = logging.getLogger(__name__)
+
+# Long enough to ride out a stalled database or a GC pause; renewed every third of it.
+DEFAULT_TTL = timedelta(seconds=60)
+# How often a waiting acquirer looks again.
+WAIT_POLL_SECONDS = 0.5
+
+Clock = Callable[[], datetime]
+
+
+def default_owner() -> str:
+    """host:pid:random: unique per process, and says where the holder runs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    key: str
+    computation_id: int
+    owner: str
+    token: int
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Holder:
+    owner: str | None
+    expires_at: datetime | None
+
+
+def try_acquire(store: Store, key: str, owner: str, *, ttl: timedelta,
+                at: datetime) -> Lease | None:
+    """Take the audience's lease if it is free, expired, or already this owner's; else None.
+
+    The same owner may take it again (a restarted process with a fixed --owner need not wait for
+    its old lease to expire); the new grant gets a new token, which fences the old one.
+    """
+    c = t.computations
+    expires = at + ttl
+    with store.write() as conn:
+        row = conn.execute(
+            update(c)
+            .where(c.c.key == key, or_(c.c.lease_owner.is_(None), c.c.lease_expires_at <= at,
+                                       c.c.lease_owner == owner))
+            .values(lease_owner=owner, lease_expires_at=expires,
+                    fencing_token=c.c.fencing_token + 1)
+            .returning(c.c.id, c.c.fencing_token)
+        ).first()
+        if row is None:
+            if conn.execute(select(c.c.id).where(c.c.key == key)).first() is None:
+                raise StoreError(f"{key}: not registered in the state database")
+            return None
+    return Lease(key=key, computation_id=int(row.id), owner=owner, token=int(row.fencing_token),
+                 expires_at=expires)
+
+
+def holder(store: Store, key: str) -> Holder:
+    c = t.computations
+    with store.read() as conn:
+        row = conn.execute(select(c.c.lease_owner, c.c.lease_expires_at)
+                           .where(c.c.key == key)).first()
+    return Holder(None, None) if row is None else Holder(row.lease_owner, row.lease_expires_at)
+
+
+def acquire(store: Store, key: str, owner: str, *, ttl: timedelta, clock: Clock,
+            wait: bool = True, on_wait: Callable[[Holder], None] | None = None,
+            cancelled: threading.Event | None = None) -> Lease:
+    """Take the lease, waiting for the holder to release it or let it expire.
+
+    :raises LeaseBusy: wait is False (or the wait was cancelled) and another owner holds it.
+    """
+    told = False
+    while True:
+        lease = try_acquire(store, key, owner, ttl=ttl, at=clock())
+        if lease is not None:
+            return lease
+        current = holder(store, key)
+        if not wait or (cancelled is not None and cancelled.is_set()):
+            until = f" until {current.expires_at.isoformat()}" if current.expires_at else ""
+            raise LeaseBusy(f"{key}: {current.owner or 'another process'} holds the lease{until}")
+        if not told and on_wait is not None:
+            on_wait(current)
+            told = True
+        if cancelled is not None:
+            cancelled.wait(WAIT_POLL_SECONDS)
+        else:
+            threading.Event().wait(WAIT_POLL_SECONDS)
+
+
+def renew(store: Store, lease: Lease, *, ttl: timedelta, at: datetime) -> Lease:
+    """Push the expiry out.
+
+    :raises LeaseLost: the token is no longer current (expired and taken by another owner).
+    """
+    c = t.computations
+    expires = at + ttl
+    with store.write() as conn:
+        updated = conn.execute(
+            update(c).where(c.c.id == lease.computation_id, c.c.fencing_token == lease.token,
+                            c.c.lease_owner == lease.owner)
+            .values(lease_expires_at=expires)).rowcount
+    if updated != 1:
+        raise LeaseLost(f"{lease.key}: lease {lease.token} of {lease.owner} was taken over")
+    return Lease(lease.key, lease.computation_id, lease.owner, lease.token, expires)
+
+
+def release(store: Store, lease: Lease) -> bool:
+    """Give the lease up if it is still ours; False if it had been taken over already."""
+    c = t.computations
+    with store.write() as conn:
+        updated = conn.execute(
+            update(c).where(c.c.id == lease.computation_id, c.c.fencing_token == lease.token)
+            .values(lease_owner=None, lease_expires_at=None)).rowcount
+    return updated == 1
+
+
+class Renewer:
+    """A thread renewing a lease every third of its TTL while a run works.
+
+    `lost` is set when a renewal finds the lease taken over; the run's commit then fails on the
+    fencing check anyway, this only lets the holder notice early and log it.
+    """
+
+    def __init__(self, store: Store, lease: Lease, *, ttl: timedelta, clock: Clock) -> None:
+        self.store = store
+        self.lease = lease
+        self.ttl = ttl
+        self.clock = clock
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{lease.key}",
+                                        daemon=True)
+
+    def __enter__(self) -> Renewer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        interval = self.ttl.total_seconds() / 3
+        while not self._stop.wait(interval):
+            try:
+                self.lease = renew(self.store, self.lease, ttl=self.ttl, at=self.clock())
+            except LeaseLost as exc:
+                log.warning("%s", exc.message)
+                self.lost.set()
+                return
+            except StoreError as exc:  # a blip: the next renewal may succeed before expiry
+                log.warning("%s: lease renewal failed: %s", self.lease.key, exc.message)
+
+
+@contextmanager
+def held(store: Store, lease: Lease, *, ttl: timedelta, clock: Clock) -> Iterator[Renewer]:
+    """Keep the lease renewed while the block runs, then release it."""
+    try:
+        with Renewer(store, lease, ttl=ttl, clock=clock) as renewer:
+            yield renewer
+    finally:
+        try:
+            release(store, lease)
+        except StoreError as exc:  # it expires by itself
+            log.warning("%s: could not release the lease: %s", lease.key, exc.message)
