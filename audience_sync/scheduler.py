@@ -1,0 +1,298 @@
+"""The daemon: APScheduler 3.x is the clock; each tick runs the due audiences, then drains.
+
+One recurring tick job (coalesce, max_instances=1, no misfire grace limit: a late tick still
+runs, and missed ticks collapse into one). A tick reads the clock, asks cadence which audiences
+are due, and for each takes its lease, runs it with the fencing token and drains its outbox
+under the same lease; then it drains the other audiences with pending deliveries. Audiences
+whose lease another process (a daemon, a CLI `sync`) holds are skipped until a later tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import distinct, or_, select
+
+from audience_sync import schema as t
+from audience_sync.cadence import Cadence, due_keys, is_due
+from audience_sync.config import Computation, Config
+from audience_sync.destinations import Destination, Outcome, make_destination
+from audience_sync.errors import AudienceSyncError, DestinationError, LeaseLost
+from audience_sync.leases import DEFAULT_TTL, Lease, Renewer, held, try_acquire
+from audience_sync.messages import Delivery
+from audience_sync.outbox import DrainReport, drain
+from audience_sync.runner import RunResult, run_computation
+from audience_sync.store import Store
+
+log = logging.getLogger("audience_sync.daemon")
+
+Clock = Callable[[], datetime]
+
+# How long one tick drains one audience before moving on: a long initial sync at a vendor's
+# rate limit must not starve the other audiences; it resumes on the next tick.
+DEFAULT_DRAIN_SLICE = timedelta(seconds=30)
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+class Observer:
+    """What the daemon reports as it works (health.Metrics implements it)."""
+
+    def tick_started(self) -> None: ...
+    def tick_finished(self, ok: bool) -> None: ...
+    def progress(self) -> None: ...
+    def run_finished(self, result: RunResult) -> None: ...
+    def drained(self, report: DrainReport) -> None: ...
+
+
+@dataclass
+class DaemonOptions:
+    owner: str
+    lease_ttl: timedelta = DEFAULT_TTL
+    drain_slice: timedelta = DEFAULT_DRAIN_SLICE
+
+
+class _Paused(DestinationError):
+    """The daemon paused this drain (stopping, lease lost, or its slice is used up)."""
+
+
+class _GuardedDestination:
+    """A destination the daemon can pause between batches: the batch in flight always finishes."""
+
+    def __init__(self, inner: Destination, should_pause: Callable[[], str | None],
+                 on_batch: Callable[[], None]) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.max_batch = inner.max_batch
+        self._should_pause = should_pause
+        self._on_batch = on_batch
+
+    def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        reason = self._should_pause()
+        if reason is not None:
+            raise _Paused(f"destination {self.name!r}: drain paused ({reason})")
+        try:
+            return self.inner.send(batch)
+        finally:
+            self._on_batch()
+
+    def check(self) -> tuple[bool, str]:
+        return self.inner.check()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@dataclass
+class _DrainGate:
+    """Why the current audience's drain should stop before its next batch, if it should."""
+
+    stopping: threading.Event
+    deadline: float = 0.0
+    renewer: Renewer | None = None
+    tripped: list[str] = field(default_factory=list)
+
+    def reason(self) -> str | None:
+        if self.stopping.is_set():
+            why = "stopping"
+        elif self.renewer is not None and self.renewer.lost.is_set():
+            why = "lease lost"
+        elif time.monotonic() >= self.deadline:
+            why = "slice used up; resumes next tick"
+        else:
+            return None
+        self.tripped.append(why)
+        return why
+
+
+class Daemon:
+    def __init__(self, store: Store, config: Config, options: DaemonOptions, *,
+                 clock: Clock = system_clock, observer: Observer | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.options = options
+        self.clock = clock
+        self.observer = observer or Observer()
+        self.stopping = threading.Event()
+        self._gate = _DrainGate(self.stopping)
+        self._clients: dict[str, _GuardedDestination] = {}
+        self._comps: Mapping[str, Computation] = {c.key: c for c in config.computations}
+        self._cadences = {c.key: Cadence(c.every, c.jitter) for c in config.computations}
+
+    # -- one tick --------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Run every due audience this process can lease, then drain what is pending."""
+        self.observer.tick_started()
+        ok = False
+        try:
+            at = self.clock()
+            for key in due_keys(self.store.computations(), self._cadences, at):
+                if self.stopping.is_set():
+                    break
+                self._run(self._comps[key])
+            for key in self._keys_with_pending():
+                if self.stopping.is_set():
+                    break
+                self._drain_leased(self._comps[key])
+            ok = True
+        except AudienceSyncError as exc:
+            log.error("tick failed: %s", exc.message)
+        except Exception:
+            log.exception("tick failed")
+        finally:
+            self.observer.tick_finished(ok)
+
+    def _lease(self, comp: Computation) -> Lease | None:
+        return try_acquire(self.store, comp.key, self.options.owner,
+                           ttl=self.options.lease_ttl, at=self.clock())
+
+    def _run(self, comp: Computation) -> None:
+        lease = self._lease(comp)
+        if lease is None:
+            log.debug("%s: due, but another process holds the lease", comp.key)
+            return
+        with held(self.store, lease, ttl=self.options.lease_ttl, clock=self.clock) as renewer:
+            # The lease holder before us (a CLI sync, another daemon) may have just run it.
+            row = self.store.computation(comp.key)
+            if row is None or not is_due(row, self._cadences[comp.key], self.clock()):
+                return
+            try:
+                result = run_computation(self.store, self.config, comp,
+                                         fencing_token=lease.token, clock=self.clock,
+                                         progress=lambda _n: self.observer.progress())
+            except LeaseLost as exc:
+                log.warning("%s", exc.message, extra=_fields(audience=comp.key))
+                return
+            _log_run(result)
+            self.observer.run_finished(result)
+            self._drain(comp, renewer)
+
+    def _drain_leased(self, comp: Computation) -> None:
+        lease = self._lease(comp)
+        if lease is None:
+            return
+        with held(self.store, lease, ttl=self.options.lease_ttl, clock=self.clock) as renewer:
+            self._drain(comp, renewer)
+
+    def _drain(self, comp: Computation, renewer: Renewer) -> None:
+        clients = self._clients_for(comp)
+        if clients is None:
+            return
+        self._gate.renewer = renewer
+        self._gate.deadline = time.monotonic() + self.options.drain_slice.total_seconds()
+        self._gate.tripped.clear()
+        report = drain(self.store, self.config, keys=[comp.key], clients=clients,
+                       clock=self.clock)
+        self.observer.drained(report)
+        paused = bool(self._gate.tripped)
+        for name, dest in report.destinations.items():
+            if dest.sent or dest.failed or (dest.error and not paused):
+                log.info("%s -> %s: %d sent, %d failed, %d to retry%s", comp.key, name,
+                         dest.sent, dest.failed, dest.deferred,
+                         f" ({dest.error})" if dest.error else "",
+                         extra=_fields(audience=comp.key, destination=name, sent=dest.sent,
+                                       failed=dest.failed, deferred=dest.deferred))
+
+    def _clients_for(self, comp: Computation) -> dict[str, Destination] | None:
+        for name in comp.destinations:
+            if name not in self._clients:
+                try:
+                    inner = make_destination(name, self.config.destinations[name])
+                except AudienceSyncError as exc:
+                    log.error("%s", exc.message)
+                    return None
+                self._clients[name] = _GuardedDestination(inner, self._gate.reason,
+                                                          self.observer.progress)
+        return {name: self._clients[name] for name in comp.destinations}
+
+    def _keys_with_pending(self) -> list[str]:
+        d, c = t.deliveries, t.computations
+        now = self.clock()
+        query = (select(distinct(c.c.key)).join(d, d.c.computation_id == c.c.id)
+                 .where(d.c.status == "pending",
+                        or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now)))
+        with self.store.read() as conn:
+            keys = set(conn.execute(query).scalars())
+        return [key for key in self._comps if key in keys]
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            try:
+                client.close()
+            except Exception:  # closing is best effort at shutdown
+                log.exception("closing %s failed", client.name)
+        self._clients.clear()
+
+    # -- the long-lived process ----------------------------------------------------------------
+
+    def serve(self, *, install_signals: bool = True) -> int:
+        """Tick until SIGTERM/SIGINT; finish the batch in flight, release leases; 0 when clean."""
+        if install_signals:
+            self._install_signals()
+        tick = self.config.schedule.tick
+        scheduler = BackgroundScheduler(timezone=UTC)
+        scheduler.add_job(self.tick, IntervalTrigger(seconds=tick.total_seconds(), timezone=UTC),
+                          id="tick", name="tick", coalesce=True, max_instances=1,
+                          misfire_grace_time=None, next_run_time=datetime.now(UTC))
+        log.info("daemon %s started: %d audiences and traits, tick %ss, state %s",
+                 self.options.owner, len(self._comps), tick.total_seconds(), self.store.dialect,
+                 extra=_fields(owner=self.options.owner))
+        scheduler.start()
+        try:
+            while not self.stopping.wait(1.0):
+                pass
+        finally:
+            # Waits for the tick in flight; it stops between batches and releases its leases.
+            scheduler.shutdown(wait=True)
+            self.close()
+        log.info("daemon %s stopped", self.options.owner)
+        return 0
+
+    def _install_signals(self) -> None:
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
+            if self.stopping.is_set():
+                log.warning("%s again: exiting at once", name)
+                os._exit(128 + signum)
+            log.info("%s: finishing the batch in flight, then exiting (again to exit at once)",
+                     name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+
+def _fields(**values: Any) -> dict[str, Any]:
+    """Structured fields for the JSON log format."""
+    return {"fields": values}
+
+
+def _log_run(result: RunResult) -> None:
+    line = (f"{result.key}: {result.kind} {result.status}: {result.members} members "
+            f"+{result.entered} -{result.exited} ~{result.changed}, {result.queued} queued "
+            f"in {result.seconds:.2f}s")
+    fields = _fields(audience=result.key, kind=result.kind, status=result.status,
+                     run_id=result.run_id, members=result.members, entered=result.entered,
+                     exited=result.exited, changed=result.changed, queued=result.queued,
+                     seconds=round(result.seconds, 3))
+    if result.error:
+        log.warning("%s (%s)", line, result.error, extra=fields)
+    else:
+        log.info("%s", line, extra=fields)
