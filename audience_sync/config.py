@@ -46,7 +46,7 @@ def parse_duration(value: object) -> timedelta:
         return value
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 15m, 2h or 30d")
-    if isinstance(value, int):
+    if isinstance(value, int | float):
         seconds = value
     else:
         match = _DURATION.match(str(value))
@@ -150,8 +150,14 @@ class Source(_Frozen):
 class _HttpDestination(_Frozen):
     base_url: str | None = None
     timeout: Duration = timedelta(seconds=30)
-    max_retries: int = Field(default=5, ge=0, le=20)
+    max_retries: int = Field(default=5, ge=0, le=50)
     concurrency: int = Field(default=4, ge=1, le=64)
+    # Exponential backoff between attempts within one drain (seconds): base * 2**n, capped,
+    # with jitter. A Retry-After longer than backoff_max defers the delivery instead.
+    backoff_base: float = Field(default=0.5, gt=0, le=60)
+    backoff_max: float = Field(default=30.0, gt=0, le=3600)
+    # When the attempts of one drain run out, the delivery waits this long for the next drain.
+    retry_later: Duration = timedelta(minutes=1)
 
     @field_validator("base_url")
     @classmethod

@@ -1,20 +1,35 @@
-"""The outbox: pending deliveries, sent in batches, marked sent only once acknowledged."""
+"""The outbox: pending deliveries, sent in batches, marked sent only once acknowledged.
+
+Each destination drains in a thread of its own, so a slow or failing destination never holds
+back the others. On PostgreSQL a batch is claimed with FOR UPDATE SKIP LOCKED and its row locks
+are held until its outcomes are recorded: several processes can drain one outbox and no row is
+sent by two of them at once. A crash before the outcomes commit leaves the rows pending, to be
+sent again (at-least-once, same messageId).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, or_, select, update
+from sqlalchemy import Connection, and_, func, or_, select, update
 
 from audience_sync import schema as t
-from audience_sync.config import Config
-from audience_sync.destinations import Destination, Outcome, make_destination
-from audience_sync.errors import DestinationError
+from audience_sync.config import Config, JsonlDestination
+from audience_sync.destinations import Destination, Outcome, make_destination, wire_stats
+from audience_sync.errors import AudienceSyncError
 from audience_sync.messages import Delivery
 from audience_sync.store import Store
+
+log = logging.getLogger("audience_sync.delivery")
+
+Clock = Callable[[], datetime]
+# Used for destinations whose config has no `retry_later` (jsonl, injected clients).
+DEFAULT_RETRY_LATER = timedelta(minutes=1)
 
 
 @dataclass
@@ -22,7 +37,15 @@ class DestinationReport:
     sent: int = 0
     failed: int = 0
     deferred: int = 0
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0  # 429 answers
     error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sent": self.sent, "failed": self.failed, "deferred": self.deferred,
+                "requests": self.requests, "retries": self.retries,
+                "throttled": self.throttled, "error": self.error}
 
 
 @dataclass
@@ -34,16 +57,27 @@ class DrainReport:
         return all(r.failed == 0 and r.error is None for r in self.destinations.values())
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: {"sent": r.sent, "failed": r.failed, "deferred": r.deferred,
-                       "error": r.error} for name, r in self.destinations.items()}
+        return {name: r.as_dict() for name, r in self.destinations.items()}
+
+
+_COLUMNS = (t.deliveries.c.id, t.computations.c.key, t.computations.c.kind,
+            t.deliveries.c.run_id, t.deliveries.c.destination, t.deliveries.c.user_id,
+            t.deliveries.c.value, t.deliveries.c.email, t.deliveries.c.name,
+            t.deliveries.c.title, t.deliveries.c.company_id, t.deliveries.c.observed_at,
+            t.deliveries.c.attempts)
 
 
 def load_batch(conn: Connection, destination: str, limit: int, now: datetime,
-               computation_ids: Collection[int] | None = None) -> list[Delivery]:
+               computation_ids: Collection[int] | None = None, *,
+               claim: bool = False) -> list[Delivery]:
+    """The next due pending deliveries of one destination, oldest first.
+
+    claim: lock them (PostgreSQL, FOR UPDATE SKIP LOCKED) until the transaction ends; rows
+    another drain holds are skipped, not waited for.
+    """
     d, c = t.deliveries, t.computations
     query = (
-        select(d.c.id, c.c.key, c.c.kind, d.c.run_id, d.c.destination, d.c.user_id, d.c.value,
-               d.c.email, d.c.name, d.c.title, d.c.company_id, d.c.observed_at, d.c.attempts)
+        select(*_COLUMNS)
         .join(c, c.c.id == d.c.computation_id)
         .where(d.c.destination == destination, d.c.status == "pending",
                or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now))
@@ -52,23 +86,40 @@ def load_batch(conn: Connection, destination: str, limit: int, now: datetime,
     )
     if computation_ids is not None:
         query = query.where(d.c.computation_id.in_(computation_ids))
+    if claim:
+        query = query.with_for_update(skip_locked=True, of=d)
     return [Delivery(*row) for row in conn.execute(query)]
 
 
-def record_outcomes(conn: Connection, outcomes: list[Outcome], now: datetime) -> None:
+def record_outcomes(conn: Connection, outcomes: list[Outcome], now: datetime,
+                    retry_later: timedelta = DEFAULT_RETRY_LATER) -> None:
+    """Write what became of each delivery. Only pending rows change: a delivery superseded
+    while in flight stays superseded (its newer value is queued)."""
     d = t.deliveries
-    sent = [o.delivery_id for o in outcomes if o.ok]
-    if sent:
-        # A delivery superseded meanwhile stays superseded: its newer value is queued.
-        conn.execute(update(d).where(d.c.id.in_(sent), d.c.status == "pending")
-                     .values(status="sent", sent_at=now, attempts=d.c.attempts + 1))
-    for outcome in outcomes:
-        if outcome.ok:
+    pending = d.c.status == "pending"
+    for attempts in sorted({o.attempts for o in outcomes if o.ok}):
+        ids = [o.delivery_id for o in outcomes if o.ok and o.attempts == attempts]
+        conn.execute(update(d).where(d.c.id.in_(ids), pending).values(
+            status="sent", sent_at=now, attempts=d.c.attempts + attempts, last_error=None,
+            next_attempt_at=None))
+    groups: dict[tuple[str, str | None, datetime | None, int], list[int]] = {}
+    for o in outcomes:
+        key: tuple[str, str | None, datetime | None, int]
+        if o.ok:
             continue
-        conn.execute(update(d).where(and_(d.c.id == outcome.delivery_id,
-                                          d.c.status == "pending")).values(
-            status="failed" if outcome.permanent else "pending",
-            attempts=d.c.attempts + 1, last_error=outcome.error))
+        if o.permanent:
+            key = ("failed", o.error, None, o.attempts)
+        elif o.halt:
+            # Bad credentials: nothing was wrong with the delivery; it waits for a fixed token.
+            key = ("pending", o.error, None, o.attempts)
+        else:
+            wait = timedelta(seconds=o.retry_after) if o.retry_after is not None else retry_later
+            key = ("pending", o.error, now + max(wait, retry_later), o.attempts)
+        groups.setdefault(key, []).append(o.delivery_id)
+    for (status, error, next_at, attempts), ids in groups.items():
+        conn.execute(update(d).where(d.c.id.in_(ids), pending).values(
+            status=status, attempts=d.c.attempts + attempts, last_error=error,
+            next_attempt_at=next_at))
 
 
 def mark_initial_syncs_complete(conn: Connection) -> None:
@@ -79,43 +130,133 @@ def mark_initial_syncs_complete(conn: Connection) -> None:
                  .values(initial_state="complete"))
 
 
+def requeue_failed(conn: Connection, computation_ids: Collection[int] | None = None,
+                   destination: str | None = None) -> tuple[int, int]:
+    """Failed deliveries back to pending; (re-queued, superseded).
+
+    A failed delivery with a newer delivery for the same audience, user and destination is
+    marked superseded instead: re-sending it would overwrite the newer value.
+    """
+    d = t.deliveries
+    newer = d.alias("newer")
+    condition = [d.c.status == "failed"]
+    if computation_ids is not None:
+        condition.append(d.c.computation_id.in_(computation_ids))
+    if destination is not None:
+        condition.append(d.c.destination == destination)
+    has_newer = select(newer.c.id).where(
+        newer.c.computation_id == d.c.computation_id, newer.c.user_id == d.c.user_id,
+        newer.c.destination == d.c.destination, newer.c.id > d.c.id,
+        newer.c.status != "superseded").exists()
+    superseded = conn.execute(update(d).where(and_(*condition), has_newer)
+                              .values(status="superseded")).rowcount
+    requeued = conn.execute(update(d).where(and_(*condition))
+                            .values(status="pending", next_attempt_at=None)).rowcount
+    return int(requeued), int(superseded)
+
+
+def count_pending(conn: Connection, destination: str,
+                  computation_ids: Collection[int] | None) -> int:
+    d = t.deliveries
+    query = select(func.count()).where(d.c.destination == destination, d.c.status == "pending")
+    if computation_ids is not None:
+        query = query.where(d.c.computation_id.in_(computation_ids))
+    return int(conn.execute(query).scalar_one())
+
+
 def drain(store: Store, config: Config, *, keys: Collection[str] | None = None,
           clients: Mapping[str, Destination] | None = None,
-          clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> DrainReport:
-    """Send every due pending delivery (of the given audiences, or all) to its destination."""
-    report = DrainReport()
-    comp_ids: list[int] | None = None
-    if keys is not None:
-        rows = [store.computation(k) for k in keys]
-        comp_ids = [r.id for r in rows if r is not None]
-    names = sorted({dest for comp in config.computations for dest in comp.destinations
-                    if keys is None or comp.key in keys})
-    for name in names:
-        dest_report = report.destinations.setdefault(name, DestinationReport())
-        client = clients[name] if clients and name in clients else \
-            make_destination(name, config.destinations[name])
-        try:
-            while True:
-                with store.read() as conn:
-                    batch = load_batch(conn, name, client.max_batch, clock(), comp_ids)
-                if not batch:
-                    break
-                try:
-                    outcomes = client.send(batch)
-                except DestinationError as exc:
-                    dest_report.error = exc.message
-                    break
-                with store.write() as conn:
-                    record_outcomes(conn, outcomes, clock())
-                dest_report.sent += sum(o.ok for o in outcomes)
-                dest_report.failed += sum(o.permanent for o in outcomes)
-                deferred = sum(not o.ok and not o.permanent for o in outcomes)
-                dest_report.deferred += deferred
-                if deferred:
-                    break
-        finally:
-            if not clients or name not in clients:
-                client.close()
+          clock: Clock = lambda: datetime.now(UTC)) -> DrainReport:
+    """Send every due pending delivery (of the given audiences, or all configured) to its
+    destination, each destination in a thread of its own."""
+    wanted = [c for c in config.computations if keys is None or c.key in keys]
+    rows = {row.key: row.id for row in store.computations()}
+    # Only configured audiences: an orphaned one sends nothing more.
+    comp_ids = [rows[c.key] for c in wanted if c.key in rows]
+    names = sorted({dest for comp in wanted for dest in comp.destinations})
+    report = DrainReport({name: DestinationReport() for name in names})
+    if names:
+        with ThreadPoolExecutor(len(names), thread_name_prefix="drain") as pool:
+            for name in names:
+                pool.submit(_drain_guarded, store, config, name, comp_ids, clients, clock,
+                            report.destinations[name])
     with store.write() as conn:
         mark_initial_syncs_complete(conn)
     return report
+
+
+def _drain_guarded(store: Store, config: Config, name: str, comp_ids: list[int],
+                   clients: Mapping[str, Destination] | None, clock: Clock,
+                   report: DestinationReport) -> None:
+    try:
+        _drain_destination(store, config, name, comp_ids, clients, clock, report)
+    except AudienceSyncError as exc:
+        report.error = exc.message
+    except Exception as exc:  # a bug in one destination must not take the others down
+        log.exception("destination %s: drain failed", name)
+        report.error = f"destination {name!r}: unexpected {type(exc).__name__}"
+    if report.error:
+        log.warning("%s", report.error)
+
+
+def _drain_destination(store: Store, config: Config, name: str, comp_ids: list[int],
+                       clients: Mapping[str, Destination] | None, clock: Clock,
+                       report: DestinationReport) -> None:
+    settings = config.destinations[name]
+    retry_later = (DEFAULT_RETRY_LATER if isinstance(settings, JsonlDestination)
+                   else settings.retry_later)
+    injected = clients is not None and name in clients
+    client = clients[name] if clients is not None and injected else \
+        make_destination(name, settings)
+    claim = store.dialect == "postgresql"
+    halted = False
+    try:
+        while True:
+            if claim:
+                # The row locks live as long as this transaction: claim, send, record.
+                with store.write() as conn:
+                    batch = load_batch(conn, name, client.max_batch, clock(), comp_ids,
+                                       claim=True)
+                    outcomes = client.send(batch) if batch else []
+                    record_outcomes(conn, outcomes, clock(), retry_later)
+            else:
+                # SQLite has one writer: holding its lock while sending would stall every run.
+                with store.read() as conn:
+                    batch = load_batch(conn, name, client.max_batch, clock(), comp_ids)
+                outcomes = client.send(batch) if batch else []
+                if outcomes:
+                    with store.write() as conn:
+                        record_outcomes(conn, outcomes, clock(), retry_later)
+            if not batch:
+                break
+            if not _tally(report, outcomes, name):
+                halted = any(o.halt for o in outcomes)
+                break
+    finally:
+        for key, value in wire_stats(client).items():
+            setattr(report, key, getattr(report, key) + value)
+        if not injected:
+            client.close()
+    if halted:
+        with store.read() as conn:
+            waiting = count_pending(conn, name, comp_ids)
+        report.error = f"{report.error}; {waiting} deliveries kept pending"
+
+
+def _tally(report: DestinationReport, outcomes: list[Outcome], name: str) -> bool:
+    """Count a batch's outcomes; False when the destination should stop for this drain."""
+    sent = sum(o.ok for o in outcomes)
+    report.sent += sent
+    report.failed += sum(o.permanent for o in outcomes)
+    deferred = [o for o in outcomes if not o.ok and not o.permanent and not o.halt]
+    report.deferred += len(deferred)
+    halted = next((o for o in outcomes if o.halt), None)
+    if halted is not None:
+        report.error = halted.error or f"destination {name!r} refused the credentials; stopped"
+        return False
+    if deferred and not sent:
+        # Nothing got through after every retry: the destination is down; try next drain.
+        log.warning("destination %s unavailable (%s); %d deliveries wait for the next drain",
+                    name, deferred[0].error, len(deferred))
+        return False
+    return True

@@ -1,3 +1,122 @@
-"""`deliveries` and `retry` (the delivery issue fills these in)."""
+"""`deliveries` and `retry`: inspect the outbox and re-queue failed deliveries."""
 
 from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from sqlalchemy import select
+
+from audience_sync import schema as t
+from audience_sync.cli.common import app, iso, open_config, open_store, print_json
+from audience_sync.config import Config
+from audience_sync.errors import ConfigError, UsageError
+from audience_sync.outbox import DrainReport, drain, requeue_failed
+
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
+
+
+def _find(config: Config, name: str | None) -> str | None:
+    if name is None:
+        return None
+    try:
+        return config.find(name).key
+    except ConfigError:
+        known = ", ".join(c.key for c in config.computations)
+        raise UsageError(f"unknown audience {name!r} (known: {known})") from None
+
+
+def _check_destination(config: Config, destination: str | None) -> None:
+    if destination is not None and destination not in config.destinations:
+        known = ", ".join(config.destinations)
+        raise UsageError(f"unknown destination {destination!r} (known: {known})")
+
+
+@app.command()
+def deliveries(
+    ctx: typer.Context,
+    audience: str = typer.Argument(None, help="Name or key; every audience when omitted."),
+    failed: bool = typer.Option(False, "--failed", help="Only failed deliveries."),
+    destination: str = typer.Option(None, "--destination", help="Only this destination."),
+    limit: int = typer.Option(100, "--limit", min=1, help="At most N deliveries, oldest first."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Deliveries not sent yet (pending and failed), with attempts and the last error."""
+    config = open_config(ctx)
+    key = _find(config, audience)
+    _check_destination(config, destination)
+    store = open_store(config)
+    d, c = t.deliveries, t.computations
+    query = (select(d.c.id, c.c.key, d.c.destination, d.c.user_id, d.c.value, d.c.status,
+                    d.c.attempts, d.c.next_attempt_at, d.c.last_error, d.c.run_id,
+                    d.c.observed_at)
+             .join(c, c.c.id == d.c.computation_id)
+             .where(d.c.status.in_(("failed",) if failed else ("pending", "failed")))
+             .order_by(d.c.id).limit(limit))
+    if key is not None:
+        query = query.where(c.c.key == key)
+    if destination is not None:
+        query = query.where(d.c.destination == destination)
+    with store.read() as conn:
+        items: list[dict[str, Any]] = [{
+            "id": row.id, "key": row.key, "destination": row.destination,
+            "user_id": row.user_id, "value": json.loads(row.value), "status": row.status,
+            "attempts": row.attempts, "next_attempt_at": iso(row.next_attempt_at),
+            "last_error": row.last_error, "run_id": row.run_id,
+            "observed_at": iso(row.observed_at),
+        } for row in conn.execute(query)]
+    if as_json:
+        print_json(items)
+        return
+    for item in items:
+        line = (f"#{item['id']} {item['key']} -> {item['destination']} {item['user_id']}="
+                f"{json.dumps(item['value'])} {item['status']}, {item['attempts']} attempts")
+        if item["next_attempt_at"] and item["status"] == "pending":
+            line += f", next at {item['next_attempt_at']}"
+        if item["last_error"]:
+            line += f": {item['last_error']}"
+        print(line)
+    if not items:
+        print("(no failed deliveries)" if failed else "(nothing waiting to be sent)",
+              file=sys.stderr)
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    audience: str = typer.Argument(None, help="Name or key; every audience when omitted."),
+    destination: str = typer.Option(None, "--destination", help="Only this destination."),
+    queue_only: bool = typer.Option(False, "--queue-only",
+                                    help="Re-queue but leave sending to the next sync or tick."),
+) -> None:
+    """Re-queue failed deliveries and send them now."""
+    config = open_config(ctx)
+    key = _find(config, audience)
+    _check_destination(config, destination)
+    store = open_store(config)
+    ids = None
+    if key is not None:
+        row = store.computation(key)
+        ids = [row.id] if row else []
+    with store.write() as conn:
+        requeued, superseded = requeue_failed(conn, ids, destination)
+    print(f"re-queued {requeued} failed deliveries"
+          + (f" ({superseded} superseded by newer changes)" if superseded else ""))
+    if queue_only or not requeued:
+        return
+    report = drain(store, config, keys=[key] if key else None)
+    _print_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print_report(report: DrainReport) -> None:
+    for name, dest in report.destinations.items():
+        line = f"  -> {name}: {dest.sent} sent, {dest.failed} failed"
+        if dest.deferred:
+            line += f", {dest.deferred} to retry"
+        if dest.error:
+            line += f" ({dest.error})"
+        print(line)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from audience_sync.config import JsonlDestination as JsonlConfig
 from audience_sync.config import PlanhatDestination as PlanhatConfig
 from audience_sync.config import SegmentDestination as SegmentConfig
-from audience_sync.destinations.base import Destination, Outcome
+from audience_sync.destinations.base import Destination, Outcome, wire_stats
 from audience_sync.destinations.jsonl import JsonlDestination
+from audience_sync.destinations.planhat import PlanhatApiDestination, PlanhatSegmentDestination
+from audience_sync.destinations.segment import SegmentDestination
 from audience_sync.errors import AudienceSyncError
 
-__all__ = ["Destination", "Outcome", "check_destination", "make_destination"]
+__all__ = ["Destination", "Outcome", "check_destination", "make_destination", "wire_stats"]
 
 DestinationConfig = PlanhatConfig | SegmentConfig | JsonlConfig
 
@@ -17,10 +19,15 @@ DestinationConfig = PlanhatConfig | SegmentConfig | JsonlConfig
 def make_destination(name: str, config: DestinationConfig) -> Destination:
     if isinstance(config, JsonlConfig):
         return JsonlDestination(name, config.path)
-    raise AudienceSyncError(f"destination {name!r}: type {config.type!r} is not available yet")
+    if isinstance(config, SegmentConfig):
+        return SegmentDestination(name, config)
+    if config.mode == "api":
+        return PlanhatApiDestination(name, config)
+    return PlanhatSegmentDestination(name, config)
 
 
 def check_destination(name: str, config: DestinationConfig) -> tuple[bool, str]:
+    """Reach the destination and test its credentials where its API allows, sending nothing."""
     try:
         destination = make_destination(name, config)
     except AudienceSyncError as exc:

@@ -15,6 +15,8 @@ class Outcome:
 
     ok: acknowledged, mark sent. permanent: failed for good (until the operator retries).
     Neither: transient, try again later (after retry_after seconds when the destination said so).
+    halt: the destination refused our credentials; the delivery stays pending and the
+    destination is stopped for the rest of the drain.
     """
 
     delivery_id: int
@@ -22,6 +24,8 @@ class Outcome:
     permanent: bool = False
     error: str | None = None
     retry_after: float | None = None
+    halt: bool = False
+    attempts: int = 1
 
 
 class Destination(Protocol):
@@ -42,3 +46,11 @@ class Destination(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def wire_stats(destination: object) -> dict[str, int]:
+    """Requests, retries and 429s since the last call, for destinations that count them."""
+    stats = getattr(destination, "stats", None)
+    take = getattr(stats, "take", None)
+    result = take() if callable(take) else None
+    return dict(result) if isinstance(result, dict) else {}

@@ -1,0 +1,186 @@
+"""The `planhat` destination, in its two modes (reference/wire-formats.md sections 1 and 2).
+
+mode `segment`: what Segment's Planhat destination sends, one identify per request.
+mode `api`: bulk upsert of end users through Planhat's REST API, audience keys as custom fields.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from audience_sync.config import PlanhatDestination as PlanhatConfig
+from audience_sync.destinations.base import Outcome
+from audience_sync.destinations.http import HttpSender, Verdict, make_sender, outcome_of, probe
+from audience_sync.messages import Delivery, identify
+
+SEGMENT_PATH = "/dock/segment"
+ENDUSERS_PATH = "/endusers"
+# Planhat's bulk endpoints take at most 5,000 items per request.
+BULK_MAX_ITEMS = 5_000
+# Segment mode claims this many deliveries at a time: about a second of sending at the default
+# rate, so a crash re-sends little and other processes can take the rest.
+SEGMENT_MODE_CLAIM = 100
+# Segment's Planhat destination routes the call to Planhat only.
+INTEGRATIONS = {"All": False, "Planhat": True}
+# Per-item error lists of a bulk upsert answer (200 or 206).
+_ERROR_LISTS = ("createdErrors", "updatedErrors", "permissionErrors")
+
+
+def segment_message(delivery: Delivery) -> dict[str, Any]:
+    """Planhat reads `user_id` first and `traits.companyId` for the company: send both ids."""
+    return identify(delivery, integrations=INTEGRATIONS, snake_user_id=True,
+                    company_field="companyId")
+
+
+class PlanhatSegmentDestination:
+    """POST {base}/dock/segment, Basic `tenant_token:`, one identify per request."""
+
+    def __init__(self, name: str, config: PlanhatConfig) -> None:
+        assert config.tenant_token is not None
+        token = config.tenant_token.get_secret_value()
+        self.name = name
+        self.max_batch = min(config.batch_size, SEGMENT_MODE_CLAIM)
+        self.sender: HttpSender = make_sender(
+            name, config, base_url=config.url, auth=httpx.BasicAuth(token, ""), headers={},
+            secrets=[token], rate=config.effective_rate_limit)
+        self.stats = self.sender.stats
+        self._pool = ThreadPoolExecutor(config.concurrency,
+                                        thread_name_prefix=f"planhat-{name}")
+
+    def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        return list(self._pool.map(self._send_one, batch))
+
+    def _send_one(self, delivery: Delivery) -> Outcome:
+        body = json.dumps(segment_message(delivery), separators=(",", ":")).encode()
+        return outcome_of(delivery.id, self.sender.call("POST", SEGMENT_PATH, content=body))
+
+    def check(self) -> tuple[bool, str]:
+        status, text = probe(self.sender, "GET", SEGMENT_PATH)
+        if status is None:
+            return False, text
+        return True, (f"reachable at {self.sender.client.base_url}; Planhat offers no way to "
+                      "verify the tenant token without sending an identify")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.sender.close()
+
+
+class PlanhatApiDestination:
+    """PUT {base}/endusers, Bearer API token, up to 5,000 end users per request, sequential."""
+
+    def __init__(self, name: str, config: PlanhatConfig) -> None:
+        assert config.api_token is not None
+        token = config.api_token.get_secret_value()
+        self.name = name
+        self.max_batch = min(config.batch_size, BULK_MAX_ITEMS)
+        # Sequential by Planhat's rule for bulk requests: one connection, one request at a time.
+        self.sender: HttpSender = make_sender(
+            name, config.model_copy(update={"concurrency": 1}), base_url=config.url, auth=None,
+            headers={"Authorization": f"Bearer {token}"}, secrets=[token],
+            rate=config.effective_rate_limit)
+        self.stats = self.sender.stats
+
+    def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        items, owners = enduser_items(batch)
+        outcomes: list[Outcome] = []
+        for start in range(0, len(items), self.max_batch):
+            chunk = items[start:start + self.max_batch]
+            body = json.dumps(chunk, separators=(",", ":")).encode()
+            reply = self.sender.call("PUT", ENDUSERS_PATH, content=body)
+            chunk_ids = [d.id for item in chunk for d in owners[item["externalId"]]]
+            if reply.verdict is not Verdict.OK:
+                outcomes += [outcome_of(i, reply) for i in chunk_ids]
+                continue
+            errors = item_errors(reply.json(), chunk)
+            if errors is None:
+                reason = (f"HTTP {reply.status}: Planhat reported a partial failure without "
+                          "saying which end users failed")
+                outcomes += [Outcome(i, ok=False, permanent=True, error=reason,
+                                     attempts=reply.attempts) for i in chunk_ids]
+                continue
+            for item in chunk:
+                error = errors.get(item["externalId"])
+                for delivery in owners[item["externalId"]]:
+                    outcomes.append(
+                        Outcome(delivery.id, ok=True, attempts=reply.attempts) if error is None
+                        else Outcome(delivery.id, ok=False, permanent=True,
+                                     error=self.sender.redact(f"HTTP {reply.status}: {error}"),
+                                     attempts=reply.attempts))
+        return outcomes
+
+    def check(self) -> tuple[bool, str]:
+        status, text = probe(self.sender, "GET", f"{ENDUSERS_PATH}?limit=1")
+        if status is None:
+            return False, text
+        if status in (401, 403):
+            return False, f"the API token was refused ({text})"
+        if 200 <= status < 300:
+            return True, f"ok (API token accepted by {self.sender.client.base_url})"
+        return False, text
+
+    def close(self) -> None:
+        self.sender.close()
+
+
+def enduser_items(batch: Sequence[Delivery]) -> tuple[list[dict[str, Any]],
+                                                      dict[str, list[Delivery]]]:
+    """One bulk item per user (several audiences merge into its `custom` fields)."""
+    items: dict[str, dict[str, Any]] = {}
+    owners: dict[str, list[Delivery]] = {}
+    for delivery in batch:
+        item = items.setdefault(delivery.user_id, {"externalId": delivery.user_id})
+        if delivery.email is not None:
+            item["email"] = delivery.email
+        if delivery.company_id is not None:
+            item["companyId"] = delivery.company_id
+        item.setdefault("custom", {})[delivery.computation_key] = json.loads(delivery.value)
+        owners.setdefault(delivery.user_id, []).append(delivery)
+    return list(items.values()), owners
+
+
+def item_errors(document: object, items: Sequence[dict[str, Any]]) -> dict[str, str] | None:
+    """externalId -> reason for the items a bulk answer says failed.
+
+    None when the answer reports errors it does not attribute to an item. Entries may name
+    the item (`externalId`, or the item itself under `item`) or its position (`index`).
+    """
+    if not isinstance(document, dict):
+        return {}
+    found: dict[str, str] = {}
+    for key in _ERROR_LISTS:
+        entries = document.get(key) or []
+        if not isinstance(entries, list):
+            return None
+        for entry in entries:
+            external_id = _entry_id(entry, items)
+            if external_id is None:
+                return None
+            found[external_id] = _entry_reason(entry, key)
+    return found
+
+
+def _entry_id(entry: object, items: Sequence[dict[str, Any]]) -> str | None:
+    if not isinstance(entry, dict):
+        return None
+    for candidate in (entry, entry.get("item"), entry.get("data")):
+        if isinstance(candidate, dict) and isinstance(candidate.get("externalId"), str):
+            return str(candidate["externalId"])
+    index = entry.get("index")
+    if isinstance(index, int) and 0 <= index < len(items):
+        return str(items[index]["externalId"])
+    return None
+
+
+def _entry_reason(entry: object, key: str) -> str:
+    if isinstance(entry, dict):
+        for field in ("error", "message", "reason"):
+            value = entry.get(field)
+            if isinstance(value, str) and value:
+                return " ".join(value.split())[:200]
+    return f"listed in {key}"

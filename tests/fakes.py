@@ -1,0 +1,323 @@
+"""Local fake Planhat and Segment servers: real HTTP on 127.0.0.1, one thread per request.
+
+They check auth, paths and body shapes, enforce limits (429 + Retry-After, sizes, 5,000
+items), answer 206 for end users they cannot match, and can be told to fail the next N
+requests (500, 429, timeout, dropped connection) or to hold a request until released.
+A message is recorded only when the server acknowledges it, so "none twice after
+acknowledgement" is "no messageId recorded twice".
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+# Bounded waits: a fake never blocks a test for longer than this.
+MAX_WAIT = 30.0
+
+
+@dataclass
+class Answer:
+    status: int
+    body: Any = None
+    headers: dict[str, str] | None = None
+
+
+class _Drop(Exception):
+    """Close the connection without answering."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def do_GET(self) -> None:
+        self.server.fake.dispatch(self, "GET")
+
+    def do_POST(self) -> None:
+        self.server.fake.dispatch(self, "POST")
+
+    def do_PUT(self) -> None:
+        self.server.fake.dispatch(self, "PUT")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    fake: FakeServer
+
+
+class FakeServer:
+    """The machinery both fakes share; subclasses implement `route`."""
+
+    def __init__(self, *, rate: float | None = None, burst: float = 1.0,
+                 retry_after: float | None = None, timeout_delay: float = 1.0) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.retry_after = retry_after  # fixed Retry-After for rate-limit 429s, else computed
+        self.timeout_delay = timeout_delay
+        self.lock = threading.Lock()
+        self.faults: deque[tuple[str, float]] = deque()
+        self.statuses: Counter[int] = Counter()
+        self.requests = 0
+        self.acked: list[str] = []  # messageIds (or externalIds) acknowledged, in order
+        self.request_bodies: list[bytes] = []
+        self.auth_headers: list[str] = []
+        self._tokens = burst
+        self._refilled = time.monotonic()
+        self._closing = threading.Event()
+        self._hold_after: int | None = None
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.fake = self
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> FakeServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._closing.set()
+        self.release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    @contextmanager
+    def running(self) -> Iterator[FakeServer]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    # -- knobs -----------------------------------------------------------------------------
+
+    def fail_next(self, count: int, kind: str, retry_after: float = 0.01) -> None:
+        """kind: 500 | 429 | timeout | drop."""
+        with self.lock:
+            self.faults.extend([(kind, retry_after)] * count)
+
+    def hold_after(self, acknowledged: int) -> None:
+        """Once this many messages were acknowledged, park every request until `release`."""
+        self._hold_after = acknowledged
+
+    def unhold(self) -> None:
+        self._hold_after = None
+        self.release.set()
+
+    def duplicates(self) -> dict[str, int]:
+        return {k: n for k, n in Counter(self.acked).items() if n > 1}
+
+    # -- request handling ------------------------------------------------------------------
+
+    def dispatch(self, handler: _Handler, method: str) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        with self.lock:
+            self.requests += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            fault = self.faults.popleft() if self.faults else None
+        try:
+            answer = self._answer(handler, method, body, fault)
+        except _Drop:
+            handler.close_connection = True
+            return
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+        with self.lock:
+            self.statuses[answer.status] += 1
+        payload = b"" if answer.body is None else json.dumps(answer.body).encode()
+        handler.send_response(answer.status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        for name, value in (answer.headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    def _answer(self, handler: _Handler, method: str, body: bytes,
+                fault: tuple[str, float] | None) -> Answer:
+        if fault is not None:
+            kind, retry_after = fault
+            if kind == "500":
+                return Answer(500, {"message": "internal error (injected)"})
+            if kind == "429":
+                return Answer(429, {"message": "Too many requests"},
+                              {"Retry-After": f"{retry_after:g}"})
+            if kind == "timeout":
+                self._closing.wait(self.timeout_delay)
+                raise _Drop
+            raise _Drop
+        if self.rate is not None:
+            wait = self._take_token()
+            if wait is not None:
+                retry = self.retry_after if self.retry_after is not None else wait
+                return Answer(429, {"message": "Too many requests"},
+                              {"Retry-After": f"{retry:.3f}", "X-Rate-Limit-Remaining": "0"})
+        if self._hold_after is not None:
+            with self.lock:
+                reached = len(self.acked) >= self._hold_after
+            if reached:
+                self.held.set()
+                self.release.wait(MAX_WAIT)
+                raise _Drop
+        with self.lock:
+            self.request_bodies.append(body)
+            self.auth_headers.append(handler.headers.get("Authorization", ""))
+        return self.route(method, urlsplit(handler.path).path, handler.headers.get(
+            "Authorization", ""), body)
+
+    def _take_token(self) -> float | None:
+        """Token bucket: None when a token was taken, else seconds until the next one."""
+        assert self.rate is not None
+        with self.lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.rate)
+            self._refilled = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return None
+            return (1 - self._tokens) / self.rate
+
+    def route(self, method: str, path: str, auth: str, body: bytes) -> Answer:
+        raise NotImplementedError
+
+
+def basic(token: str) -> str:
+    return "Basic " + base64.b64encode(f"{token}:".encode()).decode()
+
+
+class FakePlanhat(FakeServer):
+    """/dock/segment (Segment mode) and /endusers (REST API mode)."""
+
+    def __init__(self, tenant_token: str = "", api_token: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tenant_token = tenant_token
+        self.api_token = api_token
+        self.messages: list[dict[str, Any]] = []  # identify calls acknowledged
+        self.endusers: dict[str, dict[str, Any]] = {}  # externalId -> merged end user
+        self.bulk_requests: list[list[dict[str, Any]]] = []
+        self.known_domains: set[str] = {"example.com"}
+
+    def route(self, method: str, path: str, auth: str, body: bytes) -> Answer:
+        if path == "/dock/segment" and method == "POST":
+            return self._identify(auth, body)
+        if path == "/endusers" and method == "PUT":
+            return self._bulk(auth, body)
+        if path == "/endusers" and method == "GET":
+            if auth != f"Bearer {self.api_token}":
+                return Answer(401, {"message": "Invalid token"})
+            return Answer(200, [])
+        return Answer(404, {"message": f"no route {method} {path}"})
+
+    def _identify(self, auth: str, body: bytes) -> Answer:
+        if auth != basic(self.tenant_token):
+            # A careless server that echoes what it got: our redaction must catch it.
+            return Answer(401, {"message": f"invalid tenant token in {auth!r}"})
+        try:
+            message = json.loads(body)
+        except ValueError:
+            return Answer(400, {"message": "body is not JSON"})
+        problem = _identify_problem(message)
+        if problem:
+            return Answer(400, {"message": problem})
+        with self.lock:
+            self.messages.append(message)
+            self.acked.append(message["messageId"])
+        return Answer(200, {"ok": True})
+
+    def _bulk(self, auth: str, body: bytes) -> Answer:
+        if auth != f"Bearer {self.api_token}":
+            return Answer(403, {"message": f"Forbidden: bad token {auth}"})
+        items = json.loads(body)
+        if not isinstance(items, list):
+            return Answer(400, {"message": "expected an array of end users"})
+        if len(items) > 5000:
+            return Answer(400, {"message": f"at most 5000 items per request, got {len(items)}"})
+        errors: list[dict[str, Any]] = []
+        updated = created = 0
+        with self.lock:
+            self.bulk_requests.append(items)
+            for item in items:
+                external_id = item.get("externalId")
+                known = external_id in self.endusers
+                domain = str(item.get("email") or "").rpartition("@")[2]
+                if not known and not item.get("companyId") and domain not in self.known_domains:
+                    errors.append({"item": item, "error": "no company matches this end user"})
+                    continue
+                user = self.endusers.setdefault(external_id, {"externalId": external_id,
+                                                              "custom": {}})
+                user.update({k: v for k, v in item.items() if k != "custom"})
+                user["custom"].update(item.get("custom") or {})
+                # An upsert carries no messageId: one acknowledged (user, values) is one message.
+                self.acked.append(json.dumps([external_id, item.get("custom")],
+                                             sort_keys=True))
+                updated += known
+                created += not known
+        answer = {"created": created, "createdErrors": errors, "insertsKeys": [],
+                  "updated": updated, "updatedErrors": [], "updatesKeys": [], "nonupdates": 0,
+                  "modified": [], "upsertedIds": [], "permissionErrors": []}
+        return Answer(206 if errors else 200, answer)
+
+
+def _identify_problem(message: Any) -> str | None:
+    if not isinstance(message, dict) or message.get("type") != "identify":
+        return "expected one identify call"
+    if not message.get("userId") or message.get("user_id") != message.get("userId"):
+        return "userId and user_id are required and must agree"
+    for field in ("traits", "context", "integrations", "messageId", "timestamp"):
+        if field not in message:
+            return f"missing {field}"
+    return None
+
+
+class FakeSegment(FakeServer):
+    """POST /v1/batch with Segment's limits: 32 KB per message, 500 KB and 2,500 per batch."""
+
+    def __init__(self, write_key: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.write_key = write_key
+        self.messages: list[dict[str, Any]] = []
+        self.batches = 0
+        self.parse = True
+
+    def route(self, method: str, path: str, auth: str, body: bytes) -> Answer:
+        if path != "/v1/batch" or method != "POST":
+            return Answer(404, {"message": f"no route {method} {path}"})
+        if auth != basic(self.write_key):
+            return Answer(401, {"message": "invalid write key"})
+        if len(body) > 500 * 1024:
+            return Answer(400, {"message": "batch larger than 500 KB"})
+        document = json.loads(body)
+        batch = document.get("batch")
+        if not isinstance(batch, list) or len(batch) > 2500 or "sentAt" not in document:
+            return Answer(400, {"message": "expected batch of at most 2500 and sentAt"})
+        for message in batch:
+            if len(json.dumps(message, separators=(",", ":"))) > 32 * 1024:
+                return Answer(400, {"message": "message larger than 32 KB"})
+        with self.lock:
+            self.batches += 1
+            self.messages.extend(batch)
+            self.acked.extend(m["messageId"] for m in batch)
+        return Answer(200, {"success": True})
