@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import typer
@@ -21,14 +21,18 @@ from audience_sync.cli.common import (
     open_store,
     parse_time,
     print_json,
+    utcnow,
 )
 from audience_sync.config import Computation, Config
 from audience_sync.errors import ConfigError, UsageError
+from audience_sync.leases import DEFAULT_TTL, Holder, acquire, default_owner, held
 from audience_sync.outbox import DrainReport, drain
 from audience_sync.runner import RunResult, run_computation
 from audience_sync.store import Store
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
+NO_WAIT_OPTION = typer.Option(False, "--no-wait", help="Exit 1 when another process (a daemon) "
+                              "holds an audience's lease, instead of waiting for it.")
 
 
 def resolve(config: Config, names: list[str]) -> list[Computation]:
@@ -58,16 +62,50 @@ def _progress(label: str) -> Iterator[Callable[[int], None] | None]:
         yield lambda n: bar.advance(task, n)
 
 
+def _take_leases(stack: ExitStack, store: Store, comps: list[Computation],
+                 no_wait: bool) -> dict[str, int]:
+    """The same per-audience leases the daemon takes, held through run and drain; in key
+    order, so two CLI runs never wait on each other in a circle."""
+    owner = f"cli:{default_owner()}"
+    tokens: dict[str, int] = {}
+    for comp in sorted(comps, key=lambda c: c.key):
+        def tell(current: Holder, key: str = comp.key) -> None:
+            print(f"{key}: waiting for the lease held by {current.owner} "
+                  "(--no-wait to give up instead)", file=sys.stderr, flush=True)
+
+        lease = acquire(store, comp.key, owner, ttl=DEFAULT_TTL, clock=utcnow,
+                        wait=not no_wait, on_wait=tell)
+        stack.enter_context(held(store, lease, ttl=DEFAULT_TTL, clock=utcnow))
+        tokens[comp.key] = lease.token
+    return tokens
+
+
 def _execute(ctx: typer.Context, names: list[str], *, resync: bool, dry_run: bool, force: bool,
-             as_json: bool) -> None:
+             as_json: bool, no_wait: bool = False) -> None:
     config = open_config(ctx)
     comps = resolve(config, names)
     store = open_store(config, register=not dry_run)
+    with ExitStack() as leases:
+        tokens = {} if dry_run else _take_leases(leases, store, comps, no_wait)
+        results, report = _run_and_drain(store, config, comps, tokens, resync=resync,
+                                         dry_run=dry_run, force=force, as_json=as_json)
+    ok = all(r.ok for r in results) and (report is None or report.ok)
+    if as_json:
+        print_json({"ok": ok, "dry_run": dry_run, "runs": [r.as_dict() for r in results],
+                    "deliveries": report.as_dict() if report else None})
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _run_and_drain(store: Store, config: Config, comps: list[Computation],
+                   tokens: dict[str, int], *, resync: bool, dry_run: bool, force: bool,
+                   as_json: bool) -> tuple[list[RunResult], DrainReport | None]:
     results: list[RunResult] = []
     for comp in comps:
         with _progress(f"{comp.key}: loading snapshot") as progress:
             result = run_computation(store, config, comp, resync=resync, force=force,
-                                     dry_run=dry_run, progress=progress)
+                                     dry_run=dry_run, progress=progress,
+                                     fencing_token=tokens.get(comp.key))
         results.append(result)
         if not as_json:
             _print_result(result, dry_run)
@@ -82,12 +120,7 @@ def _execute(ctx: typer.Context, names: list[str], *, resync: bool, dry_run: boo
                 if dest.error:
                     line += f" ({dest.error})"
                 print(line)
-    ok = all(r.ok for r in results) and (report is None or report.ok)
-    if as_json:
-        print_json({"ok": ok, "dry_run": dry_run, "runs": [r.as_dict() for r in results],
-                    "deliveries": report.as_dict() if report else None})
-    if not ok:
-        raise typer.Exit(1)
+    return results, report
 
 
 def _print_result(result: RunResult, dry_run: bool) -> None:
@@ -114,10 +147,12 @@ def sync(
     audiences: list[str] = typer.Argument(None, help="Names or keys; all when omitted."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     force: bool = typer.Option(False, "--force", help="Apply a run the removal guard held."),
+    no_wait: bool = NO_WAIT_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Evaluate audiences now, whatever their cadence, and deliver the changes."""
-    _execute(ctx, audiences or [], resync=False, dry_run=dry_run, force=force, as_json=as_json)
+    _execute(ctx, audiences or [], resync=False, dry_run=dry_run, force=force, as_json=as_json,
+             no_wait=no_wait)
 
 
 @app.command()
@@ -126,10 +161,12 @@ def resync(
     audience: str = typer.Argument(..., help="Name or key."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     force: bool = typer.Option(False, "--force", help="Apply a run the removal guard held."),
+    no_wait: bool = NO_WAIT_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Send every current member again, and false to those who left since the last run."""
-    _execute(ctx, [audience], resync=True, dry_run=dry_run, force=force, as_json=as_json)
+    _execute(ctx, [audience], resync=True, dry_run=dry_run, force=force, as_json=as_json,
+             no_wait=no_wait)
 
 
 def _computation_id(store: Store, comp: Computation) -> int:
