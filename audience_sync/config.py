@@ -338,8 +338,9 @@ class Config:
         return self.model.sources
 
     def find(self, name_or_key: str) -> Computation:
+        wanted = name_or_key.strip()
         for comp in self.computations:
-            if name_or_key in (comp.key, comp.name):
+            if wanted == comp.key or wanted.casefold() == comp.name.casefold():
                 return comp
         raise ConfigError("", f"no audience or computed trait named {name_or_key!r} in config")
 
@@ -481,7 +482,7 @@ def _build(config_path: Path, model: ConfigModel) -> Config:
             source_name=item.source,
             source=model.sources[item.source],
             destinations=tuple(item.destinations),
-            query=item.query,
+            query=item.query if isinstance(item, AudienceModel | TraitModel) else None,
             rule=item.rule if isinstance(item, AudienceModel) else None,
             every=override.every or model.schedule.every,
             jitter=override.jitter if override.jitter is not None else model.schedule.jitter,

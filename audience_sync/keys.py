@@ -12,7 +12,7 @@ MAX_KEY_LENGTH = 100
 
 # Letters that NFKD does not decompose into ASCII.
 _SPECIAL = str.maketrans(
-    {"ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE",
+    {"ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "Ae", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "Oe",
      "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D"}
 )
 _NON_WORD = re.compile(r"[^A-Za-z0-9]+")

@@ -6,6 +6,7 @@ outbox row per change and destination, or nothing at all.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from audience_sync.sources import (
 from audience_sync.store import Store
 
 Clock = Callable[[], datetime]
+log = logging.getLogger(__name__)
 
 
 def system_clock() -> datetime:
@@ -124,6 +126,8 @@ def run_computation(
     result = RunResult(key=comp.key, kind=kind, status="planned",
                        previous_members=row.member_count if row else 0)
     same_db = comp.source.url == config.state_db
+    log.info("%s: %s run started (loading snapshot from source %r)", comp.key, kind,
+             comp.source_name)
     try:
         with store.engine.connect() as conn:
             try:
@@ -155,6 +159,10 @@ def run_computation(
     except SQLAlchemyError as exc:
         raise StoreError(f"{comp.key}: state database error: {describe_db_error(exc)}") from exc
     result.seconds = time.monotonic() - started
+    log.info("%s: %s run %s: %d members, +%d -%d ~%d, %d queued, %d rows skipped, %.2fs%s",
+             comp.key, kind, result.status, result.members, result.entered, result.exited,
+             result.changed, result.queued, result.skipped.total, result.seconds,
+             f" ({result.error})" if result.error else "")
     if result.status in ("failed", "held") and not dry_run:
         _record_unapplied(store, comp, cid, kind, now, result, fencing_token, clock)
     return result

@@ -9,10 +9,13 @@ held in Python.
 
 from __future__ import annotations
 
+import sqlite3
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     Boolean,
     Column,
@@ -111,7 +114,7 @@ def load_rows(conn: Connection, chunks: Iterable[list[SnapshotRow]], skipped: Sk
     """
     if conn.dialect.name == "postgresql":
         return _copy_rows(conn, chunks, skipped, progress, replay)
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor = typing.cast("sqlite3.Connection", conn.connection.driver_connection).cursor()
     loaded = 0
     try:
         for rows in chunks:
@@ -129,18 +132,18 @@ def load_rows(conn: Connection, chunks: Iterable[list[SnapshotRow]], skipped: Sk
 def _copy_rows(conn: Connection, chunks: Iterable[list[SnapshotRow]], skipped: SkipCounts,
                progress: Callable[[int], None] | None,
                replay: Callable[[], Iterable[list[SnapshotRow]]] | None) -> int:
-    raw = conn.connection.driver_connection
+    raw = typing.cast("psycopg.Connection[Any]", conn.connection.driver_connection)
     total = 0
     savepoint = conn.begin_nested()
     try:
-        with raw.cursor() as cursor:  # type: ignore[union-attr]
-            with cursor.copy(f"COPY {stage.name} {_COPY_COLUMNS} FROM STDIN") as copy:
-                for rows in chunks:
-                    for row in rows:
-                        copy.write_row(row)
-                    total += len(rows)
-                    if progress:
-                        progress(len(rows))
+        with raw.cursor() as cursor, \
+                cursor.copy(f"COPY {stage.name} {_COPY_COLUMNS} FROM STDIN") as copy:
+            for rows in chunks:
+                for row in rows:
+                    copy.write_row(row)
+                total += len(rows)
+                if progress:
+                    progress(len(rows))
         savepoint.commit()
         return total
     except Exception as exc:
@@ -151,12 +154,12 @@ def _copy_rows(conn: Connection, chunks: Iterable[list[SnapshotRow]], skipped: S
     # unconstrained and keep the first row per user id in arrival order.
     skipped.null = skipped.empty = skipped.too_long = 0
     seq = 0
-    with raw.cursor() as cursor:  # type: ignore[union-attr]
-        with cursor.copy(f"COPY {raw_stage.name} (seq, {_COPY_COLUMNS[1:]} FROM STDIN") as copy:
-            for rows in replay():
-                for row in rows:
-                    copy.write_row((seq, *row))
-                    seq += 1
+    with raw.cursor() as cursor, \
+            cursor.copy(f"COPY {raw_stage.name} (seq, {_COPY_COLUMNS[1:]} FROM STDIN") as copy:
+        for rows in replay():
+            for row in rows:
+                copy.write_row((seq, *row))
+                seq += 1
     conn.execute(text(
         f"INSERT INTO {stage.name} {_COPY_COLUMNS} "
         f"SELECT DISTINCT ON (user_id) user_id, {', '.join(SENT_COLUMNS)} "
@@ -168,8 +171,6 @@ def _copy_rows(conn: Connection, chunks: Iterable[list[SnapshotRow]], skipped: S
 
 
 def _is_unique_violation(exc: BaseException) -> bool:
-    import psycopg.errors
-
     return isinstance(exc, psycopg.errors.UniqueViolation | IntegrityError)
 
 
@@ -210,13 +211,15 @@ def insert_select(conn: Connection, statement: TextClause | Any, params: dict[st
         lowered["user_id"].is_not(None), func.length(user) > 0,
         func.length(user) <= USER_ID_MAX)
     target = ["user_id", *SENT_COLUMNS]
+    statement_: Any
     if conn.dialect.name == "postgresql":
         statement_ = postgresql.insert(stage).from_select(target, source).on_conflict_do_nothing()
     else:
         statement_ = insert(stage).prefix_with("OR IGNORE").from_select(target, source)
-    inserted = conn.execute(statement_, params).rowcount
+    conn.execute(statement_, params)
+    inserted = int(conn.execute(select(func.count()).select_from(stage)).scalar_one())
     skipped.duplicate += valid - inserted
-    return int(inserted)
+    return inserted
 
 
 # -- diff -------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +44,19 @@ def _callback(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Tracebacks and debug logs."),
 ) -> None:
     ctx.obj = Globals(config_path=config, verbose=verbose)
+    setup_logging(verbose)
+
+
+def setup_logging(verbose: bool, fmt: str = "plain") -> None:
+    """Plain log lines on stderr when it is not a terminal (a progress bar shows otherwise)."""
+    level = logging.DEBUG if verbose else (
+        logging.WARNING if sys.stderr.isatty() else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("audience_sync")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
 
 
 def globals_of(ctx: typer.Context) -> Globals:

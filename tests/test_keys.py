@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+
+from audience_sync.keys import check_key, derive_key
+
+
+@pytest.mark.parametrize(("name", "key"), [
+    ("Order Completed Last 30 Days", "order_completed_last_30_days"),
+    ("Order Completed Last 30days", "order_completed_last_30days"),
+    ("High-Value Users (EU)", "high_value_users_eu"),
+    ("Café Lovers", "cafe_lovers"),
+    ("trialUsers2024", "trial_users2024"),
+    ("VIP  users!!", "vip_users"),
+    ("Straße Fans", "strasse_fans"),
+    ("  leading and trailing  ", "leading_and_trailing"),
+    ("HTTPServer Users", "http_server_users"),
+    ("Ørsted & Æble", "orsted_aeble"),
+    ("a__b--c", "a_b_c"),
+    ("30 Day Buyers", "audience_30_day_buyers"),
+])
+def test_derive_key(name: str, key: str) -> None:
+    assert derive_key(name) == key
+
+
+def test_derive_key_prefix_for_traits() -> None:
+    assert derive_key("90d orders", prefix="trait") == "trait_90d_orders"
+
+
+@pytest.mark.parametrize("name", ["", "!!!", "   ", "日本語"])
+def test_name_without_usable_characters(name: str) -> None:
+    with pytest.raises(ValueError, match="no letters or digits"):
+        derive_key(name)
+
+
+@pytest.mark.parametrize("key", ["high_value", "a", "a1_b2"])
+def test_explicit_key_ok(key: str) -> None:
+    assert check_key(key) == key
+
+
+@pytest.mark.parametrize("key", ["High", "1abc", "_a", "a-b", "a b", "", "a" * 101])
+def test_explicit_key_rejected(key: str) -> None:
+    with pytest.raises(ValueError):
+        check_key(key)
