@@ -285,14 +285,12 @@ def _fields(**values: Any) -> dict[str, Any]:
 
 
 def _log_run(result: RunResult) -> None:
-    line = (f"{result.key}: {result.kind} {result.status}: {result.members} members "
+    line = (f"{result.key}: {result.kind} run {result.status}: {result.members} members "
             f"+{result.entered} -{result.exited} ~{result.changed}, {result.queued} queued "
             f"in {result.seconds:.2f}s")
     fields = _fields(audience=result.key, kind=result.kind, status=result.status,
                      run_id=result.run_id, members=result.members, entered=result.entered,
                      exited=result.exited, changed=result.changed, queued=result.queued,
                      seconds=round(result.seconds, 3))
-    if result.error:
-        log.warning("%s (%s)", line, result.error, extra=fields)
-    else:
-        log.info("%s", line, extra=fields)
+    # The runner logs the human summary line; this one carries the fields for JSON logs.
+    log.debug("%s", line, extra=fields)

@@ -48,9 +48,15 @@ class PlainFormatter(logging.Formatter):
 def configure_logging(fmt: str, verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(level)
+    # The package logger may have been given a handler of its own (the CLI's plain lines).
+    package = logging.getLogger("audience_sync")
+    package.handlers[:] = []
+    package.setLevel(level)
+    package.propagate = True
     # APScheduler says "skipped: maximum number of running instances reached" whenever a tick
     # outlasts the interval; that is the coalescing we asked for, not news.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
