@@ -40,8 +40,9 @@ def set_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def delivery_config(tmp_path: Path, state_url: str, *, planhat: str | None = None,
                     planhat_api: str | None = None, segment: str | None = None,
                     users: list[tuple[Any, ...]] | None = None, trait: bool = True,
-                    **settings: Any) -> Path:
+                    overrides: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write config.yaml (and the warehouse) naming the destinations whose URL is given."""
+    settings = overrides or {}
     warehouse = tmp_path / "warehouse.db"
     if not warehouse.exists():
         make_warehouse(warehouse, USERS if users is None else users)
