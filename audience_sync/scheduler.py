@@ -26,12 +26,19 @@ from sqlalchemy import distinct, or_, select
 
 from audience_sync import schema as t
 from audience_sync.cadence import Cadence, due_keys, is_due
-from audience_sync.config import Computation, Config
+from audience_sync.config import (
+    Computation,
+    Config,
+    PlanhatDestination,
+    RateLimit,
+    SegmentDestination,
+)
 from audience_sync.destinations import Destination, Outcome, make_destination
 from audience_sync.errors import AudienceSyncError, DestinationError, LeaseLost
 from audience_sync.leases import DEFAULT_TTL, Lease, Renewer, held, try_acquire
 from audience_sync.messages import Delivery
 from audience_sync.outbox import DrainReport, drain
+from audience_sync.ratelimit import SharedRateLimiter
 from audience_sync.runner import RunResult, run_computation
 from audience_sync.store import Store
 
@@ -42,6 +49,10 @@ Clock = Callable[[], datetime]
 # How long one tick drains one audience before moving on: a long initial sync at a vendor's
 # rate limit must not starve the other audiences; it resumes on the next tick.
 DEFAULT_DRAIN_SLICE = timedelta(seconds=30)
+# Deliveries per request: Planhat's bulk upsert takes 5,000; Segment's batch 2,500 messages.
+BULK_ITEMS = 5_000
+SEGMENT_BATCH_MESSAGES = 2_500
+SHARED_BUDGET_HEADROOM = 0.9
 
 
 def system_clock() -> datetime:
@@ -63,6 +74,10 @@ class DaemonOptions:
     owner: str
     lease_ttl: timedelta = DEFAULT_TTL
     drain_slice: timedelta = DEFAULT_DRAIN_SLICE
+    # Reserve each batch's requests in the budget shared through the state store. Off by
+    # default: reserved a batch at a time it is not yet exact (see ratelimit.py); the documented
+    # way is to give each of N daemons rate_limit / N.
+    shared_budget: bool = False
 
 
 class _Paused(DestinationError):
@@ -73,17 +88,21 @@ class _GuardedDestination:
     """A destination the daemon can pause between batches: the batch in flight always finishes."""
 
     def __init__(self, inner: Destination, should_pause: Callable[[], str | None],
-                 on_batch: Callable[[], None]) -> None:
+                 on_batch: Callable[[], None], budget: _Budget | None = None) -> None:
         self.inner = inner
         self.name = inner.name
         self.max_batch = inner.max_batch
         self._should_pause = should_pause
         self._on_batch = on_batch
+        self._budget = budget
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
         reason = self._should_pause()
         if reason is not None:
             raise _Paused(f"destination {self.name!r}: drain paused ({reason})")
+        if self._budget is not None and not self._budget.limiter.acquire(
+                self._budget.cost(len(batch)), self._budget.stop):
+            raise _Paused(f"destination {self.name!r}: drain paused (stopping)")
         try:
             return self.inner.send(batch)
         finally:
@@ -97,6 +116,36 @@ class _GuardedDestination:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """The destination's request budget shared with every daemon on this state store."""
+
+    limiter: SharedRateLimiter
+    cost: Callable[[int], int]  # requests a batch of n deliveries makes
+    stop: threading.Event
+
+
+def _shared_budget(store: Store, name: str, settings: object,
+                   stop: threading.Event) -> _Budget | None:
+    if isinstance(settings, PlanhatDestination):
+        # Segment mode sends one identify per request; API mode up to 5,000 per request.
+        per_request = 1 if settings.mode == "segment" else BULK_ITEMS
+        rate = settings.effective_rate_limit
+    elif isinstance(settings, SegmentDestination):
+        per_request = SEGMENT_BATCH_MESSAGES
+        rate = settings.rate_limit
+    else:
+        return None
+
+    def cost(n: int) -> int:
+        return -(-n // per_request)
+
+    # The budget is reserved a batch at a time and the destination's own limiter spaces the
+    # requests inside it; the headroom absorbs the batch starting a little after its slot.
+    shared = RateLimit(rate.count * SHARED_BUDGET_HEADROOM, rate.per_seconds)
+    return _Budget(SharedRateLimiter(store, name, shared), cost, stop)
 
 
 @dataclass
@@ -218,8 +267,10 @@ class Daemon:
                 except AudienceSyncError as exc:
                     log.error("%s", exc.message)
                     return None
+                budget = _shared_budget(self.store, name, self.config.destinations[name],
+                                        self.stopping) if self.options.shared_budget else None
                 self._clients[name] = _GuardedDestination(inner, self._gate.reason,
-                                                          self.observer.progress)
+                                                          self.observer.progress, budget)
         return {name: self._clients[name] for name in comp.destinations}
 
     def _keys_with_pending(self) -> list[str]:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -183,3 +184,12 @@ deliveries = Table(
 )
 
 CONTACT_TRAITS = ("email", "name", "title", "company_id")
+
+# A request budget per destination, shared by every daemon on this state store: the next free
+# request slot (Unix seconds) of a rate limiter whose state lives here (ratelimit.py).
+rate_budgets = Table(
+    "rate_budgets",
+    metadata,
+    Column("destination", String(100), primary_key=True),
+    Column("next_free", Float(precision=53), nullable=False),
+)

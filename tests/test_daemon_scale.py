@@ -75,7 +75,7 @@ def test_sigkill_in_an_initial_sync_of_20000_resumes_after_restart(tmp_path: Pat
 GROUPS = 20
 PER_GROUP = 20
 DAEMONS = 3
-# The fake enforces Planhat's real limit; each daemon gets a third of it (the documented split).
+# The fake enforces Planhat's real limit in total; each daemon gets a third (the documented split).
 TOTAL_RATE = 150
 
 
