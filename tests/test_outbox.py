@@ -1,0 +1,206 @@
+"""The outbox drain on SQLite and PostgreSQL: claims, outcomes, supersession, retries, threads.
+
+Destinations here are small in-test implementations of the Destination protocol (no mocks).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from audience_sync import schema as t
+from audience_sync.config import Config, load_config
+from audience_sync.destinations import Destination, Outcome
+from audience_sync.messages import Delivery
+from audience_sync.outbox import drain, requeue_failed
+from audience_sync.runner import run_computation
+from audience_sync.store import Store
+from tests.helpers import make_warehouse, set_users, write_config
+
+WAIT = 10.0
+USERS = [(f"u{i:03d}", None, None, None, None, 50.0) for i in range(60)]
+
+
+class Recorder:
+    """Acknowledges everything (or answers with `answer`), remembering what it was given."""
+
+    def __init__(self, name: str, max_batch: int = 1000,
+                 answer: Callable[[Delivery], Outcome] | None = None,
+                 before: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self.max_batch = max_batch
+        self.answer = answer or (lambda d: Outcome(d.id, ok=True))
+        self.before = before
+        self.batches: list[list[Delivery]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def sent(self) -> list[Delivery]:
+        return [d for batch in self.batches for d in batch]
+
+    def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        with self.lock:
+            self.batches.append(list(batch))
+        if self.before is not None:
+            self.before()
+        return [self.answer(d) for d in batch]
+
+    def check(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+def setup(tmp_path: Path, state_url: str) -> Iterator[tuple[Store, Config, Path]]:
+    warehouse = tmp_path / "warehouse.db"
+    make_warehouse(warehouse, USERS)
+    path = write_config(tmp_path / "config.yaml", {
+        "state_db": state_url,
+        "sources": {"warehouse": {"url": f"sqlite:///{warehouse}"}},
+        "destinations": {"a_slow": {"type": "jsonl", "path": str(tmp_path / "a.jsonl")},
+                         "b_fast": {"type": "jsonl", "path": str(tmp_path / "b.jsonl")}},
+        "audiences": [{"name": "Members", "source": "warehouse",
+                       "query": "SELECT id AS user_id FROM users WHERE score > 10",
+                       "destinations": ["a_slow", "b_fast"]}],
+    })
+    config = load_config(path)
+    store = Store(config.state_db)
+    store.upgrade()
+    store.register(config.computations, datetime.now(UTC))
+    yield store, config, warehouse
+    store.dispose()
+
+
+def _run(store: Store, config: Config) -> None:
+    assert run_computation(store, config, config.computations[0]).ok
+
+
+def _statuses(store: Store, destination: str) -> dict[str, list[str]]:
+    d = t.deliveries
+    out: dict[str, list[str]] = {}
+    with store.read() as conn:
+        for row in conn.execute(select(d.c.user_id, d.c.status).where(
+                d.c.destination == destination).order_by(d.c.id)):
+            out.setdefault(row.user_id, []).append(row.status)
+    return out
+
+
+def test_a_slow_destination_does_not_hold_back_the_others(
+        setup: tuple[Store, Config, Path]) -> None:
+    store, config, _ = setup
+    _run(store, config)
+    fast_done = threading.Event()
+    seen: list[bool] = []
+    fast = Recorder("b_fast", before=lambda: fast_done.set())
+    slow = Recorder("a_slow", before=lambda: seen.append(fast_done.wait(WAIT)))
+    clients: dict[str, Destination] = {"a_slow": slow, "b_fast": fast}
+    report = drain(store, config, clients=clients)
+    assert seen and all(seen), "the fast destination waited for the slow one"
+    assert report.destinations["a_slow"].sent == report.destinations["b_fast"].sent == 60
+
+
+def test_two_drains_never_send_one_row_twice(setup: tuple[Store, Config, Path]) -> None:
+    store, config, _ = setup
+    if store.dialect != "postgresql":
+        pytest.skip("SKIP LOCKED claims are PostgreSQL's; SQLite is single-host")
+    _run(store, config)
+    barrier = threading.Barrier(2, timeout=WAIT)
+    first = threading.Event()
+
+    def overlap() -> None:
+        # Both drains hold a claim at the same moment once: the second must skip the first's.
+        if not first.is_set():
+            first.set()
+            barrier.wait()
+        elif barrier.n_waiting:
+            barrier.wait()
+
+    recorders = [Recorder("b_fast", max_batch=7, before=overlap) for _ in range(2)]
+    threads = [threading.Thread(target=drain, args=(store, config),
+                                kwargs={"keys": None, "clients": {"b_fast": r,
+                                                                   "a_slow": Recorder("a_slow")}})
+               for r in recorders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT * 2)
+    ids = [d.id for r in recorders for d in r.sent]
+    assert len(ids) == len(set(ids)) == 60
+    assert all(r.sent for r in recorders), "both drains took part"
+
+
+def test_newer_change_supersedes_a_pending_one(setup: tuple[Store, Config, Path]) -> None:
+    store, config, warehouse = setup
+    _run(store, config)  # u000 enters: true pending
+    set_users(warehouse, [(u[0], None, None, None, None, 1.0 if u[0] == "u000" else 50.0)
+                          for u in USERS])
+    _run(store, config)  # u000 leaves before the true went out
+    fast = Recorder("b_fast")
+    drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": fast})
+    sent = [(d.user_id, d.value) for d in fast.sent if d.user_id == "u000"]
+    assert sent == [("u000", "false")]
+    assert _statuses(store, "b_fast")["u000"] == ["superseded", "sent"]
+
+
+def test_transient_failures_wait_for_next_attempt_at(setup: tuple[Store, Config, Path]) -> None:
+    store, config, _ = setup
+    _run(store, config)
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    flaky = Recorder("b_fast", answer=lambda d: Outcome(d.id, ok=False, error="HTTP 503",
+                                                        retry_after=120.0, attempts=3))
+    report = drain(store, config, keys=["members"], clock=lambda: now,
+                   clients={"a_slow": Recorder("a_slow"), "b_fast": flaky})
+    assert report.destinations["b_fast"].deferred == 60 and report.ok
+    assert len(flaky.batches) == 1  # nothing got through: the destination is left alone
+    with store.read() as conn:
+        row = conn.execute(select(t.deliveries).where(
+            t.deliveries.c.destination == "b_fast").limit(1)).one()
+    assert (row.status, row.attempts, row.last_error) == ("pending", 3, "HTTP 503")
+    assert row.next_attempt_at == now + timedelta(seconds=120)
+
+    ok = Recorder("b_fast")
+    drain(store, config, clock=lambda: now + timedelta(seconds=60),
+          clients={"a_slow": Recorder("a_slow"), "b_fast": ok})
+    assert ok.sent == []  # not due yet
+    drain(store, config, clock=lambda: now + timedelta(seconds=121),
+          clients={"a_slow": Recorder("a_slow"), "b_fast": ok})
+    assert len(ok.sent) == 60
+
+
+def test_halt_keeps_deliveries_pending_and_reports(setup: tuple[Store, Config, Path]) -> None:
+    store, config, _ = setup
+    _run(store, config)
+    refused = Recorder("b_fast", max_batch=10, answer=lambda d: Outcome(
+        d.id, ok=False, halt=True, error="destination 'b_fast' refused the credentials"))
+    report = drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": refused})
+    assert not report.ok and len(refused.batches) == 1
+    assert report.destinations["b_fast"].error == (
+        "destination 'b_fast' refused the credentials; 60 deliveries kept pending")
+    assert set(s for v in _statuses(store, "b_fast").values() for s in v) == {"pending"}
+
+
+def test_retry_requeues_failed_unless_a_newer_change_exists(
+        setup: tuple[Store, Config, Path]) -> None:
+    store, config, warehouse = setup
+    _run(store, config)
+    reject = Recorder("b_fast", answer=lambda d: Outcome(d.id, ok=False, permanent=True,
+                                                         error="HTTP 400: bad"))
+    report = drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": reject})
+    assert report.destinations["b_fast"].failed == 60 and not report.ok
+    set_users(warehouse, [(u[0], None, None, None, None, 1.0 if u[0] == "u000" else 50.0)
+                          for u in USERS])
+    _run(store, config)  # u000 leaves: a newer (false) delivery is queued
+    with store.write() as conn:
+        assert requeue_failed(conn, None, "b_fast") == (59, 1)
+    ok = Recorder("b_fast")
+    drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": ok})
+    assert sorted(d.user_id for d in ok.sent) == sorted(u[0] for u in USERS)
+    assert [d.value for d in ok.sent if d.user_id == "u000"] == ["false"]
+    assert _statuses(store, "b_fast")["u000"] == ["superseded", "sent"]
