@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from datetime import UTC, datetime
@@ -20,8 +21,13 @@ from audience_sync.destinations.http import (
     parse_retry_after,
 )
 from audience_sync.destinations.planhat import enduser_items, item_errors
-from audience_sync.destinations.segment import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, pack
-from audience_sync.messages import Delivery
+from audience_sync.destinations.segment import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_MESSAGES,
+    encode,
+    pack,
+)
+from audience_sync.messages import Delivery, identify
 
 
 @pytest.mark.parametrize(("status", "verdict"), [
@@ -143,3 +149,14 @@ def test_pack_respects_count_and_bytes() -> None:
     batches = pack(big)
     assert all(sum(len(m) + 1 for _, m in b) + 64 <= MAX_BATCH_BYTES for b in batches)
     assert sum(len(b) for b in batches) == 40 and len(batches) == 3
+
+
+@pytest.mark.parametrize("delivery", [
+    _delivery(1, "u1"),
+    _delivery(2, "ü-ñ \"quoted\"", "aud", "false", "é@example.com"),
+    Delivery(3, "score", "trait", 7, "d", "u3", '{"a": [1, 2.5, null]}', "x@y.z", "Ann",
+             "CTO", "c9", datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)),
+])
+def test_segment_encode_is_identify_byte_for_byte(delivery: Delivery) -> None:
+    expected = json.dumps(identify(delivery), separators=(",", ":")).encode()
+    assert encode(delivery) == expected

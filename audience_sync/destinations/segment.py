@@ -5,17 +5,19 @@ Works with any pipeline that speaks Segment's spec (reference/wire-formats.md se
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 
 import httpx
 
 from audience_sync.config import SegmentDestination as SegmentConfig
 from audience_sync.destinations.base import Outcome
 from audience_sync.destinations.http import HttpSender, make_sender, outcome_of, probe
-from audience_sync.messages import Delivery, identify, timestamp
+from audience_sync.messages import Delivery, contact_traits, identify, timestamp
 
 BATCH_PATH = "/v1/batch"
 # Segment's documented limits: 32 KB per message, 500 KB and 2,500 messages per batch.
@@ -26,25 +28,58 @@ MAX_BATCH_MESSAGES = 2_500
 _ENVELOPE_BYTES = 64
 
 
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_fragment(kind: str, key: str) -> bytes:
+    """`"context":...,"integrations":...`: the same for every message of one audience."""
+    sample = identify(Delivery(0, key, kind, 0, "", "", "null", None, None, None, None,
+                               datetime(2000, 1, 1, tzinfo=UTC)))
+    return _dumps({"context": sample["context"], "integrations": sample["integrations"]})[1:-1]
+
+
+@functools.lru_cache(maxsize=64)
+def _timestamp(at: datetime) -> bytes:
+    return timestamp(at).encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _value(canonical: str) -> object:
+    return json.loads(canonical)
+
+
 def encode(delivery: Delivery) -> bytes:
-    return json.dumps(identify(delivery), separators=(",", ":")).encode()
+    """The bytes of `identify(delivery)` (the same document, key for key), built from cached
+    fragments: one run's messages share everything but the user, traits and ids."""
+    traits = contact_traits(delivery)
+    traits[delivery.computation_key] = _value(delivery.value)
+    return b"".join((
+        b'{"type":"identify","userId":', encode_basestring_ascii(delivery.user_id).encode(),
+        b',"traits":', _dumps(traits),
+        b",", _shared_fragment(delivery.computation_kind, delivery.computation_key),
+        b',"messageId":"', delivery.message_id.encode(), b'","timestamp":"',
+        _timestamp(delivery.observed_at), b'"}'))
 
 
-def pack(encoded: Sequence[tuple[int, bytes]]) -> list[list[tuple[int, bytes]]]:
-    """Split (delivery id, message) pairs into batches within Segment's count and byte limits."""
-    batches: list[list[tuple[int, bytes]]] = []
+def iter_batches(encoded: Iterable[tuple[int, bytes]]) -> Iterator[list[tuple[int, bytes]]]:
+    """(delivery id, message) pairs in batches within Segment's count and byte limits."""
     current: list[tuple[int, bytes]] = []
     size = _ENVELOPE_BYTES
     for item in encoded:
         extra = len(item[1]) + 1
         if current and (len(current) >= MAX_BATCH_MESSAGES or size + extra > MAX_BATCH_BYTES):
-            batches.append(current)
+            yield current
             current, size = [], _ENVELOPE_BYTES
         current.append(item)
         size += extra
     if current:
-        batches.append(current)
-    return batches
+        yield current
+
+
+def pack(encoded: Iterable[tuple[int, bytes]]) -> list[list[tuple[int, bytes]]]:
+    return list(iter_batches(encoded))
 
 
 def batch_body(messages: Sequence[bytes], sent_at: datetime) -> bytes:
@@ -68,18 +103,23 @@ class SegmentDestination:
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        fitting: list[tuple[int, bytes]] = []
-        for delivery in batch:
-            message = encode(delivery)
-            if len(message) > MAX_MESSAGE_BYTES:
+
+        def fitting() -> Iterator[tuple[int, bytes]]:
+            for delivery in batch:
+                message = encode(delivery)
+                if len(message) <= MAX_MESSAGE_BYTES:
+                    yield delivery.id, message
+                    continue
                 outcomes.append(Outcome(
                     delivery.id, ok=False, permanent=True, attempts=0,
                     error=f"message is {len(message):,} bytes; Segment accepts at most "
                           f"{MAX_MESSAGE_BYTES:,} bytes per message (not sent)"))
-            else:
-                fitting.append((delivery.id, message))
-        for result in self._pool.map(self._post, pack(fitting)):
-            outcomes += result
+
+        # Each batch is posted as soon as it is full, while the next one is being encoded.
+        posts: list[Future[list[Outcome]]] = [
+            self._pool.submit(self._post, chunk) for chunk in iter_batches(fitting())]
+        for post in posts:
+            outcomes += post.result()
         return outcomes
 
     def _post(self, batch: list[tuple[int, bytes]]) -> list[Outcome]:

@@ -1,0 +1,152 @@
+"""Benchmark: delivery against the fake servers on loopback (DESIGN.md section 8).
+
+(a) Planhat Segment mode, the fake enforcing the configured rate limit (token bucket, small
+    burst): achieved rate / allowed rate over a full drain, and the number of 429s (must be 0).
+(b) Segment `/v1/batch`: our drain's throughput (state store reads and writes included) / a bare
+    httpx loop posting the same pre-built batches to the same server.
+Prints `ratio=` lines. The fake servers run in a child process, so their CPU does not compete
+with the client measured.
+
+    python bench/bench_delivery.py [--rate 200] [--seconds 5] [--segment-messages 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from audience_sync.config import Config, load_config
+from audience_sync.destinations.segment import BATCH_PATH, batch_body, encode, pack
+from audience_sync.outbox import drain, load_batch
+from audience_sync.runner import run_computation
+from audience_sync.store import Store
+from tests.fakes import FakePlanhat, FakeSegment, basic
+from tests.helpers import make_warehouse
+
+TENANT = "bench-tenant-token"
+WRITE_KEY = "bench-write-key"
+
+
+def _serve(kind: str, rate: float | None, burst: float, conn: Any) -> None:
+    fake = (FakePlanhat(TENANT, rate=rate, burst=burst) if kind == "planhat"
+            else FakeSegment(WRITE_KEY))
+    fake.start()
+    conn.send(fake.url)
+    conn.recv()  # until asked for the figures
+    conn.send({"statuses": dict(fake.statuses), "acked": len(fake.acked),
+               "duplicates": len(fake.duplicates())})
+    fake.stop()
+
+
+class Server:
+    """A fake in a child process."""
+
+    def __init__(self, kind: str, rate: float | None = None, burst: float = 1.0) -> None:
+        self.conn, child = multiprocessing.Pipe()
+        self.process = multiprocessing.Process(target=_serve, args=(kind, rate, burst, child),
+                                               daemon=True)
+        self.process.start()
+        self.url: str = self.conn.recv()
+
+    def finish(self) -> dict[str, Any]:
+        self.conn.send("done")
+        figures: dict[str, Any] = self.conn.recv()
+        self.process.join(10)
+        return figures
+
+
+def _setup(tmp: Path, name: str, users: int, destination: dict[str, Any]) -> tuple[Store,
+                                                                                    Config]:
+    warehouse = tmp / f"{name}-warehouse.db"
+    make_warehouse(warehouse, ((f"user-{i:07d}", f"user{i}@example.com", f"User {i}", "Engineer",
+                                f"c{i % 100}", 50.0) for i in range(users)))
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "state_db": f"sqlite:///{tmp / name}-state.db",
+        "sources": {"warehouse": {"url": f"sqlite:///{warehouse}"}},
+        "destinations": {name: destination},
+        "audiences": [{"name": "Bench Audience", "source": "warehouse",
+                       "query": "SELECT id AS user_id, email, name, title, company_id "
+                                "FROM users", "destinations": [name]}],
+    }))
+    config = load_config(path)
+    store = Store(config.state_db)
+    store.upgrade()
+    store.register(config.computations, datetime.now(UTC))
+    assert run_computation(store, config, config.computations[0]).ok
+    return store, config
+
+
+def bench_planhat(tmp: Path, rate: float, seconds: float) -> None:
+    messages = int(rate * seconds)
+    burst = max(2.0, rate / 20)  # Planhat tolerates short bursts; we never rely on them
+    server = Server("planhat", rate=rate, burst=burst)
+    store, config = _setup(tmp, "planhat", messages, {
+        "type": "planhat", "tenant_token": TENANT, "base_url": server.url,
+        "rate_limit": f"{rate:g}/s", "concurrency": 4})
+    started = time.perf_counter()
+    report = drain(store, config)
+    elapsed = time.perf_counter() - started
+    figures = server.finish()
+    achieved = report.destinations["planhat"].sent / elapsed
+    throttled = figures["statuses"].get(429, 0)
+    print(f"planhat segment mode: allowed {rate:g}/s (fake burst {burst:g}), achieved "
+          f"{achieved:.1f}/s, {report.destinations['planhat'].sent} sent in {elapsed:.2f}s, "
+          f"429s: {throttled}")
+    print(f"ratio={achieved / rate:.3f} planhat_rate_achieved_over_allowed "
+          f"(target >= 0.9; 429s={throttled}, must be 0)")
+
+
+def bench_segment(tmp: Path, messages: int) -> None:
+    server = Server("segment")
+    store, config = _setup(tmp, "segment", messages, {
+        "type": "segment", "write_key": WRITE_KEY, "base_url": server.url,
+        "rate_limit": "100000/s", "concurrency": 4})
+    # The bare loop's batches: the very messages our drain will send, packed the same way.
+    with store.read() as conn:
+        deliveries = load_batch(conn, "segment", messages, datetime.now(UTC))
+    bodies = [batch_body([m for _, m in batch], datetime.now(UTC))
+              for batch in pack([(d.id, encode(d)) for d in deliveries])]
+    with httpx.Client(base_url=server.url, headers={"Authorization": basic(WRITE_KEY),
+                                                    "Content-Type": "application/json"}) as client:
+        client.post(BATCH_PATH, content=bodies[0]).raise_for_status()  # warm the connection
+        started = time.perf_counter()
+        for body in bodies:
+            client.post(BATCH_PATH, content=body).raise_for_status()
+        bare = time.perf_counter() - started
+    started = time.perf_counter()
+    report = drain(store, config)
+    ours = time.perf_counter() - started
+    figures = server.finish()
+    sent = report.destinations["segment"].sent
+    assert sent == messages, report.as_dict()
+    print(f"segment batch: {len(bodies)} batches of ~{messages // len(bodies)} messages; "
+          f"bare loop {messages / bare:,.0f} msg/s, ours {sent / ours:,.0f} msg/s "
+          f"(acknowledged by the server: {figures['acked']:,})")
+    print(f"ratio={bare / ours:.3f} segment_throughput_ours_over_bare_loop (target >= 0.8)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=200.0, help="Planhat requests/s allowed")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the Planhat run")
+    parser.add_argument("--segment-messages", type=int, default=50_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_planhat(Path(tmp), args.rate, args.seconds)
+        bench_segment(Path(tmp), args.segment_messages)
+
+
+if __name__ == "__main__":
+    main()
