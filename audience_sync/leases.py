@@ -43,6 +43,30 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def holder_is_dead(owner: str | None) -> bool:
+    """True only for an owner of the default form on this host whose process has exited.
+
+    Owners from other hosts, or of another form (a fixed --owner), are never judged: their
+    leases expire by themselves.
+    """
+    if not owner:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text = rest.split(":", 1)[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
+
+
 @dataclass(frozen=True)
 class Lease:
     key: str
@@ -77,9 +101,22 @@ def try_acquire(store: Store, key: str, owner: str, *, ttl: timedelta,
             .returning(c.c.id, c.c.fencing_token)
         ).first()
         if row is None:
-            if conn.execute(select(c.c.id).where(c.c.key == key)).first() is None:
+            current = conn.execute(select(c.c.id, c.c.lease_owner).where(c.c.key == key)).first()
+            if current is None:
                 raise StoreError(f"{key}: not registered in the state database")
-            return None
+            if not holder_is_dead(current.lease_owner):
+                return None
+            # A process on this host that died (SIGKILL, OOM) without releasing its lease:
+            # take it over now rather than wait out the TTL. The new token fences the old one.
+            log.info("%s: taking over the lease of %s, which is no longer running", key,
+                     current.lease_owner)
+            row = conn.execute(
+                update(c).where(c.c.key == key, c.c.lease_owner == current.lease_owner)
+                .values(lease_owner=owner, lease_expires_at=expires,
+                        fencing_token=c.c.fencing_token + 1)
+                .returning(c.c.id, c.c.fencing_token)).first()
+            if row is None:
+                return None
     return Lease(key=key, computation_id=int(row.id), owner=owner, token=int(row.fencing_token),
                  expires_at=expires)
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    text,
     true,
     union,
     update,
@@ -43,10 +44,10 @@ from audience_sync.snapshot import (
 )
 from audience_sync.sources import (
     SkipCounts,
+    Snapshot,
     computation_statement,
     create_source_engine,
     describe_db_error,
-    stream_snapshot,
 )
 from audience_sync.store import Store
 
@@ -134,7 +135,12 @@ def run_computation(
                 _stage(conn, comp, now, same_db, result, progress)
                 conn.execution_options(sqlite_immediate=True)
                 with conn.begin() as tx:
-                    diff = compute_diff(conn, cid, resync=kind == "resync")
+                    diff = compute_diff(conn, cid, resync=kind == "resync",
+                                        staged=result.members,
+                                        previous=result.previous_members,
+                                        skipped=result.skipped)
+                    # Distinct members now, whatever repeated ids the stage held.
+                    result.members = result.previous_members - diff.exited + diff.entered
                     _fill(result, diff)
                     held = _hold_reason(comp, result, force)
                     if held or dry_run:
@@ -151,6 +157,8 @@ def run_computation(
                         conn.rollback()
                     drop_temp_tables(conn)
                     conn.commit()
+        if result.status == "succeeded":
+            _refresh_statistics(store, comp, result)
     except SourceError as exc:
         result.status = "failed"
         result.error = exc.message
@@ -184,14 +192,31 @@ def _stage(conn: Connection, comp: Computation, now: datetime, same_db: bool,
         return
     source = create_source_engine(comp.source.url)
     try:
-        def replay() -> Any:
-            return stream_snapshot(comp, source, now, skipped)
-
         with conn.begin():
-            result.members = load_rows(conn, stream_snapshot(comp, source, now, skipped),
-                                       skipped, progress, replay)
+            result.members = load_rows(conn, Snapshot(comp, source, now, skipped), progress)
     finally:
         source.dispose()
+
+
+# A run that changed more than this fraction of the state refreshes the planner's statistics.
+STATISTICS_CHANGE_FRACTION = 0.1
+
+
+def _refresh_statistics(store: Store, comp: Computation, result: RunResult) -> None:
+    """PostgreSQL plans the next diff well only if it knows how big the tables got.
+
+    Autovacuum gets there eventually; a bulk initial run should not wait for it.
+    """
+    if store.dialect != "postgresql":
+        return
+    changes = result.entered + result.exited + result.changed
+    if result.kind != "initial" and changes <= STATISTICS_CHANGE_FRACTION * max(
+            result.previous_members, 1):
+        return
+    history = "membership_history" if comp.kind == "audience" else "trait_history"
+    with store.engine.connect() as conn:
+        conn.execute(text(f"ANALYZE members, {history}, deliveries"))
+        conn.commit()
 
 
 def _fill(result: RunResult, diff: Diff) -> None:
@@ -259,10 +284,11 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
                    literal(run_id)).where(new | (delta.c.value_changed == true()))))
     # Outbox: a newer change supersedes a pending older one for the same user.
     d = t.deliveries
-    conn.execute(update(d).where(
-        d.c.computation_id == cid, d.c.status == "pending",
-        d.c.user_id.in_(union(select(delta.c.user_id), gone)),
-    ).values(status="superseded"))
+    pending = and_(d.c.computation_id == cid, d.c.status == "pending")
+    if conn.execute(select(d.c.id).where(pending).limit(1)).first() is not None:
+        conn.execute(update(d).where(
+            pending, d.c.user_id.in_(union(select(delta.c.user_id), gone)),
+        ).values(status="superseded"))
     stay_value = literal("true") if comp.kind == "audience" else delta.c.value
     leave_value = literal("false") if comp.kind == "audience" else literal("null")
     columns = ["computation_id", "run_id", "destination", "user_id", "value",

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    text,
 )
 
 metadata = MetaData(
@@ -181,6 +182,9 @@ deliveries = Table(
     Index(None, "destination", "status", "id"),
     Index(None, "computation_id", "user_id", "status"),
     Index(None, "run_id"),
+    # Pending rows are few while sent ones pile up: superseding and "any pending?" stay cheap.
+    Index("ix_deliveries_pending", "computation_id", "user_id",
+          postgresql_where=text("status = 'pending'"), sqlite_where=text("status = 'pending'")),
 )
 
 CONTACT_TRAITS = ("email", "name", "title", "company_id")

@@ -9,9 +9,10 @@ held in Python.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,13 +39,12 @@ from sqlalchemy import (
     text,
     true,
 )
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.sql.elements import TextClause
 
 from audience_sync import schema as t
 from audience_sync.schema import CONTACT_TRAITS, USER_ID_MAX
-from audience_sync.sources import SkipCounts, SnapshotRow
+from audience_sync.sources import SkipCounts, Snapshot
 
 SAMPLE_SIZE = 10
 
@@ -54,14 +54,6 @@ SENT_COLUMNS = (*CONTACT_TRAITS, "value")
 stage = Table(
     "as_stage", _temp,
     Column("user_id", String(USER_ID_MAX), primary_key=True),
-    *(Column(name, Text) for name in SENT_COLUMNS),
-    prefixes=["TEMPORARY"],
-)
-# Unconstrained landing table for PostgreSQL snapshots that turned out to hold duplicate ids.
-raw_stage = Table(
-    "as_raw_stage", _temp,
-    Column("seq", Integer),
-    Column("user_id", String(USER_ID_MAX)),
     *(Column(name, Text) for name in SENT_COLUMNS),
     prefixes=["TEMPORARY"],
 )
@@ -81,14 +73,22 @@ exited = Table(
     *(Column(name, Text) for name in SENT_COLUMNS),
     prefixes=["TEMPORARY"],
 )
-TEMP_TABLES = (stage, raw_stage, delta, exited)
+TEMP_TABLES = (stage, delta, exited)
 
 
 def create_temp_tables(conn: Connection) -> None:
-    for table in TEMP_TABLES:
-        conn.execute(text(f"DROP TABLE IF EXISTS {table.name}"))
-    for table in TEMP_TABLES:
-        table.create(conn)
+    drop_temp_tables(conn)
+    columns = ", ".join(f"{name} TEXT" for name in SENT_COLUMNS)
+    if conn.dialect.name == "postgresql":
+        # Loaded bare and keyed afterwards (see _key_stage): one bulk index build.
+        conn.execute(text(f"CREATE TEMPORARY TABLE {stage.name} (user_id TEXT, {columns})"))
+    else:
+        # No NOT NULL: a null id must land so that clean_stage counts it (SQLite allows
+        # nulls in a non-integer primary key); INSERT OR IGNORE drops repeated ids.
+        conn.execute(text(
+            f"CREATE TEMPORARY TABLE {stage.name} (user_id TEXT PRIMARY KEY, {columns})"))
+    delta.create(conn)
+    exited.create(conn)
 
 
 def drop_temp_tables(conn: Connection) -> None:
@@ -98,29 +98,31 @@ def drop_temp_tables(conn: Connection) -> None:
 
 # -- loading ----------------------------------------------------------------------------------
 
-_SQLITE_INSERT = (
-    f"INSERT OR IGNORE INTO {stage.name} (user_id, {', '.join(SENT_COLUMNS)}) "
-    f"VALUES (?, {', '.join('?' for _ in SENT_COLUMNS)})"
-)
-_COPY_COLUMNS = f"(user_id, {', '.join(SENT_COLUMNS)})"
-
-
-def load_rows(conn: Connection, chunks: Iterable[list[SnapshotRow]], skipped: SkipCounts,
-              progress: Callable[[int], None] | None = None,
-              replay: Callable[[], Iterable[list[SnapshotRow]]] | None = None) -> int:
+def load_rows(conn: Connection, snapshot: Snapshot,
+              progress: Callable[[int], None] | None = None) -> int:
     """Load streamed rows into the stage; return how many distinct users it holds.
 
-    Duplicate user ids keep their first row and are counted in `skipped.duplicate`.
+    SQLite drops repeated user ids as they land (the stage's primary key) and counts them in
+    `skipped.duplicate`; PostgreSQL loads an unkeyed stage and compute_diff finds them.
     """
     if conn.dialect.name == "postgresql":
-        return _copy_rows(conn, chunks, skipped, progress, replay)
+        return _copy_rows(conn, snapshot, progress)
+    return _insert_rows(conn, snapshot, progress)
+
+
+def _insert_rows(conn: Connection, snapshot: Snapshot,
+                 progress: Callable[[int], None] | None) -> int:
     cursor = typing.cast("sqlite3.Connection", conn.connection.driver_connection).cursor()
     loaded = 0
+    statement = ""
     try:
-        for rows in chunks:
-            cursor.executemany(_SQLITE_INSERT, rows)
+        for rows in snapshot:
+            if not statement:
+                statement = (f"INSERT OR IGNORE INTO {stage.name} ({', '.join(snapshot.columns)})"
+                             f" VALUES ({', '.join('?' for _ in snapshot.columns)})")
+            cursor.executemany(statement, rows)
             inserted = cursor.rowcount
-            skipped.duplicate += len(rows) - inserted
+            snapshot.skipped.duplicate += len(rows) - inserted
             loaded += inserted
             if progress:
                 progress(len(rows))
@@ -129,49 +131,47 @@ def load_rows(conn: Connection, chunks: Iterable[list[SnapshotRow]], skipped: Sk
     return loaded
 
 
-def _copy_rows(conn: Connection, chunks: Iterable[list[SnapshotRow]], skipped: SkipCounts,
-               progress: Callable[[int], None] | None,
-               replay: Callable[[], Iterable[list[SnapshotRow]]] | None) -> int:
+def _copy_rows(conn: Connection, snapshot: Snapshot,
+               progress: Callable[[int], None] | None) -> int:
     raw = typing.cast("psycopg.Connection[Any]", conn.connection.driver_connection)
     total = 0
-    savepoint = conn.begin_nested()
-    try:
-        with raw.cursor() as cursor, \
-                cursor.copy(f"COPY {stage.name} {_COPY_COLUMNS} FROM STDIN") as copy:
-            for rows in chunks:
-                for row in rows:
-                    copy.write_row(row)
-                total += len(rows)
-                if progress:
-                    progress(len(rows))
-        savepoint.commit()
-        return total
-    except Exception as exc:
-        savepoint.rollback()
-        if not _is_unique_violation(exc) or replay is None:
-            raise
-    # Duplicate ids: the fast path cannot keep the first of each, so land everything
-    # unconstrained and keep the first row per user id in arrival order.
-    skipped.null = skipped.empty = skipped.too_long = 0
-    seq = 0
-    with raw.cursor() as cursor, \
-            cursor.copy(f"COPY {raw_stage.name} (seq, {_COPY_COLUMNS[1:]} FROM STDIN") as copy:
-        for rows in replay():
-            for row in rows:
-                copy.write_row((seq, *row))
-                seq += 1
-    conn.execute(text(
-        f"INSERT INTO {stage.name} {_COPY_COLUMNS} "
-        f"SELECT DISTINCT ON (user_id) user_id, {', '.join(SENT_COLUMNS)} "
-        f"FROM {raw_stage.name} ORDER BY user_id, seq"))
-    loaded = int(conn.execute(select(func.count()).select_from(stage)).scalar_one())
-    skipped.duplicate += seq - loaded
-    conn.execute(text(f"TRUNCATE {raw_stage.name}"))
-    return loaded
+    copy: Any = None
+    with raw.cursor() as cursor, contextlib.ExitStack() as stack:
+        for rows in snapshot:
+            if copy is None:  # the columns are known once the first chunk arrived
+                copy = stack.enter_context(cursor.copy(
+                    f"COPY {stage.name} ({', '.join(snapshot.columns)}) FROM STDIN"))
+            _write_chunk(copy, rows, len(snapshot.columns))
+            total += len(rows)
+            if progress:
+                progress(len(rows))
+    return total
 
 
-def _is_unique_violation(exc: BaseException) -> bool:
-    return isinstance(exc, psycopg.errors.UniqueViolation | IntegrityError)
+def _write_chunk(copy: Any, rows: list[Any], width: int) -> None:
+    if width == 1:
+        # Ids only: one block of text per chunk, unless an id needs COPY escaping.
+        try:
+            block = "\n".join([row[0] for row in rows])
+        except TypeError:  # a null or a number among the ids: let write_row format them
+            block = "\t"
+        if not ("\\" in block or "\t" in block or "\r" in block
+                or block.count("\n") != len(rows) - 1):
+            if rows:
+                copy.write(block + "\n")
+            return
+    for row in rows:
+        copy.write_row(row)
+
+
+def dedupe_stage(conn: Connection) -> int:
+    """PostgreSQL: drop repeated user ids from the unkeyed stage, keeping the first row.
+
+    A fresh heap filled by one COPY or INSERT keeps arrival order in ctid.
+    """
+    return int(conn.execute(text(
+        f"DELETE FROM {stage.name} a USING {stage.name} b "
+        "WHERE a.user_id = b.user_id AND a.ctid > b.ctid")).rowcount)
 
 
 def insert_select(conn: Connection, statement: TextClause | Any, params: dict[str, Any],
@@ -186,11 +186,12 @@ def insert_select(conn: Connection, statement: TextClause | Any, params: dict[st
     lowered = {c.name.lower(): c for c in sub.c}
     if "user_id" not in lowered:
         raise SQLAlchemyError("the query returned no user_id column")
-    user = func.trim(cast(lowered["user_id"], Text))
+    user = cast(lowered["user_id"], Text)
+    trimmed = func.trim(user)
     counts = conn.execute(select(
         func.count(),
         func.count() - func.count(lowered["user_id"]),
-        func.sum(func.coalesce(func.length(user) == 0, false()).cast(Integer)),
+        func.sum(func.coalesce(func.length(trimmed) == 0, false()).cast(Integer)),
         func.sum(func.coalesce(func.length(user) > USER_ID_MAX, false()).cast(Integer)),
     ).select_from(sub), params).one()
     skipped.null += int(counts[1] or 0)
@@ -208,15 +209,13 @@ def insert_select(conn: Connection, statement: TextClause | Any, params: dict[st
     else:
         values.append(literal(None, Text).label("value"))
     source = select(*values).where(
-        lowered["user_id"].is_not(None), func.length(user) > 0,
+        lowered["user_id"].is_not(None), func.length(trimmed) > 0,
         func.length(user) <= USER_ID_MAX)
     target = ["user_id", *SENT_COLUMNS]
-    statement_: Any
     if conn.dialect.name == "postgresql":
-        statement_ = postgresql.insert(stage).from_select(target, source).on_conflict_do_nothing()
-    else:
-        statement_ = insert(stage).prefix_with("OR IGNORE").from_select(target, source)
-    conn.execute(statement_, params)
+        conn.execute(insert(stage).from_select(target, source), params)
+        return valid  # compute_diff finds repeated ids
+    conn.execute(insert(stage).prefix_with("OR IGNORE").from_select(target, source), params)
     inserted = int(conn.execute(select(func.count()).select_from(stage)).scalar_one())
     skipped.duplicate += valid - inserted
     return inserted
@@ -234,7 +233,33 @@ class Diff:
     sample_exited: list[str] = field(default_factory=list)
 
 
-def compute_diff(conn: Connection, computation_id: int, resync: bool) -> Diff:
+def compute_diff(conn: Connection, computation_id: int, resync: bool, staged: int,
+                 previous: int, skipped: SkipCounts) -> Diff:
+    """Fill as_delta and as_exited from the stage and the current members.
+
+    On PostgreSQL the stage has no key (one COPY into a bare table is the fastest load), so
+    repeated user ids are found here, for free in the common case: with distinct ids,
+    staged == previous - exited + entered, and as_delta's key rejects repeated new ids. Only
+    when either check fails is the stage de-duplicated and the diff run again.
+    Returns the diff; `skipped.duplicate` counts the repeated ids.
+    """
+    if conn.dialect.name != "postgresql":
+        return _diff(conn, computation_id, resync)
+    savepoint = conn.begin_nested()
+    try:
+        diff = _diff(conn, computation_id, resync)
+    except IntegrityError:
+        savepoint.rollback()
+    else:
+        if staged == previous - diff.exited + diff.entered:
+            savepoint.commit()
+            return diff
+        savepoint.rollback()
+    skipped.duplicate += dedupe_stage(conn)
+    return _diff(conn, computation_id, resync)
+
+
+def _diff(conn: Connection, computation_id: int, resync: bool) -> Diff:
     """Fill as_delta and as_exited from the stage and the current members."""
     m = t.members
     member_of = and_(m.c.computation_id == computation_id, m.c.user_id == stage.c.user_id)
@@ -256,6 +281,10 @@ def compute_diff(conn: Connection, computation_id: int, resync: bool) -> Diff:
         select(m.c.user_id, *(m.c[name] for name in SENT_COLUMNS)).where(
             m.c.computation_id == computation_id,
             ~exists().where(stage.c.user_id == m.c.user_id))))
+    if conn.dialect.name == "postgresql":
+        # Temporary tables are never auto-analyzed; the apply step's plans need the counts.
+        conn.execute(text(f"ANALYZE {delta.name}"))
+        conn.execute(text(f"ANALYZE {exited.name}"))
     counts = conn.execute(select(
         func.count().filter(delta.c.is_new == true()),
         func.count().filter(delta.c.is_changed == true()),

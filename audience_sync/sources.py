@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     DateTime,
     Engine,
     MetaData,
@@ -109,12 +115,40 @@ class SkipCounts:
         return self.null + self.empty + self.too_long + self.duplicate
 
 
-# A snapshot row as staged: user_id, email, name, title, company_id, value (canonical JSON).
-SnapshotRow = tuple[str, str | None, str | None, str | None, str | None, str | None]
+# A blank line in the newline-joined ids of a chunk is an empty or whitespace-only id.
+_BLANK_ID = re.compile(r"(?:^|\n)[^\S\n]*(?:\n|$)")
+_LONG_ID = re.compile(rf"[^\n]{{{USER_ID_MAX + 1}}}")
 
 
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
+def _ids_all_valid(rows: list[Any]) -> bool:
+    """One check per chunk at C speed: the common case needs no per-row Python."""
+    if not rows:
+        return True
+    try:
+        block = "\n".join([row[0] for row in rows])
+    except TypeError:  # a null or a number among the ids
+        return False
+    return (block.count("\n") == len(rows) - 1 and not _BLANK_ID.search(block)
+            and not _LONG_ID.search(block))
+
+
+def _drop_bad_ids(rows: list[Any], skipped: SkipCounts) -> list[Any]:
+    good = []
+    for row in rows:
+        user_id = row[0]
+        if user_id is None:
+            skipped.null += 1
+            continue
+        if type(user_id) is not str:
+            user_id = str(user_id)
+            row = (user_id, *row[1:])
+        if not user_id or user_id.isspace():
+            skipped.empty += 1
+        elif len(user_id) > USER_ID_MAX:
+            skipped.too_long += 1
+        else:
+            good.append(row)
+    return good
 
 
 # -- queries --------------------------------------------------------------------------------------
@@ -133,65 +167,90 @@ def computation_statement(comp: Computation, engine: Engine, now: datetime) \
     return compile_rule(comp.rule, comp.source, engine, now), {}
 
 
-def stream_snapshot(comp: Computation, engine: Engine, now: datetime, skipped: SkipCounts) \
-        -> Iterator[list[SnapshotRow]]:
-    """Yield chunks of valid rows; count and drop null, empty and over-long user ids.
+class Snapshot:
+    """The rows of one evaluation, streamed from the source in chunks of plain tuples.
 
-    Duplicates are detected where the rows land (the staging table's primary key).
+    `columns` names what each tuple holds: user_id first, then only the contact traits the
+    query returned, then (traits) the canonical JSON value; it is known once iteration started.
+    Null, empty and over-long user ids are counted and dropped here; duplicates where the
+    rows land (the staging table's primary key).
     """
-    statement, params = computation_statement(comp, engine, now)
-    try:
-        with engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=CHUNK_ROWS) \
-                .execute(statement, params)
-            columns = list(result.keys())
-            positions = _positions(comp, columns)
-            uid, email, name, title, company, value = positions
-            for chunk in result.partitions(CHUNK_ROWS):
-                rows: list[SnapshotRow] = []
-                for raw in chunk:
-                    user_id = raw[uid]
-                    if user_id is None:
-                        skipped.null += 1
-                        continue
-                    user = str(user_id).strip()
-                    if not user:
-                        skipped.empty += 1
-                        continue
-                    if len(user) > USER_ID_MAX:
-                        skipped.too_long += 1
-                        continue
-                    rows.append((
-                        user,
-                        None if email is None else _text(raw[email]),
-                        None if name is None else _text(raw[name]),
-                        None if title is None else _text(raw[title]),
-                        None if company is None else _text(raw[company]),
-                        None if value is None else canonical_json(raw[value]),
-                    ))
-                yield rows
-    except SQLAlchemyError as exc:
-        raise SourceError(f"{comp.path} ({comp.key}): source {comp.source_name!r} query failed: "
-                          f"{describe_db_error(exc)}") from exc
+
+    def __init__(self, comp: Computation, engine: Engine, now: datetime,
+                 skipped: SkipCounts) -> None:
+        self.comp = comp
+        self.engine = engine
+        self.now = now
+        self.skipped = skipped
+        self.columns: tuple[str, ...] = ("user_id",)
+
+    def __iter__(self) -> Iterator[list[tuple[Any, ...]]]:
+        comp = self.comp
+        statement, params = computation_statement(comp, self.engine, self.now)
+        try:
+            with self.engine.connect() as conn:
+                names, fetch = _open_cursor(conn, statement, params)
+                positions, self.columns = _positions(comp, names)
+                if positions == [0] and len(names) == 1:
+                    pick = None
+                elif len(positions) == 1:
+                    only = positions[0]
+                    pick = lambda row: (row[only],)  # noqa: E731
+                else:
+                    pick = itemgetter(*positions)
+                has_value = self.columns[-1] == "value"
+                while chunk := fetch():
+                    rows = list(chunk) if pick is None else [pick(row) for row in chunk]
+                    if not _ids_all_valid(rows):
+                        rows = _drop_bad_ids(rows, self.skipped)
+                    if has_value:
+                        rows = [(*row[:-1], canonical_json(row[-1])) for row in rows]
+                    yield rows
+        except (SQLAlchemyError, sqlite3.Error, psycopg.Error) as exc:
+            raise SourceError(f"{comp.path} ({comp.key}): source {comp.source_name!r} query "
+                              f"failed: {describe_db_error(exc)}") from exc
 
 
-def _positions(comp: Computation, columns: list[str]) -> tuple[int, int | None, int | None,
-                                                               int | None, int | None, int | None]:
-    lowered = [c.lower() for c in columns]
+def _open_cursor(conn: Connection, statement: Select[Any] | TextClause, params: dict[str, Any]) \
+        -> tuple[list[str], Callable[[], Sequence[Any]]]:
+    """Execute on the driver's own cursor: plain tuples, no per-row objects in between.
 
-    def find(name: str) -> int | None:
-        return lowered.index(name) if name in lowered else None
+    PostgreSQL gets a server-side cursor so a large result streams instead of landing in memory.
+    Other drivers go through SQLAlchemy's streaming result.
+    """
+    dialect = conn.dialect
+    if dialect.name in ("sqlite", "postgresql"):
+        compiled = statement.compile(dialect=dialect)
+        values = compiled.construct_params(params)
+        raw: Any = conn.connection.driver_connection
+        if dialect.name == "postgresql":
+            cursor = raw.cursor(name=f"audience_sync_{uuid.uuid4().hex[:12]}")
+            cursor.itersize = CHUNK_ROWS
+            cursor.execute(str(compiled), values)
+        else:
+            cursor = raw.cursor()
+            cursor.execute(str(compiled), [values[name] for name in compiled.positiontup or ()])
+        names = [d[0] for d in cursor.description or ()]
+        return names, lambda: cursor.fetchmany(CHUNK_ROWS)
+    result = conn.execution_options(stream_results=True, yield_per=CHUNK_ROWS) \
+        .execute(statement, params)
+    partitions = result.partitions(CHUNK_ROWS)
+    return list(result.keys()), lambda: next(partitions, [])
 
-    uid = find("user_id")
-    if uid is None:
+
+def _positions(comp: Computation, names: list[str]) -> tuple[list[int], tuple[str, ...]]:
+    """Where user_id, the contact traits present and the value sit in the query's rows."""
+    lowered = [c.lower() for c in names]
+    if "user_id" not in lowered:
         raise SourceError(f"{comp.path} ({comp.key}): the query returned no user_id column "
-                          f"(columns: {', '.join(columns) or 'none'})")
-    value = find("value")
-    if comp.kind == "trait" and value is None:
-        raise SourceError(f"{comp.path} ({comp.key}): a computed trait's query must return "
-                          "user_id and value columns")
-    traits = [find(name) for name in CONTACT_TRAITS]
-    return uid, traits[0], traits[1], traits[2], traits[3], value if comp.kind == "trait" else None
+                          f"(columns: {', '.join(names) or 'none'})")
+    wanted = ["user_id", *(c for c in CONTACT_TRAITS if c in lowered)]
+    if comp.kind == "trait":
+        if "value" not in lowered:
+            raise SourceError(f"{comp.path} ({comp.key}): a computed trait's query must return "
+                              "user_id and value columns")
+        wanted.append("value")
+    return [lowered.index(c) for c in wanted], tuple(wanted)
 
 
 # -- rules ----------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,8 +20,10 @@ from audience_sync.leases import (
     Holder,
     Renewer,
     acquire,
+    default_owner,
     held,
     holder,
+    holder_is_dead,
     release,
     renew,
     try_acquire,
@@ -211,3 +216,23 @@ def test_only_one_of_many_concurrent_acquirers_wins(store: Store) -> None:
         thread.join(60)
     assert len(winners) == 1
     assert holder(store, "scored").owner == winners[0]
+
+
+def test_a_dead_local_holder_is_taken_over_at_once(store: Store) -> None:
+    """A CLI run killed with SIGKILL must not block the next one for a whole TTL."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = f"{socket.gethostname()}:{proc.pid}:abc123"
+    alive = f"{socket.gethostname()}:1:abc123"  # pid 1 is always running
+    elsewhere = f"other-host:{proc.pid}:abc123"
+    for owner, taken in ((alive, False), (elsewhere, False), ("fixed-name", False),
+                         (dead, True)):
+        first = try_acquire(store, "scored", owner, ttl=TTL, at=T0)
+        assert first is not None
+        second = try_acquire(store, "scored", default_owner(), ttl=TTL,
+                             at=T0 + timedelta(seconds=1))
+        assert (second is not None) == taken, owner
+        if second is not None:
+            assert second.token == first.token + 1
+            assert holder_is_dead(dead) and not holder_is_dead(alive)
+        assert release(store, second or first)
