@@ -10,15 +10,30 @@ sent again (at-least-once, same messageId).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, String, and_, func, or_, select, type_coerce, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    String,
+    and_,
+    any_,
+    bindparam,
+    func,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from audience_sync import schema as t
 from audience_sync.config import Config, JsonlDestination
@@ -100,8 +115,27 @@ def load_batch(conn: Connection, destination: str, limit: int, now: datetime,
         query = query.where(d.c.computation_id.in_(computation_ids))
     if claim:
         query = query.with_for_update(skip_locked=True, of=d)
+    # Plain DBAPI tuples: no column here has a result processor, and a Row per delivery was a
+    # good part of a large drain's CPU time.
+    result = conn.execute(query)
+    try:
+        rows = result.cursor.fetchall()
+    finally:
+        result.close()
     return [Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
-                     _utc(r[11]), r[12]) for r in conn.execute(query)]
+                     _utc(r[11]), r[12]) for r in rows]
+
+
+def _id_in(conn: Connection, ids: list[int]) -> ColumnElement[bool]:
+    """`deliveries.id` among `ids`, as one bound value: an IN list of thousands of parameters
+    costs more to compile and bind than the UPDATE costs to run."""
+    column = t.deliveries.c.id
+    if conn.dialect.name == "postgresql":
+        return column == any_(bindparam(None, ids, type_=ARRAY(BigInteger)))
+    if conn.dialect.name == "sqlite":
+        listed = func.json_each(json.dumps(ids)).table_valued("value")
+        return column.in_(select(listed.c.value))
+    return column.in_(ids)
 
 
 def record_outcomes(conn: Connection, outcomes: list[Outcome], now: datetime,
@@ -112,7 +146,7 @@ def record_outcomes(conn: Connection, outcomes: list[Outcome], now: datetime,
     pending = d.c.status == "pending"
     for attempts in sorted({o.attempts for o in outcomes if o.ok}):
         ids = [o.delivery_id for o in outcomes if o.ok and o.attempts == attempts]
-        conn.execute(update(d).where(d.c.id.in_(ids), pending).values(
+        conn.execute(update(d).where(_id_in(conn, ids), pending).values(
             status="sent", sent_at=now, attempts=d.c.attempts + attempts, last_error=None,
             next_attempt_at=None))
     groups: dict[tuple[str, str | None, datetime | None, int], list[int]] = {}
@@ -130,7 +164,7 @@ def record_outcomes(conn: Connection, outcomes: list[Outcome], now: datetime,
             key = ("pending", o.error, now + max(wait, retry_later), o.attempts)
         groups.setdefault(key, []).append(o.delivery_id)
     for (status, error, next_at, attempts), ids in groups.items():
-        conn.execute(update(d).where(d.c.id.in_(ids), pending).values(
+        conn.execute(update(d).where(_id_in(conn, ids), pending).values(
             status=status, attempts=d.c.attempts + attempts, last_error=error,
             next_attempt_at=next_at))
 
@@ -224,11 +258,12 @@ class _Claims:
     outcomes are recorded, so the next batch can be loaded while one is on the wire."""
 
     def __init__(self, store: Store, name: str, limit: int, comp_ids: list[int],
-                 clock: Clock) -> None:
+                 clock: Clock, first: int | None = None) -> None:
         self.store, self.name, self.limit, self.comp_ids, self.clock = \
             store, name, limit, comp_ids, clock
         self.lock = store.dialect == "postgresql"
         self.after = 0  # a deferred delivery waits for the next drain, not this one
+        self.size = limit if first is None else max(1, min(first, limit))
         self.open: list[ExitStack] = []
 
     def next(self) -> _Claim:
@@ -237,13 +272,14 @@ class _Claims:
         conn: Connection | None = None
         if self.lock:
             conn = scope.enter_context(self.store.write())
-            batch = load_batch(conn, self.name, self.limit, self.clock(), self.comp_ids,
+            batch = load_batch(conn, self.name, self.size, self.clock(), self.comp_ids,
                                claim=True, after_id=self.after)
         else:
             # SQLite has one writer: holding its lock while sending would stall every run.
             with self.store.read() as read:
-                batch = load_batch(read, self.name, self.limit, self.clock(), self.comp_ids,
+                batch = load_batch(read, self.name, self.size, self.clock(), self.comp_ids,
                                    after_id=self.after)
+        self.size = self.limit
         if batch:
             self.after = batch[-1].id
         return _Claim(batch, conn, scope)
@@ -278,18 +314,25 @@ def _drain_destination(store: Store, config: Config, name: str, comp_ids: list[i
     client = clients[name] if clients is not None and injected else \
         make_destination(name, settings)
     halted = False
-    claims = _Claims(store, name, client.max_batch, comp_ids, clock)
+    # A destination that sends one claim as several concurrent requests may ask for a smaller
+    # first claim, so its first request goes out sooner.
+    first = getattr(client, "first_claim", None)
+    claims = _Claims(store, name, client.max_batch, comp_ids, clock,
+                     first if isinstance(first, int) else None)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix=f"send-{name}") as sender:
             current = claims.next()
-            in_flight = sender.submit(client.send, current.batch) if current.batch else None
+            in_flight = sender.submit(_prepared(client, current.batch)) \
+                if current.batch else None
             while in_flight is not None:
-                upcoming = claims.next()  # loaded while `current` is on the wire
+                # Loaded and encoded while `current` is on the wire; sent only once `current`
+                # is answered, so claims reach the destination in id order.
+                upcoming = claims.next()
+                job = _prepared(client, upcoming.batch) if upcoming.batch else None
                 outcomes = in_flight.result()
                 go_on = _tally(report, outcomes, name)
                 halted = not go_on and any(o.halt for o in outcomes)
-                in_flight = sender.submit(client.send, upcoming.batch) \
-                    if go_on and upcoming.batch else None
+                in_flight = sender.submit(job) if go_on and job is not None else None
                 claims.finish(current, outcomes, retry_later)
                 current = upcoming
             claims.finish(current, [], retry_later)
@@ -303,6 +346,16 @@ def _drain_destination(store: Store, config: Config, name: str, comp_ids: list[i
         with store.read() as conn:
             waiting = count_pending(conn, name, comp_ids)
         report.error = f"{report.error}; {waiting} deliveries kept pending"
+
+
+def _prepared(client: Destination, batch: list[Delivery]) -> Callable[[], list[Outcome]]:
+    """The send of one claim, its messages built now if the destination can (`prepare`)."""
+    prepare = getattr(client, "prepare", None)
+    if callable(prepare):
+        job = prepare(batch)
+        if callable(job):
+            return cast(Callable[[], list[Outcome]], job)
+    return functools.partial(client.send, batch)
 
 
 def _tally(report: DestinationReport, outcomes: list[Outcome], name: str) -> bool:

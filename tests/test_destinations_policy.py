@@ -156,6 +156,10 @@ def test_pack_respects_count_and_bytes() -> None:
     _delivery(2, "ü-ñ \"quoted\"", "aud", "false", "é@example.com"),
     Delivery(3, "score", "trait", 7, "d", "u3", '{"a": [1, 2.5, null]}', "x@y.z", "Ann",
              "CTO", "c9", datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)),
+    # An audience key named like a contact trait replaces it in place.
+    _delivery(4, "u4", "email", "true", "x@y.z"),
+    Delivery(5, "k\u2028\"", "trait", 2, "d", "u\x00", '"caf\u00e9\\n"', None, "N\t", None, "c",
+             datetime(2026, 1, 1, 23, 59, 59, 999999, tzinfo=UTC)),
 ])
 def test_segment_encode_is_identify_byte_for_byte(delivery: Delivery) -> None:
     expected = json.dumps(identify(delivery), separators=(",", ":")).encode()

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from audience_sync.messages import Delivery
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one delivery in a batch.
+class Outcome(NamedTuple):
+    """What became of one delivery in a batch (a tuple: a large drain makes one per delivery).
 
     ok: acknowledged, mark sent. permanent: failed for good (until the operator retries).
     Neither: transient, try again later (after retry_after seconds when the destination said so).
