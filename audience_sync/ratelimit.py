@@ -1,9 +1,11 @@
 """A destination's request budget shared by every daemon on one state store.
 
 The limiter is GCRA (evenly spaced request slots) whose single piece of state, the next free
-slot, lives in the `rate_budgets` table: a reservation is one short write transaction (SQLite's
-write lock, PostgreSQL's row lock), so daemons on several hosts together stay within the
-configured rate. Slots are wall-clock Unix seconds: hosts need synchronised clocks (NTP).
+slot, lives in the `rate_budgets` table. A process takes a small block of consecutive slots in
+one statement (`UPDATE ... RETURNING`, one round trip) and hands them to its threads one request
+at a time, so daemons on several hosts together stay within the configured rate. A 429 with
+Retry-After pushes the shared next free slot past the pause: every process holds, not only the
+one that was told. Slots are wall-clock Unix seconds: hosts need synchronised clocks (NTP).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Float, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
 from audience_sync import schema as t
@@ -20,16 +22,27 @@ from audience_sync.config import RateLimit
 from audience_sync.errors import StoreError
 from audience_sync.store import Store
 
+# Slots taken per round trip: about this many seconds of the rate, at least one. Small enough
+# that an idle process wastes little of the budget, large enough that a busy one does not make
+# a round trip per request at Planhat's rates.
+BLOCK_SECONDS = 0.05
+MAX_BLOCK = 32
+
 
 class SharedRateLimiter:
-    """`acquire(n)` waits until n request slots of the destination's shared budget are ours."""
+    """`acquire()` waits until one request slot of the destination's shared budget is ours."""
 
     def __init__(self, store: Store, destination: str, rate: RateLimit, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.destination = destination
+        self.rate = rate
         self.interval = 1.0 / rate.per_second
+        self.block = max(1, min(MAX_BLOCK, int(rate.per_second * BLOCK_SECONDS)))
         self.clock = clock
+        self._lock = threading.Lock()
+        self._next_slot = 0.0  # the next slot of our block
+        self._left = 0  # slots of our block not handed out yet
         self._ensure_row()
 
     def _ensure_row(self) -> None:
@@ -42,21 +55,44 @@ class SharedRateLimiter:
         except (IntegrityError, StoreError):
             pass  # another daemon created it at the same moment
 
-    def reserve(self, n: int = 1) -> float:
-        """Take the next n slots; the wall-clock time at which the first one starts."""
+    def _push(self, earliest: float, slots: int) -> float:
+        """next_free = max(next_free, earliest) + slots * interval, in one statement; the start
+        of the slots taken."""
         b = t.rate_budgets
+        greatest = func.greatest if self.store.dialect == "postgresql" else func.max
+        after = greatest(b.c.next_free, literal(earliest, Float(precision=53))) \
+            + slots * self.interval
         with self.store.write() as conn:
-            current = conn.execute(select(b.c.next_free).where(b.c.destination == self.destination)
-                                   .with_for_update()).scalar_one()
-            start = max(self.clock(), float(current))
-            conn.execute(update(b).where(b.c.destination == self.destination)
-                         .values(next_free=start + n * self.interval))
-        return start
+            end = conn.execute(update(b).where(b.c.destination == self.destination)
+                               .values(next_free=after).returning(b.c.next_free)).scalar_one()
+        return float(end) - slots * self.interval
 
-    def acquire(self, n: int = 1, stop: threading.Event | None = None) -> bool:
-        """Wait for n slots; False when `stop` was set meanwhile (the slots are spent anyway)."""
-        delay = self.reserve(n) - self.clock()
+    def reserve(self, n: int = 1) -> float:
+        """Take the next n slots of the shared budget; the wall-clock time the first starts."""
+        return self._push(self.clock(), n)
+
+    def _take(self) -> float:
+        with self._lock:
+            if self._left == 0:
+                self._next_slot = self.reserve(self.block)
+                self._left = self.block
+            slot = self._next_slot
+            self._next_slot += self.interval
+            self._left -= 1
+            return slot
+
+    def acquire(self, stop: threading.Event | None = None) -> bool:
+        """Wait for a slot; False when `stop` was set meanwhile (the slot is spent anyway)."""
+        delay = self._take() - self.clock()
         waiter = stop if stop is not None else threading.Event()
         if delay > 0 and waiter.wait(delay) and stop is not None:
             return False
         return not (stop is not None and stop.is_set())
+
+    def hold_until(self, monotonic_at: float) -> None:
+        """Nobody sends before then (a 429's Retry-After): the shared next slot moves past it
+        and our block's remaining slots are given up."""
+        wall_at = self.clock() + (monotonic_at - time.monotonic())
+        with self._lock:
+            self._left = 0
+            self._push(wall_at, 0)

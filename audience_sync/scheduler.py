@@ -9,6 +9,7 @@ whose lease another process (a daemon, a CLI `sync`) holds are skipped until a l
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -30,7 +31,6 @@ from audience_sync.config import (
     Computation,
     Config,
     PlanhatDestination,
-    RateLimit,
     SegmentDestination,
 )
 from audience_sync.destinations import Destination, Outcome, make_destination
@@ -49,10 +49,6 @@ Clock = Callable[[], datetime]
 # How long one tick drains one audience before moving on: a long initial sync at a vendor's
 # rate limit must not starve the other audiences; it resumes on the next tick.
 DEFAULT_DRAIN_SLICE = timedelta(seconds=30)
-# Deliveries per request: Planhat's bulk upsert takes 5,000; Segment's batch 2,500 messages.
-BULK_ITEMS = 5_000
-SEGMENT_BATCH_MESSAGES = 2_500
-SHARED_BUDGET_HEADROOM = 0.9
 
 
 def system_clock() -> datetime:
@@ -74,10 +70,10 @@ class DaemonOptions:
     owner: str
     lease_ttl: timedelta = DEFAULT_TTL
     drain_slice: timedelta = DEFAULT_DRAIN_SLICE
-    # Reserve each batch's requests in the budget shared through the state store. Off by
-    # default: reserved a batch at a time it is not yet exact (see ratelimit.py); the documented
-    # way is to give each of N daemons rate_limit / N.
-    shared_budget: bool = False
+    # Take every request's slot from the destination's budget in the state store, so several
+    # daemons together keep its rate limit. None: on PostgreSQL (the scale-out store) only;
+    # daemons on one SQLite file do not run side by side.
+    shared_budget: bool | None = None
 
 
 class _Paused(DestinationError):
@@ -88,25 +84,33 @@ class _GuardedDestination:
     """A destination the daemon can pause between batches: the batch in flight always finishes."""
 
     def __init__(self, inner: Destination, should_pause: Callable[[], str | None],
-                 on_batch: Callable[[], None], budget: _Budget | None = None) -> None:
+                 on_batch: Callable[[], None]) -> None:
         self.inner = inner
         self.name = inner.name
         self.max_batch = inner.max_batch
         self._should_pause = should_pause
         self._on_batch = on_batch
-        self._budget = budget
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
-        reason = self._should_pause()
-        if reason is not None:
-            raise _Paused(f"destination {self.name!r}: drain paused ({reason})")
-        if self._budget is not None and not self._budget.limiter.acquire(
-                self._budget.cost(len(batch)), self._budget.stop):
-            raise _Paused(f"destination {self.name!r}: drain paused (stopping)")
-        try:
-            return self.inner.send(batch)
-        finally:
-            self._on_batch()
+        return self.prepare(batch)()
+
+    def prepare(self, batch: Sequence[Delivery]) -> Callable[[], list[Outcome]]:
+        """The inner destination's prepared send (see outbox), checked for a pause when it
+        is sent, not when it is built."""
+        prepare = getattr(self.inner, "prepare", None)
+        job = prepare(batch) if callable(prepare) else None
+        send = job if callable(job) else functools.partial(self.inner.send, batch)
+
+        def guarded() -> list[Outcome]:
+            reason = self._should_pause()
+            if reason is not None:
+                raise _Paused(f"destination {self.name!r}: drain paused ({reason})")
+            try:
+                return cast(list[Outcome], send())
+            finally:
+                self._on_batch()
+
+        return guarded
 
     def check(self) -> tuple[bool, str]:
         return self.inner.check()
@@ -118,34 +122,16 @@ class _GuardedDestination:
         return getattr(self.inner, name)
 
 
-@dataclass(frozen=True)
-class _Budget:
-    """The destination's request budget shared with every daemon on this state store."""
-
-    limiter: SharedRateLimiter
-    cost: Callable[[int], int]  # requests a batch of n deliveries makes
-    stop: threading.Event
-
-
-def _shared_budget(store: Store, name: str, settings: object,
-                   stop: threading.Event) -> _Budget | None:
+def shared_limiter(store: Store, name: str, settings: object) -> SharedRateLimiter | None:
+    """The destination's request budget kept in the state store, shared by every daemon on it:
+    each daemon is configured with the full rate and together they stay within it."""
     if isinstance(settings, PlanhatDestination):
-        # Segment mode sends one identify per request; API mode up to 5,000 per request.
-        per_request = 1 if settings.mode == "segment" else BULK_ITEMS
         rate = settings.effective_rate_limit
     elif isinstance(settings, SegmentDestination):
-        per_request = SEGMENT_BATCH_MESSAGES
         rate = settings.rate_limit
     else:
         return None
-
-    def cost(n: int) -> int:
-        return -(-n // per_request)
-
-    # The budget is reserved a batch at a time and the destination's own limiter spaces the
-    # requests inside it; the headroom absorbs the batch starting a little after its slot.
-    shared = RateLimit(rate.count * SHARED_BUDGET_HEADROOM, rate.per_seconds)
-    return _Budget(SharedRateLimiter(store, name, shared), cost, stop)
+    return SharedRateLimiter(store, name, rate)
 
 
 @dataclass
@@ -262,15 +248,18 @@ class Daemon:
     def _clients_for(self, comp: Computation) -> dict[str, Destination] | None:
         for name in comp.destinations:
             if name not in self._clients:
+                settings = self.config.destinations[name]
+                shared = self.options.shared_budget
+                if shared is None:
+                    shared = self.store.dialect == "postgresql"
                 try:
-                    inner = make_destination(name, self.config.destinations[name])
+                    limiter = shared_limiter(self.store, name, settings) if shared else None
+                    inner = make_destination(name, settings, limiter=limiter)
                 except AudienceSyncError as exc:
                     log.error("%s", exc.message)
                     return None
-                budget = _shared_budget(self.store, name, self.config.destinations[name],
-                                        self.stopping) if self.options.shared_budget else None
                 self._clients[name] = _GuardedDestination(inner, self._gate.reason,
-                                                          self.observer.progress, budget)
+                                                          self.observer.progress)
         return {name: self._clients[name] for name in comp.destinations}
 
     def _keys_with_pending(self) -> list[str]:

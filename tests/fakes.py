@@ -73,6 +73,8 @@ class FakeServer:
         self.lock = threading.Lock()
         self.faults: deque[tuple[str, float]] = deque()
         self.statuses: Counter[int] = Counter()
+        # (monotonic arrival time, status answered), for rate and hold checks.
+        self.answers: list[tuple[float, int]] = []
         self.requests = 0
         self.acked: list[str] = []  # messageIds (or externalIds) acknowledged, in order
         self.request_bodies: list[bytes] = []
@@ -136,6 +138,7 @@ class FakeServer:
     def dispatch(self, handler: _Handler, method: str) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
+        arrived = time.monotonic()
         with self.lock:
             self.requests += 1
             self.in_flight += 1
@@ -151,6 +154,7 @@ class FakeServer:
                 self.in_flight -= 1
         with self.lock:
             self.statuses[answer.status] += 1
+            self.answers.append((arrived, answer.status))
         payload = b"" if answer.body is None else json.dumps(answer.body).encode()
         handler.send_response(answer.status)
         handler.send_header("Content-Type", "application/json")

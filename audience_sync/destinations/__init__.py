@@ -6,24 +6,29 @@ from audience_sync.config import JsonlDestination as JsonlConfig
 from audience_sync.config import PlanhatDestination as PlanhatConfig
 from audience_sync.config import SegmentDestination as SegmentConfig
 from audience_sync.destinations.base import Destination, Outcome, wire_stats
+from audience_sync.destinations.http import Limiter
 from audience_sync.destinations.jsonl import JsonlDestination
 from audience_sync.destinations.planhat import PlanhatApiDestination, PlanhatSegmentDestination
 from audience_sync.destinations.segment import SegmentDestination
 from audience_sync.errors import AudienceSyncError
 
-__all__ = ["Destination", "Outcome", "check_destination", "make_destination", "wire_stats"]
+__all__ = ["Destination", "Limiter", "Outcome", "check_destination", "make_destination",
+           "wire_stats"]
 
 DestinationConfig = PlanhatConfig | SegmentConfig | JsonlConfig
 
 
-def make_destination(name: str, config: DestinationConfig) -> Destination:
+def make_destination(name: str, config: DestinationConfig, *,
+                     limiter: Limiter | None = None) -> Destination:
+    """limiter: a budget shared beyond this process (the daemons' SharedRateLimiter); by
+    default the process-wide limiter of the destination's configured rate."""
     if isinstance(config, JsonlConfig):
         return JsonlDestination(name, config.path)
     if isinstance(config, SegmentConfig):
-        return SegmentDestination(name, config)
+        return SegmentDestination(name, config, limiter)
     if config.mode == "api":
-        return PlanhatApiDestination(name, config)
-    return PlanhatSegmentDestination(name, config)
+        return PlanhatApiDestination(name, config, limiter)
+    return PlanhatSegmentDestination(name, config, limiter)
 
 
 def check_destination(name: str, config: DestinationConfig) -> tuple[bool, str]:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 import httpx
 
@@ -85,6 +86,15 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+class Limiter(Protocol):
+    """What HttpSender asks of a rate limiter: one slot per request, and a pause for everyone
+    after a 429 (this process's RateLimiter, or ratelimit.SharedRateLimiter across daemons)."""
+
+    def acquire(self, stop: threading.Event | None = None) -> bool: ...
+
+    def hold_until(self, monotonic_at: float) -> None: ...
 
 
 class RateLimiter:
@@ -210,7 +220,7 @@ class HttpSender:
 
     def __init__(self, name: str, *, base_url: str, auth: httpx.Auth | None,
                  headers: dict[str, str], timeout: float, policy: Policy,
-                 limiter: RateLimiter, redactor: Redactor, pool: int) -> None:
+                 limiter: Limiter, redactor: Redactor, pool: int) -> None:
         self.name = name
         self.policy = policy
         self.limiter = limiter
@@ -321,12 +331,15 @@ def _one_line(text: str) -> str:
 
 def make_sender(name: str, config: PlanhatConfig | SegmentConfig, *, base_url: str,
                 auth: httpx.Auth | None, headers: dict[str, str], secrets: Iterable[str],
-                rate: RateLimit) -> HttpSender:
+                rate: RateLimit, limiter: Limiter | None = None) -> HttpSender:
+    """limiter: the destination's budget when it is shared beyond this process; else the
+    process-wide limiter of this destination and rate."""
     return HttpSender(
         name, base_url=base_url, auth=auth, headers={"User-Agent": USER_AGENT, **headers},
         timeout=config.timeout.total_seconds(),
         policy=Policy(config.max_retries, config.backoff_base, config.backoff_max),
-        limiter=LIMITERS.get(name, rate), redactor=Redactor(secrets),
+        limiter=limiter if limiter is not None else LIMITERS.get(name, rate),
+        redactor=Redactor(secrets),
         pool=config.concurrency)
 
 

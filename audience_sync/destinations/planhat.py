@@ -15,7 +15,14 @@ import httpx
 
 from audience_sync.config import PlanhatDestination as PlanhatConfig
 from audience_sync.destinations.base import Outcome
-from audience_sync.destinations.http import HttpSender, Verdict, make_sender, outcome_of, probe
+from audience_sync.destinations.http import (
+    HttpSender,
+    Limiter,
+    Verdict,
+    make_sender,
+    outcome_of,
+    probe,
+)
 from audience_sync.messages import Delivery, identify
 
 SEGMENT_PATH = "/dock/segment"
@@ -40,14 +47,15 @@ def segment_message(delivery: Delivery) -> dict[str, Any]:
 class PlanhatSegmentDestination:
     """POST {base}/dock/segment, Basic `tenant_token:`, one identify per request."""
 
-    def __init__(self, name: str, config: PlanhatConfig) -> None:
+    def __init__(self, name: str, config: PlanhatConfig,
+                 limiter: Limiter | None = None) -> None:
         assert config.tenant_token is not None
         token = config.tenant_token.get_secret_value()
         self.name = name
         self.max_batch = min(config.batch_size, SEGMENT_MODE_CLAIM)
         self.sender: HttpSender = make_sender(
             name, config, base_url=config.url, auth=httpx.BasicAuth(token, ""), headers={},
-            secrets=[token], rate=config.effective_rate_limit)
+            secrets=[token], rate=config.effective_rate_limit, limiter=limiter)
         self.stats = self.sender.stats
         self._pool = ThreadPoolExecutor(config.concurrency,
                                         thread_name_prefix=f"planhat-{name}")
@@ -74,7 +82,8 @@ class PlanhatSegmentDestination:
 class PlanhatApiDestination:
     """PUT {base}/endusers, Bearer API token, up to 5,000 end users per request, sequential."""
 
-    def __init__(self, name: str, config: PlanhatConfig) -> None:
+    def __init__(self, name: str, config: PlanhatConfig,
+                 limiter: Limiter | None = None) -> None:
         assert config.api_token is not None
         token = config.api_token.get_secret_value()
         self.name = name
@@ -83,7 +92,7 @@ class PlanhatApiDestination:
         self.sender: HttpSender = make_sender(
             name, config.model_copy(update={"concurrency": 1}), base_url=config.url, auth=None,
             headers={"Authorization": f"Bearer {token}"}, secrets=[token],
-            rate=config.effective_rate_limit)
+            rate=config.effective_rate_limit, limiter=limiter)
         self.stats = self.sender.stats
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
