@@ -326,14 +326,15 @@ def _drain_destination(store: Store, config: Config, name: str, comp_ids: list[i
                 if current.batch else None
             while in_flight is not None:
                 # Loaded and encoded while `current` is on the wire; sent only once `current`
-                # is answered, so claims reach the destination in id order.
+                # is answered and its outcomes are committed: claims reach the destination in
+                # id order, and a crash can re-send at most the one batch on the wire.
                 upcoming = claims.next()
                 job = _prepared(client, upcoming.batch) if upcoming.batch else None
                 outcomes = in_flight.result()
                 go_on = _tally(report, outcomes, name)
                 halted = not go_on and any(o.halt for o in outcomes)
-                in_flight = sender.submit(job) if go_on and job is not None else None
                 claims.finish(current, outcomes, retry_later)
+                in_flight = sender.submit(job) if go_on and job is not None else None
                 current = upcoming
             claims.finish(current, [], retry_later)
     finally:

@@ -19,13 +19,14 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
     Engine,
+    Table,
     create_engine,
     event,
     func,
-    insert,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -183,7 +184,8 @@ class Store:
             for comp in computations:
                 row = known.get(comp.key)
                 if row is None:
-                    conn.execute(insert(t.computations).values(
+                    # Several daemons starting at once register the same audiences.
+                    conn.execute(_insert_ignore(self.dialect, t.computations).values(
                         key=comp.key, name=comp.name, kind=comp.kind,
                         definition_hash=comp.definition_hash, created_at=at,
                         initial_state="pending", next_due_at=at))
@@ -229,6 +231,13 @@ _COMPUTATION_COLUMNS = (
     t.computations.c.consecutive_failures, t.computations.c.lease_owner,
     t.computations.c.lease_expires_at, t.computations.c.fencing_token,
 )
+
+
+def _insert_ignore(dialect: str, table: Table) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING, in the dialect's own spelling."""
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
 
 
 def _describe(exc: BaseException) -> str:
