@@ -19,6 +19,7 @@ from sqlalchemy import (
     delete,
     insert,
     literal,
+    literal_column,
     select,
     text,
     true,
@@ -255,9 +256,11 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
     new = delta.c.is_new == true()
     # Current members.
     conn.execute(delete(m).where(m.c.computation_id == cid, m.c.user_id.in_(gone)))
-    conn.execute(update(m).where(
-        m.c.computation_id == cid, m.c.user_id == delta.c.user_id, delta.c.is_changed == true(),
-    ).values({name: delta.c[name] for name in SENT_COLUMNS}))
+    if result.changed:
+        conn.execute(update(m).where(
+            m.c.computation_id == cid, m.c.user_id == delta.c.user_id,
+            delta.c.is_changed == true(),
+        ).values({name: delta.c[name] for name in SENT_COLUMNS}))
     conn.execute(insert(m).from_select(
         ["computation_id", "user_id", *SENT_COLUMNS, "entered_run"],
         select(literal(cid), delta.c.user_id, *(delta.c[n] for n in SENT_COLUMNS),
@@ -284,8 +287,9 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
                    literal(run_id)).where(new | (delta.c.value_changed == true()))))
     # Outbox: a newer change supersedes a pending older one for the same user.
     d = t.deliveries
-    pending = and_(d.c.computation_id == cid, d.c.status == "pending")
-    if conn.execute(select(d.c.id).where(pending).limit(1)).first() is not None:
+    # The literal (not a bound parameter) lets SQLite use the partial index on pending rows.
+    pending = and_(d.c.computation_id == cid, d.c.status == literal_column("'pending'"))
+    if _any_pending(conn, cid):
         conn.execute(update(d).where(
             pending, d.c.user_id.in_(union(select(delta.c.user_id), gone)),
         ).values(status="superseded"))
@@ -313,6 +317,16 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
     if kind == "initial":
         values["initial_state"] = "delivering" if result.queued else "complete"
     _update_computation(conn, cid, fencing_token, values)
+
+
+def _any_pending(conn: Connection, cid: int) -> bool:
+    # Both planners must be steered to the partial index: SQLite has no statistics and picks a
+    # wider index; PostgreSQL's may be stale (all pending after an initial run, all sent an hour
+    # later) and then scans every delivery the audience ever had. The ORDER BY is the index's.
+    hint = "INDEXED BY ix_deliveries_pending" if conn.dialect.name == "sqlite" else ""
+    return conn.execute(text(
+        f"SELECT 1 FROM deliveries {hint} WHERE computation_id = :cid AND status = 'pending' "
+        "ORDER BY computation_id, user_id LIMIT 1"), {"cid": cid}).first() is not None
 
 
 def _update_computation(conn: Connection, cid: int, fencing_token: int | None,

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Connection,
     Integer,
     MetaData,
+    Select,
     String,
     Table,
     Text,
@@ -83,12 +84,13 @@ def create_temp_tables(conn: Connection) -> None:
         # Loaded bare and keyed afterwards (see _key_stage): one bulk index build.
         conn.execute(text(f"CREATE TEMPORARY TABLE {stage.name} (user_id TEXT, {columns})"))
     else:
-        # No NOT NULL: a null id must land so that clean_stage counts it (SQLite allows
-        # nulls in a non-integer primary key); INSERT OR IGNORE drops repeated ids.
-        conn.execute(text(
-            f"CREATE TEMPORARY TABLE {stage.name} (user_id TEXT PRIMARY KEY, {columns})"))
-    delta.create(conn)
-    exited.create(conn)
+        # Clustered by user_id: the diff walks the stage and the members in the same order.
+        # INSERT OR IGNORE drops repeated ids as they land.
+        conn.execute(text(f"CREATE TEMPORARY TABLE {stage.name} "
+                          f"(user_id TEXT PRIMARY KEY NOT NULL, {columns}) WITHOUT ROWID"))
+    if conn.dialect.name != "postgresql":  # PostgreSQL creates them from the diff's queries
+        delta.create(conn)
+        exited.create(conn)
 
 
 def drop_temp_tables(conn: Connection) -> None:
@@ -145,6 +147,8 @@ def _copy_rows(conn: Connection, snapshot: Snapshot,
             total += len(rows)
             if progress:
                 progress(len(rows))
+    # Temporary tables are never auto-analyzed; the diff's join plans need the row count.
+    conn.execute(text(f"ANALYZE {stage.name}"))
     return total
 
 
@@ -259,6 +263,11 @@ def compute_diff(conn: Connection, computation_id: int, resync: bool, staged: in
     return _diff(conn, computation_id, resync)
 
 
+def _create_as(conn: Connection, name: str, query: Select[Any]) -> None:
+    compiled = query.compile(dialect=conn.dialect)
+    conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} AS {compiled}", compiled.params)
+
+
 def _diff(conn: Connection, computation_id: int, resync: bool) -> Diff:
     """Fill as_delta and as_exited from the stage and the current members."""
     m = t.members
@@ -269,22 +278,25 @@ def _diff(conn: Connection, computation_id: int, resync: bool) -> Diff:
     changed_expr = or_(*differs)
     selection = select(
         stage.c.user_id, *(stage.c[name] for name in SENT_COLUMNS),
-        is_new, and_(~is_new, changed_expr),
-        and_(~is_new, stage.c.value.is_distinct_from(m.c.value)),
+        is_new.label("is_new"), and_(~is_new, changed_expr).label("is_changed"),
+        and_(~is_new, stage.c.value.is_distinct_from(m.c.value)).label("value_changed"),
     ).select_from(joined)
     if not resync:
         selection = selection.where(or_(is_new, changed_expr))
-    conn.execute(insert(delta).from_select(
-        ["user_id", *SENT_COLUMNS, "is_new", "is_changed", "value_changed"], selection))
-    conn.execute(insert(exited).from_select(
-        ["user_id", *SENT_COLUMNS],
-        select(m.c.user_id, *(m.c[name] for name in SENT_COLUMNS)).where(
-            m.c.computation_id == computation_id,
-            ~exists().where(stage.c.user_id == m.c.user_id))))
+    leaving = select(m.c.user_id, *(m.c[name] for name in SENT_COLUMNS)).where(
+        m.c.computation_id == computation_id, ~exists().where(stage.c.user_id == m.c.user_id))
     if conn.dialect.name == "postgresql":
-        # Temporary tables are never auto-analyzed; the apply step's plans need the counts.
+        # CREATE TABLE AS may run in parallel; INSERT ... SELECT never does. as_delta's key,
+        # added after, is what rejects a repeated new id (see compute_diff).
+        _create_as(conn, delta.name, selection)
+        conn.execute(text(f"ALTER TABLE {delta.name} ADD PRIMARY KEY (user_id)"))
+        _create_as(conn, exited.name, leaving)
         conn.execute(text(f"ANALYZE {delta.name}"))
         conn.execute(text(f"ANALYZE {exited.name}"))
+    else:
+        conn.execute(insert(delta).from_select(
+            ["user_id", *SENT_COLUMNS, "is_new", "is_changed", "value_changed"], selection))
+        conn.execute(insert(exited).from_select(["user_id", *SENT_COLUMNS], leaving))
     counts = conn.execute(select(
         func.count().filter(delta.c.is_new == true()),
         func.count().filter(delta.c.is_changed == true()),

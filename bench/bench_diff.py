@@ -2,7 +2,8 @@
 
 For each state database (SQLite, and PostgreSQL when a URL is given):
   1. build a source (SQLite) with N member ids, run the initial sync and deliver it to a
-     jsonl file (timed, reported, not part of the ratio);
+     jsonl file (timed, reported, not part of the ratio; on PostgreSQL, VACUUM ANALYZE the
+     outbox afterwards, as autovacuum would in the hours before the next run);
   2. churn the source: 1% of the members leave, 1% new ones join;
   3. in a fresh process: time the floor (read the same ids from the source with the raw driver,
      load them with raw executemany on SQLite or COPY on PostgreSQL into a table keyed by
@@ -170,6 +171,11 @@ def bench(name: str, state_url: str, workdir: Path, members: int, churn: float) 
     report = drain(store, config)
     drain_s = time.perf_counter() - started
     assert report.ok, report.as_dict()
+    if store.dialect == "postgresql":
+        # Hours pass between two runs in production, and autovacuum cleans up after the drain
+        # turned a million pending deliveries into sent ones; here no time passes, so do its job.
+        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE deliveries")
     store.dispose()
     point_view(source, "gen_b")
     context = multiprocessing.get_context("spawn")
