@@ -133,13 +133,16 @@ def run_computation(
     try:
         with store.engine.connect() as conn:
             try:
-                _stage(conn, comp, now, same_db, result, progress)
+                columns = _stage(conn, comp, now, same_db, result, progress)
+                ids_only = columns == ("user_id",)
                 conn.execution_options(sqlite_immediate=True)
                 with conn.begin() as tx:
                     diff = compute_diff(conn, cid, resync=kind == "resync",
                                         staged=result.members,
                                         previous=result.previous_members,
-                                        skipped=result.skipped)
+                                        skipped=result.skipped,
+                                        compare_sent=not (ids_only and row is not None and
+                                                          row.applied_columns == "user_id"))
                     # Distinct members now, whatever repeated ids the stage held.
                     result.members = result.previous_members - diff.exited + diff.entered
                     _fill(result, diff)
@@ -150,7 +153,8 @@ def run_computation(
                             result.status = "held"
                             result.error = held
                     else:
-                        _apply(conn, comp, cid, kind, now, result, force, fencing_token, clock)
+                        _apply(conn, comp, cid, kind, now, result, force, fencing_token, clock,
+                               columns)
                         result.status = "succeeded"
             finally:
                 if not conn.closed and not conn.invalidated:
@@ -178,7 +182,8 @@ def run_computation(
 
 
 def _stage(conn: Connection, comp: Computation, now: datetime, same_db: bool,
-           result: RunResult, progress: Callable[[int], None] | None) -> None:
+           result: RunResult, progress: Callable[[int], None] | None) -> tuple[str, ...] | None:
+    """Load the snapshot into the stage; return the columns it holds (None: not known)."""
     with conn.begin():
         create_temp_tables(conn)
     skipped = result.skipped
@@ -190,11 +195,13 @@ def _stage(conn: Connection, comp: Computation, now: datetime, same_db: bool,
             except SQLAlchemyError as exc:
                 raise SourceError(f"{comp.path} ({comp.key}): query on the state database "
                                   f"failed: {describe_db_error(exc)}") from exc
-        return
+        return None
     source = create_source_engine(comp.source.url)
     try:
+        snapshot = Snapshot(comp, source, now, skipped)
         with conn.begin():
-            result.members = load_rows(conn, Snapshot(comp, source, now, skipped), progress)
+            result.members = load_rows(conn, snapshot, progress)
+        return snapshot.columns
     finally:
         source.dispose()
 
@@ -245,7 +252,8 @@ def _hold_reason(comp: Computation, result: RunResult, force: bool) -> str | Non
 
 
 def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: datetime,
-           result: RunResult, force: bool, fencing_token: int | None, clock: Clock) -> None:
+           result: RunResult, force: bool, fencing_token: int | None, clock: Clock,
+           columns: tuple[str, ...] | None) -> None:
     m, h = t.members, t.membership_history
     run_id = int(conn.execute(insert(t.runs).values(
         computation_id=cid, kind=kind, status="succeeded", clock=now, started_at=now,
@@ -295,11 +303,11 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
         ).values(status="superseded"))
     stay_value = literal("true") if comp.kind == "audience" else delta.c.value
     leave_value = literal("false") if comp.kind == "audience" else literal("null")
-    columns = ["computation_id", "run_id", "destination", "user_id", "value",
-               *t.CONTACT_TRAITS, "observed_at", "status"]
+    outbox_columns = ["computation_id", "run_id", "destination", "user_id", "value",
+                      *t.CONTACT_TRAITS, "observed_at", "status"]
     for destination in comp.destinations:
         for table, value in ((delta, stay_value), (exited, leave_value)):
-            conn.execute(insert(d).from_select(columns, select(
+            conn.execute(insert(d).from_select(outbox_columns, select(
                 literal(cid), literal(run_id), literal(destination), table.c.user_id, value,
                 *(table.c[n] for n in t.CONTACT_TRAITS), literal(now, t.UTCDateTime),
                 literal("pending"))))
@@ -312,6 +320,7 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
         **_skip_values(result.skipped)))
     values: dict[str, Any] = dict(
         member_count=result.members, last_run_id=run_id, last_run_at=now,
+        applied_columns=",".join(columns) if columns else None,
         last_success_at=finished, consecutive_failures=0,
         next_due_at=next_due_after_success(comp.key, finished, comp.every, comp.jitter))
     if kind == "initial":

@@ -85,6 +85,9 @@ computations = Table(
     Column("lease_owner", String(255), nullable=True),
     Column("lease_expires_at", UTCDateTime, nullable=True),
     Column("fencing_token", BigInteger, nullable=False, server_default="0"),
+    # The snapshot columns of the last applied run ("user_id" for an ids-only audience): when
+    # it was ids-only and still is, no member can have a changed sent value to look for.
+    Column("applied_columns", String(200), nullable=True),
 )
 
 runs = Table(

@@ -238,20 +238,22 @@ class Diff:
 
 
 def compute_diff(conn: Connection, computation_id: int, resync: bool, staged: int,
-                 previous: int, skipped: SkipCounts) -> Diff:
+                 previous: int, skipped: SkipCounts, compare_sent: bool = True) -> Diff:
     """Fill as_delta and as_exited from the stage and the current members.
 
     On PostgreSQL the stage has no key (one COPY into a bare table is the fastest load), so
     repeated user ids are found here, for free in the common case: with distinct ids,
     staged == previous - exited + entered, and as_delta's key rejects repeated new ids. Only
     when either check fails is the stage de-duplicated and the diff run again.
-    Returns the diff; `skipped.duplicate` counts the repeated ids.
+    Returns the diff; `skipped.duplicate` counts the repeated ids. Without `compare_sent`
+    (the stage and every member hold nothing but user ids) entered users are a plain
+    anti-join, and nobody can have changed.
     """
     if conn.dialect.name != "postgresql":
-        return _diff(conn, computation_id, resync)
+        return _diff(conn, computation_id, resync, compare_sent)
     savepoint = conn.begin_nested()
     try:
-        diff = _diff(conn, computation_id, resync)
+        diff = _diff(conn, computation_id, resync, compare_sent)
     except IntegrityError:
         savepoint.rollback()
     else:
@@ -260,7 +262,7 @@ def compute_diff(conn: Connection, computation_id: int, resync: bool, staged: in
             return diff
         savepoint.rollback()
     skipped.duplicate += dedupe_stage(conn)
-    return _diff(conn, computation_id, resync)
+    return _diff(conn, computation_id, resync, compare_sent)
 
 
 def _create_as(conn: Connection, name: str, query: Select[Any]) -> None:
@@ -268,7 +270,7 @@ def _create_as(conn: Connection, name: str, query: Select[Any]) -> None:
     conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} AS {compiled}", compiled.params)
 
 
-def _diff(conn: Connection, computation_id: int, resync: bool) -> Diff:
+def _diff(conn: Connection, computation_id: int, resync: bool, compare_sent: bool) -> Diff:
     """Fill as_delta and as_exited from the stage and the current members."""
     m = t.members
     member_of = and_(m.c.computation_id == computation_id, m.c.user_id == stage.c.user_id)
@@ -283,6 +285,12 @@ def _diff(conn: Connection, computation_id: int, resync: bool) -> Diff:
     ).select_from(joined)
     if not resync:
         selection = selection.where(or_(is_new, changed_expr))
+        if not compare_sent:
+            selection = select(
+                stage.c.user_id, *(stage.c[name] for name in SENT_COLUMNS),
+                true().label("is_new"), false().label("is_changed"),
+                false().label("value_changed"),
+            ).where(~exists().where(member_of))
     leaving = select(m.c.user_id, *(m.c[name] for name in SENT_COLUMNS)).where(
         m.c.computation_id == computation_id, ~exists().where(stage.c.user_id == m.c.user_id))
     if conn.dialect.name == "postgresql":

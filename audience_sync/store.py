@@ -111,6 +111,7 @@ class ComputationRow:
     lease_owner: str | None
     lease_expires_at: datetime | None
     fencing_token: int
+    applied_columns: str | None
 
 
 class Store:
@@ -230,6 +231,7 @@ _COMPUTATION_COLUMNS = (
     t.computations.c.last_run_at, t.computations.c.last_success_at, t.computations.c.next_due_at,
     t.computations.c.consecutive_failures, t.computations.c.lease_owner,
     t.computations.c.lease_expires_at, t.computations.c.fencing_token,
+    t.computations.c.applied_columns,
 )
 
 

@@ -412,3 +412,37 @@ def test_same_database_source_uses_insert_select(tmp_path: Path, state_url: str,
         == {"1": 5, "2": 50, "3": 70}
     code, out, _ = cli(capsys, "--config", str(path), "sync", "--json")
     assert all(run["queued"] == 0 for run in json.loads(out)["runs"])
+
+
+def test_ids_only_audience_then_traits_added(tmp_path: Path, state_url: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """An ids-only audience skips the sent-value comparison; adding traits brings it back."""
+    warehouse = tmp_path / "w.db"
+    make_warehouse(warehouse, users=[user(f"u{i}") for i in range(1, 5)])
+    doc: dict[str, Any] = {
+        "state_db": state_url,
+        "sources": {"w": {"url": f"sqlite:///{warehouse}"}},
+        "destinations": {"file": {"type": "jsonl", "path": "out.jsonl"}},
+        "audiences": [{"name": "Ids", "source": "w", "destinations": ["file"],
+                       "query": "SELECT id AS user_id FROM users WHERE score > 10"}],
+    }
+    path = write_config(tmp_path / "config.yaml", doc)
+
+    def run() -> dict[str, Any]:
+        code, out, err = cli(capsys, "--config", str(path), "sync", "--json")
+        assert code == 0, err
+        result: dict[str, Any] = json.loads(out)["runs"][0]
+        return result
+
+    assert run()["entered"] == 4
+    set_users(warehouse, [user("u1"), user("u2"), user("u3", 1), user("u5")])
+    second = run()
+    assert (second["entered"], second["exited"], second["changed"]) == (1, 2, 0)
+    doc["audiences"][0]["query"] = "SELECT id AS user_id, email FROM users WHERE score > 10"
+    write_config(path, doc)
+    third = run()
+    assert (third["entered"], third["exited"], third["changed"]) == (0, 0, 3)
+    sent = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert {m["userId"]: m["traits"].get("email") for m in sent[-3:]} == {
+        "u1": "u1@example.com", "u2": "u2@example.com", "u5": "u5@example.com"}
+    assert run()["queued"] == 0
