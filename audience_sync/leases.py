@@ -49,10 +49,11 @@ def holder_is_dead(owner: str | None) -> bool:
     Owners from other hosts, or of another form (a fixed --owner), are never judged: their
     leases expire by themselves.
     """
-    if not owner:
+    parts = (owner or "").split(":")
+    if len(parts) < 3:
         return False
-    host, _, rest = owner.partition(":")
-    pid_text = rest.split(":", 1)[0]
+    # default_owner() is host:pid:random, possibly behind a prefix such as "cli:".
+    host, pid_text = parts[-3], parts[-2]
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     pid = int(pid_text)

@@ -73,6 +73,11 @@ class SharedRateLimiter:
 
     def _take(self) -> float:
         with self._lock:
+            if self._left and self._next_slot < self.clock() - self.interval:
+                # We fell behind our own block (a pause, a busy CPU): its slots are past, and
+                # using them now would bunch requests. Give them up: unused budget is only
+                # unused, while late slots sent at once could overrun the destination's limit.
+                self._left = 0
             if self._left == 0:
                 self._next_slot = self.reserve(self.block)
                 self._left = self.block

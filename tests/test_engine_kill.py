@@ -74,7 +74,8 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], what: s
              timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr and proc.stderr.read()}"
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.stderr and proc.stderr.read()}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.002)  # poll interval
 

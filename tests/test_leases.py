@@ -222,7 +222,7 @@ def test_a_dead_local_holder_is_taken_over_at_once(store: Store) -> None:
     """A CLI run killed with SIGKILL must not block the next one for a whole TTL."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    dead = f"{socket.gethostname()}:{proc.pid}:abc123"
+    dead = f"cli:{socket.gethostname()}:{proc.pid}:abc123"
     alive = f"{socket.gethostname()}:1:abc123"  # pid 1 is always running
     elsewhere = f"other-host:{proc.pid}:abc123"
     for owner, taken in ((alive, False), (elsewhere, False), ("fixed-name", False),
