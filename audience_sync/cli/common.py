@@ -13,9 +13,12 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from audience_sync.config import Config, load_config
-from audience_sync.errors import UsageError
+from audience_sync.config import Computation, Config, load_config
+from audience_sync.errors import ConfigError, UsageError
+from audience_sync.outbox import DrainReport
 from audience_sync.store import Store
+
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
 
 app = typer.Typer(
     name="audience-sync",
@@ -104,3 +107,30 @@ def print_json(document: Any) -> None:
 
 def console() -> Console:
     return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def print_drain_report(report: DrainReport) -> None:
+    """One line per destination: sent, failed, to retry, and why it stopped if it did."""
+    for name, dest in report.destinations.items():
+        line = f"  -> {name}: {dest.sent} sent, {dest.failed} failed"
+        if dest.deferred:
+            line += f", {dest.deferred} to retry"
+        if dest.error:
+            line += f" ({dest.error})"
+        print(line)
+
+
+def resolve(config: Config, names: list[str]) -> list[Computation]:
+    """Audiences and traits by name or key (all of them for no names); unknown is usage."""
+    if not names:
+        return list(config.computations)
+    found: list[Computation] = []
+    for name in names:
+        try:
+            comp = config.find(name)
+        except ConfigError:
+            known = ", ".join(c.key for c in config.computations)
+            raise UsageError(f"unknown audience {name!r} (known: {known})") from None
+        if comp not in found:
+            found.append(comp)
+    return found

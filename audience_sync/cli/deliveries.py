@@ -10,22 +10,25 @@ import typer
 from sqlalchemy import select
 
 from audience_sync import schema as t
-from audience_sync.cli.common import app, iso, open_config, open_store, print_json
+from audience_sync.cli.common import (
+    JSON_OPTION,
+    app,
+    iso,
+    open_config,
+    open_store,
+    print_drain_report,
+    print_json,
+    resolve,
+)
 from audience_sync.config import Config
-from audience_sync.errors import ConfigError, UsageError
-from audience_sync.outbox import DrainReport, drain, requeue_failed
-
-JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
+from audience_sync.errors import UsageError
+from audience_sync.outbox import drain, requeue_failed
 
 
 def _find(config: Config, name: str | None) -> str | None:
     if name is None:
         return None
-    try:
-        return config.find(name).key
-    except ConfigError:
-        known = ", ".join(c.key for c in config.computations)
-        raise UsageError(f"unknown audience {name!r} (known: {known})") from None
+    return resolve(config, [name])[0].key
 
 
 def _check_destination(config: Config, destination: str | None) -> None:
@@ -107,16 +110,6 @@ def retry(
     if queue_only or not requeued:
         return
     report = drain(store, config, keys=[key] if key else None)
-    _print_report(report)
+    print_drain_report(report)
     if not report.ok:
         raise typer.Exit(1)
-
-
-def _print_report(report: DrainReport) -> None:
-    for name, dest in report.destinations.items():
-        line = f"  -> {name}: {dest.sent} sent, {dest.failed} failed"
-        if dest.deferred:
-            line += f", {dest.deferred} to retry"
-        if dest.error:
-            line += f" ({dest.error})"
-        print(line)

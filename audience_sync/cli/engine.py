@@ -14,40 +14,27 @@ from sqlalchemy import and_, desc, literal, or_, select, union_all
 
 from audience_sync import schema as t
 from audience_sync.cli.common import (
+    JSON_OPTION,
     app,
     console,
     iso,
     open_config,
     open_store,
     parse_time,
+    print_drain_report,
     print_json,
+    resolve,
     utcnow,
 )
 from audience_sync.config import Computation, Config
-from audience_sync.errors import ConfigError, UsageError
+from audience_sync.errors import UsageError
 from audience_sync.leases import DEFAULT_TTL, Holder, acquire, default_owner, held
 from audience_sync.outbox import DrainReport, drain
 from audience_sync.runner import RunResult, run_computation
 from audience_sync.store import Store
 
-JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
 NO_WAIT_OPTION = typer.Option(False, "--no-wait", help="Exit 1 when another process (a daemon) "
                               "holds an audience's lease, instead of waiting for it.")
-
-
-def resolve(config: Config, names: list[str]) -> list[Computation]:
-    if not names:
-        return list(config.computations)
-    found: list[Computation] = []
-    for name in names:
-        try:
-            comp = config.find(name)
-        except ConfigError:
-            known = ", ".join(c.key for c in config.computations)
-            raise UsageError(f"unknown audience {name!r} (known: {known})") from None
-        if comp not in found:
-            found.append(comp)
-    return found
 
 
 @contextmanager
@@ -113,13 +100,7 @@ def _run_and_drain(store: Store, config: Config, comps: list[Computation],
     if not dry_run:
         report = drain(store, config, keys=[c.key for c in comps])
         if not as_json:
-            for name, dest in report.destinations.items():
-                line = f"  -> {name}: {dest.sent} sent, {dest.failed} failed"
-                if dest.deferred:
-                    line += f", {dest.deferred} to retry"
-                if dest.error:
-                    line += f" ({dest.error})"
-                print(line)
+            print_drain_report(report)
     return results, report
 
 
