@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 import signal
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -73,6 +74,7 @@ def test_sigkill_in_an_initial_sync_of_20000_resumes_after_restart(tmp_path: Pat
 
 
 GROUPS = 20
+SCALE_TEST_SECONDS = 60
 PER_GROUP = 20
 DAEMONS = 3
 # The fake enforces Planhat's real limit in total; each daemon is configured with all of it and
@@ -124,7 +126,9 @@ def test_three_daemons_share_twenty_audiences_on_postgresql(tmp_path: Path, pg_u
             return True
 
         try:
-            for _round in range(5):
+            # A minute of rounds: inject changes, wait until the daemons delivered them.
+            until = time.monotonic() + SCALE_TEST_SECONDS
+            while time.monotonic() < until:
                 wait_until(delivered, "every change to reach the destination", 60)
                 ever_sent.update(m["userId"] for m in planhat.messages)
                 for uid in rng.sample(sorted(scores), 40):
