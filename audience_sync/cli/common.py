@@ -50,11 +50,24 @@ def _callback(
     setup_logging(verbose)
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record is emitted, not when it was set up
+    (a process that swaps its stderr, as pytest does, must not log to a closed stream)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        return None
+
+
 def setup_logging(verbose: bool, fmt: str = "plain") -> None:
     """Plain log lines on stderr when it is not a terminal (a progress bar shows otherwise)."""
     level = logging.DEBUG if verbose else (
         logging.WARNING if sys.stderr.isatty() else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger("audience_sync")
     root.handlers[:] = [handler]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from datetime import UTC, datetime, timedelta
 
 import typer
 
-from audience_sync.cli.common import app, globals_of, open_config, open_store
+from audience_sync.cli.common import StderrHandler, app, globals_of, open_config, open_store
 from audience_sync.config import parse_duration
 from audience_sync.errors import UsageError
 from audience_sync.health import HealthServer, Metrics
@@ -46,7 +45,7 @@ class PlainFormatter(logging.Formatter):
 
 
 def configure_logging(fmt: str, verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
