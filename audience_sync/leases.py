@@ -25,6 +25,7 @@ from types import TracebackType
 from sqlalchemy import or_, select, update
 
 from audience_sync import schema as t
+from audience_sync.clock import Clock
 from audience_sync.errors import LeaseBusy, LeaseLost, StoreError
 from audience_sync.store import Store
 
@@ -35,7 +36,6 @@ DEFAULT_TTL = timedelta(seconds=60)
 # How often a waiting acquirer looks again.
 WAIT_POLL_SECONDS = 0.5
 
-Clock = Callable[[], datetime]
 
 
 def default_owner() -> str:

@@ -36,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from audience_sync import schema as t
+from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Config, JsonlDestination
 from audience_sync.destinations import Destination, Outcome, make_destination, wire_stats
 from audience_sync.errors import AudienceSyncError
@@ -44,7 +45,6 @@ from audience_sync.store import Store
 
 log = logging.getLogger("audience_sync.delivery")
 
-Clock = Callable[[], datetime]
 # Used for destinations whose config has no `retry_later` (jsonl, injected clients).
 DEFAULT_RETRY_LATER = timedelta(minutes=1)
 
@@ -213,7 +213,7 @@ def count_pending(conn: Connection, destination: str,
 
 def drain(store: Store, config: Config, *, keys: Collection[str] | None = None,
           clients: Mapping[str, Destination] | None = None,
-          clock: Clock = lambda: datetime.now(UTC)) -> DrainReport:
+          clock: Clock = utcnow) -> DrainReport:
     """Send every due pending delivery (of the given audiences, or all configured) to its
     destination, each destination in a thread of its own."""
     wanted = [c for c in config.computations if keys is None or c.key in keys]

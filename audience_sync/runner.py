@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync import schema as t
 from audience_sync.cadence import next_due_after_failure, next_due_after_success
+from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Computation, Config
 from audience_sync.errors import AudienceSyncError, LeaseLost, SourceError, StoreError
 from audience_sync.snapshot import (
@@ -52,12 +53,7 @@ from audience_sync.sources import (
 )
 from audience_sync.store import Store
 
-Clock = Callable[[], datetime]
 log = logging.getLogger(__name__)
-
-
-def system_clock() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass
@@ -105,7 +101,7 @@ def run_computation(
     force: bool = False,
     dry_run: bool = False,
     fencing_token: int | None = None,
-    clock: Clock = system_clock,
+    clock: Clock = utcnow,
     progress: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Evaluate one audience or trait now and apply the changes in one transaction.

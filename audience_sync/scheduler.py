@@ -27,6 +27,7 @@ from sqlalchemy import distinct, or_, select
 
 from audience_sync import schema as t
 from audience_sync.cadence import Cadence, due_keys, is_due
+from audience_sync.clock import Clock, utcnow
 from audience_sync.config import (
     Computation,
     Config,
@@ -44,15 +45,10 @@ from audience_sync.store import Store
 
 log = logging.getLogger("audience_sync.daemon")
 
-Clock = Callable[[], datetime]
 
 # How long one tick drains one audience before moving on: a long initial sync at a vendor's
 # rate limit must not starve the other audiences; it resumes on the next tick.
 DEFAULT_DRAIN_SLICE = timedelta(seconds=30)
-
-
-def system_clock() -> datetime:
-    return datetime.now(UTC)
 
 
 class Observer:
@@ -158,7 +154,7 @@ class _DrainGate:
 
 class Daemon:
     def __init__(self, store: Store, config: Config, options: DaemonOptions, *,
-                 clock: Clock = system_clock, observer: Observer | None = None) -> None:
+                 clock: Clock = utcnow, observer: Observer | None = None) -> None:
         self.store = store
         self.config = config
         self.options = options

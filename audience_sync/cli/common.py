@@ -13,6 +13,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from audience_sync.clock import utcnow
 from audience_sync.config import Computation, Config, load_config
 from audience_sync.errors import ConfigError, UsageError
 from audience_sync.outbox import DrainReport
@@ -80,10 +81,6 @@ def globals_of(ctx: typer.Context) -> Globals:
     obj = root.obj
     assert isinstance(obj, Globals)
     return obj
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def open_config(ctx: typer.Context) -> Config:

@@ -24,8 +24,8 @@ from audience_sync.cli.common import (
     print_drain_report,
     print_json,
     resolve,
-    utcnow,
 )
+from audience_sync.clock import utcnow
 from audience_sync.config import Computation, Config
 from audience_sync.errors import UsageError
 from audience_sync.leases import DEFAULT_TTL, Holder, acquire, default_owner, held
