@@ -19,9 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
-from audience_sync import schema as t
 from audience_sync.config import Config
 from audience_sync.errors import AudienceSyncError
 from audience_sync.outbox import DrainReport
@@ -134,21 +132,18 @@ class StoreCollector(Collector):
         deliveries = GaugeMetricFamily("audience_sync_deliveries",
                                        "Deliveries not yet acknowledged, by status.",
                                        labels=["audience", "destination", "status"])
-        c, d = t.computations, t.deliveries
+        keys: dict[int, str] = {}
         for row in self.store.computations():
             if row.key not in self.keys:
                 continue
+            keys[row.id] = row.key
             members.add_metric([row.key], row.member_count)
             if row.last_success_at is not None:
                 success.add_metric([row.key], row.last_success_at.timestamp())
-        query = (select(c.c.key, d.c.destination, d.c.status, func.count())
-                 .join(c, c.c.id == d.c.computation_id)
-                 .where(d.c.status.in_(("pending", "failed")))
-                 .group_by(c.c.key, d.c.destination, d.c.status))
-        with self.store.read() as conn:
-            for key, destination, status, count in conn.execute(query):
-                if key in self.keys:
-                    deliveries.add_metric([key, destination, status], int(count))
+        counts = self.store.delivery_counts()
+        for (cid, destination, status), count in sorted(counts.items()):
+            if cid in keys:
+                deliveries.add_metric([keys[cid], destination, status], count)
         return members, success, deliveries
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import UTC, datetime
+from hashlib import sha256 as _sha256
 from typing import Any, NamedTuple
 
 from audience_sync import __version__
@@ -39,8 +39,7 @@ class Delivery(NamedTuple):
 
 def message_id(key: str, user_id: str, run_id: int, value: str) -> str:
     """Deterministic per (audience, user, run, value): a retried delivery keeps its id."""
-    digest = hashlib.sha256(f"{key}\x1f{user_id}\x1f{run_id}\x1f{value}".encode()).hexdigest()
-    return f"as-{digest[:40]}"
+    return "as-" + _sha256(f"{key}\x1f{user_id}\x1f{run_id}\x1f{value}".encode()).hexdigest()[:40]
 
 
 def computation_id(kind: str, key: str) -> str:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import operator
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,9 +22,12 @@ from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
-    ColumnElement,
     Connection,
+    Integer,
+    Select,
     String,
+    Text,
+    Update,
     and_,
     any_,
     bindparam,
@@ -94,6 +98,29 @@ def _utc(value: str | datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+@functools.cache
+def _batch_query(claim: bool, filtered: bool) -> Select[Any]:
+    """The statement of load_batch, built once: building and hashing a fresh statement per
+    claim cost more than running it. Bound at execution: destination, after, now, limit (and
+    comp_ids when filtered)."""
+    d, c = t.deliveries, t.computations
+    query = (
+        select(*_COLUMNS)
+        .join(c, c.c.id == d.c.computation_id)
+        .where(d.c.destination == bindparam("destination"), t.status_in("pending"),
+               d.c.id > bindparam("after"),
+               or_(d.c.next_attempt_at.is_(None),
+                   d.c.next_attempt_at <= bindparam("now", type_=t.UTCDateTime)))
+        .order_by(d.c.id)
+        .limit(bindparam("limit"))
+    )
+    if filtered:
+        query = query.where(d.c.computation_id.in_(bindparam("comp_ids", expanding=True)))
+    if claim:
+        query = query.with_for_update(skip_locked=True, of=d)
+    return query
+
+
 def load_batch(conn: Connection, destination: str, limit: int, now: datetime,
                computation_ids: Collection[int] | None = None, *,
                claim: bool = False, after_id: int = 0) -> list[Delivery]:
@@ -102,22 +129,13 @@ def load_batch(conn: Connection, destination: str, limit: int, now: datetime,
     claim: lock them (PostgreSQL, FOR UPDATE SKIP LOCKED) until the transaction ends; rows
     another drain holds are skipped, not waited for.
     """
-    d, c = t.deliveries, t.computations
-    query = (
-        select(*_COLUMNS)
-        .join(c, c.c.id == d.c.computation_id)
-        .where(d.c.destination == destination, d.c.status == "pending", d.c.id > after_id,
-               or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now))
-        .order_by(d.c.id)
-        .limit(limit)
-    )
+    params: dict[str, Any] = {"destination": destination, "after": after_id, "now": now,
+                              "limit": limit}
     if computation_ids is not None:
-        query = query.where(d.c.computation_id.in_(computation_ids))
-    if claim:
-        query = query.with_for_update(skip_locked=True, of=d)
+        params["comp_ids"] = list(computation_ids)
     # Plain DBAPI tuples: no column here has a result processor, and a Row per delivery was a
     # good part of a large drain's CPU time.
-    result = conn.execute(query)
+    result = conn.execute(_batch_query(claim, computation_ids is not None), params)
     try:
         rows = result.cursor.fetchall()
     finally:
@@ -126,33 +144,51 @@ def load_batch(conn: Connection, destination: str, limit: int, now: datetime,
                      _utc(r[11]), r[12]) for r in rows]
 
 
-def _id_in(conn: Connection, ids: list[int]) -> ColumnElement[bool]:
-    """`deliveries.id` among `ids`, as one bound value: an IN list of thousands of parameters
-    costs more to compile and bind than the UPDATE costs to run."""
+def _ids(dialect: str) -> Any:
+    """A criterion `deliveries.id` among the ids bound as `ids`, as one bound value: an IN list
+    of thousands of parameters costs more to compile and bind than the UPDATE costs to run."""
     column = t.deliveries.c.id
-    if conn.dialect.name == "postgresql":
-        return column == any_(bindparam(None, ids, type_=ARRAY(BigInteger)))
-    if conn.dialect.name == "sqlite":
-        listed = func.json_each(json.dumps(ids)).table_valued("value")
+    if dialect == "postgresql":
+        return column == any_(bindparam("ids", type_=ARRAY(BigInteger)))
+    if dialect == "sqlite":
+        listed = func.json_each(bindparam("ids", type_=String)).table_valued("value")
         return column.in_(select(listed.c.value))
-    return column.in_(ids)
+    return column.in_(bindparam("ids", expanding=True))
+
+
+def _ids_value(dialect: str, ids: list[int]) -> object:
+    return json.dumps(ids) if dialect == "sqlite" else ids
+
+
+@functools.cache
+def _mark_sent(dialect: str) -> Update:
+    d = t.deliveries
+    return update(d).where(_ids(dialect), t.status_in("pending")).values(
+        status="sent", sent_at=bindparam("now", type_=t.UTCDateTime),
+        attempts=d.c.attempts + bindparam("attempts", type_=Integer), last_error=None,
+        next_attempt_at=None)
+
+
+@functools.cache
+def _mark_unsent(dialect: str) -> Update:
+    d = t.deliveries
+    return update(d).where(_ids(dialect), t.status_in("pending")).values(
+        status=bindparam("status", type_=String), last_error=bindparam("error", type_=Text),
+        attempts=d.c.attempts + bindparam("attempts", type_=Integer),
+        next_attempt_at=bindparam("next_at", type_=t.UTCDateTime))
 
 
 def record_outcomes(conn: Connection, outcomes: list[Outcome], now: datetime,
                     retry_later: timedelta = DEFAULT_RETRY_LATER) -> None:
     """Write what became of each delivery. Only pending rows change: a delivery superseded
     while in flight stays superseded (its newer value is queued)."""
-    d = t.deliveries
-    pending = d.c.status == "pending"
-    for attempts in sorted({o.attempts for o in outcomes if o.ok}):
-        ids = [o.delivery_id for o in outcomes if o.ok and o.attempts == attempts]
-        conn.execute(update(d).where(_id_in(conn, ids), pending).values(
-            status="sent", sent_at=now, attempts=d.c.attempts + attempts, last_error=None,
-            next_attempt_at=None))
+    dialect = conn.dialect.name
+    sent: dict[int, list[int]] = {}
     groups: dict[tuple[str, str | None, datetime | None, int], list[int]] = {}
     for o in outcomes:
         key: tuple[str, str | None, datetime | None, int]
         if o.ok:
+            sent.setdefault(o.attempts, []).append(o.delivery_id)
             continue
         if o.permanent:
             key = ("failed", o.error, None, o.attempts)
@@ -163,16 +199,19 @@ def record_outcomes(conn: Connection, outcomes: list[Outcome], now: datetime,
             wait = timedelta(seconds=o.retry_after) if o.retry_after is not None else retry_later
             key = ("pending", o.error, now + max(wait, retry_later), o.attempts)
         groups.setdefault(key, []).append(o.delivery_id)
+    for attempts, ids in sorted(sent.items()):
+        conn.execute(_mark_sent(dialect), {"ids": _ids_value(dialect, ids), "now": now,
+                                           "attempts": attempts})
     for (status, error, next_at, attempts), ids in groups.items():
-        conn.execute(update(d).where(_id_in(conn, ids), pending).values(
-            status=status, attempts=d.c.attempts + attempts, last_error=error,
-            next_attempt_at=next_at))
+        conn.execute(_mark_unsent(dialect), {"ids": _ids_value(dialect, ids), "status": status,
+                                             "error": error, "attempts": attempts,
+                                             "next_at": next_at})
 
 
 def mark_initial_syncs_complete(conn: Connection) -> None:
     """An initial sync is complete once none of its deliveries is pending any more."""
     c, d = t.computations, t.deliveries
-    pending = select(d.c.id).where(d.c.computation_id == c.c.id, d.c.status == "pending")
+    pending = select(d.c.id).where(d.c.computation_id == c.c.id, t.status_in("pending"))
     conn.execute(update(c).where(c.c.initial_state == "delivering", ~pending.exists())
                  .values(initial_state="complete"))
 
@@ -186,7 +225,7 @@ def requeue_failed(conn: Connection, computation_ids: Collection[int] | None = N
     """
     d = t.deliveries
     newer = d.alias("newer")
-    condition = [d.c.status == "failed"]
+    condition = [t.status_in("failed")]
     if computation_ids is not None:
         condition.append(d.c.computation_id.in_(computation_ids))
     if destination is not None:
@@ -205,7 +244,7 @@ def requeue_failed(conn: Connection, computation_ids: Collection[int] | None = N
 def count_pending(conn: Connection, destination: str,
                   computation_ids: Collection[int] | None) -> int:
     d = t.deliveries
-    query = select(func.count()).where(d.c.destination == destination, d.c.status == "pending")
+    query = select(func.count()).where(d.c.destination == destination, t.status_in("pending"))
     if computation_ids is not None:
         query = query.where(d.c.computation_id.in_(computation_ids))
     return int(conn.execute(query).scalar_one())
@@ -252,34 +291,45 @@ class _Claim:
     conn: Connection | None  # PostgreSQL: the transaction holding the batch's row locks
     scope: ExitStack
 
+    def users(self) -> set[tuple[str, str]]:
+        return {(d.computation_key, d.user_id) for d in self.batch}
+
+
+def _claim_size(client: Destination) -> int:
+    """The destination's preferred claim (`claim_size`, e.g. about one request's worth of
+    messages), within its `max_batch`."""
+    size = getattr(client, "claim_size", None)
+    if isinstance(size, int):
+        return max(1, min(size, client.max_batch))
+    return client.max_batch
+
 
 class _Claims:
     """Successive batches of one destination, in id order; each claimed (PostgreSQL) until its
-    outcomes are recorded, so the next batch can be loaded while one is on the wire."""
+    outcomes are recorded, so the next batches can be loaded while others are on the wire."""
 
-    def __init__(self, store: Store, name: str, limit: int, comp_ids: list[int],
-                 clock: Clock, first: int | None = None) -> None:
-        self.store, self.name, self.limit, self.comp_ids, self.clock = \
-            store, name, limit, comp_ids, clock
+    def __init__(self, store: Store, name: str, client: Destination, comp_ids: list[int],
+                 clock: Clock) -> None:
+        self.store, self.name, self.client, self.comp_ids, self.clock = \
+            store, name, client, comp_ids, clock
         self.lock = store.dialect == "postgresql"
         self.after = 0  # a deferred delivery waits for the next drain, not this one
-        self.size = limit if first is None else max(1, min(first, limit))
         self.open: list[ExitStack] = []
 
     def next(self) -> _Claim:
         scope = ExitStack()
         self.open.append(scope)
         conn: Connection | None = None
+        size = _claim_size(self.client)
         if self.lock:
             conn = scope.enter_context(self.store.write())
-            batch = load_batch(conn, self.name, self.size, self.clock(), self.comp_ids,
+            batch = load_batch(conn, self.name, size, self.clock(), self.comp_ids,
                                claim=True, after_id=self.after)
         else:
             # SQLite has one writer: holding its lock while sending would stall every run.
             with self.store.read() as read:
-                batch = load_batch(read, self.name, self.size, self.clock(), self.comp_ids,
+                batch = load_batch(read, self.name, size, self.clock(), self.comp_ids,
                                    after_id=self.after)
-        self.size = self.limit
         if batch:
             self.after = batch[-1].id
         return _Claim(batch, conn, scope)
@@ -304,6 +354,36 @@ class _Abandoned(Exception):
     """Rolls back a claim whose outcomes are unknown."""
 
 
+class _Window:
+    """The claims on the wire: at most `size` at once, none sharing a user with another (the
+    older value must be answered before a newer one for the same user goes out)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.claims: dict[Future[list[Outcome]], tuple[_Claim, set[tuple[str, str]]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.claims)
+
+    def admits(self, claim: _Claim) -> bool:
+        if len(self.claims) >= self.size:
+            return False
+        if not self.claims:
+            return True
+        users = claim.users()
+        return all(users.isdisjoint(other) for _, other in self.claims.values())
+
+    def add(self, future: Future[list[Outcome]], claim: _Claim) -> None:
+        self.claims[future] = (claim, claim.users() if self.size > 1 else set())
+
+    def answered(self) -> tuple[_Claim, list[Outcome]]:
+        """The oldest answered claim, once there is one (one at a time: the window is topped
+        up after each claim's outcomes are recorded)."""
+        done, _ = wait(self.claims, return_when=FIRST_COMPLETED)
+        future = min(done, key=lambda f: self.claims[f][0].batch[0].id)
+        return self.claims.pop(future)[0], future.result()
+
+
 def _drain_destination(store: Store, config: Config, name: str, comp_ids: list[int],
                        clients: Mapping[str, Destination] | None, clock: Clock,
                        report: DestinationReport) -> None:
@@ -314,29 +394,31 @@ def _drain_destination(store: Store, config: Config, name: str, comp_ids: list[i
     client = clients[name] if clients is not None and injected else \
         make_destination(name, settings)
     halted = False
-    # A destination that sends one claim as several concurrent requests may ask for a smaller
-    # first claim, so its first request goes out sooner.
-    first = getattr(client, "first_claim", None)
-    claims = _Claims(store, name, client.max_batch, comp_ids, clock,
-                     first if isinstance(first, int) else None)
+    # A destination may keep several claims on the wire at once (`window`): each claim's
+    # outcomes commit as soon as it is answered, while the others keep the destination busy.
+    # A crash re-sends at most the claims on the wire.
+    window_size = getattr(client, "window", 1)
+    window = _Window(window_size if isinstance(window_size, int) and window_size > 0 else 1)
+    claims = _Claims(store, name, client, comp_ids, clock)
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix=f"send-{name}") as sender:
-            current = claims.next()
-            in_flight = sender.submit(_prepared(client, current.batch)) \
-                if current.batch else None
-            while in_flight is not None:
-                # Loaded and encoded while `current` is on the wire; sent only once `current`
-                # is answered and its outcomes are committed: claims reach the destination in
-                # id order, and a crash can re-send at most the one batch on the wire.
-                upcoming = claims.next()
-                job = _prepared(client, upcoming.batch) if upcoming.batch else None
-                outcomes = in_flight.result()
-                go_on = _tally(report, outcomes, name)
-                halted = not go_on and any(o.halt for o in outcomes)
-                claims.finish(current, outcomes, retry_later)
-                in_flight = sender.submit(job) if go_on and job is not None else None
-                current = upcoming
-            claims.finish(current, [], retry_later)
+        with ThreadPoolExecutor(window.size, thread_name_prefix=f"send-{name}") as sender:
+            upcoming = claims.next()
+            job = _prepared(client, upcoming.batch) if upcoming.batch else None
+            go_on = True
+            while True:
+                # The next claim is loaded and encoded while the others are on the wire.
+                while go_on and job is not None and window.admits(upcoming):
+                    window.add(sender.submit(job), upcoming)
+                    upcoming = claims.next()
+                    job = _prepared(client, upcoming.batch) if upcoming.batch else None
+                if not window:
+                    break
+                claim, outcomes = window.answered()
+                if not _tally(report, outcomes, name):
+                    go_on = False
+                    halted = halted or any(o.halt for o in outcomes)
+                claims.finish(claim, outcomes, retry_later)
+            claims.finish(upcoming, [], retry_later)
     finally:
         claims.abandon()
         for key, value in wire_stats(client).items():
@@ -359,11 +441,16 @@ def _prepared(client: Destination, batch: list[Delivery]) -> Callable[[], list[O
     return functools.partial(client.send, batch)
 
 
+_OK, _PERMANENT = operator.itemgetter(1), operator.itemgetter(2)  # Outcome.ok, .permanent
+
+
 def _tally(report: DestinationReport, outcomes: list[Outcome], name: str) -> bool:
     """Count a batch's outcomes; False when the destination should stop for this drain."""
-    sent = sum(o.ok for o in outcomes)
+    sent = sum(map(_OK, outcomes))
     report.sent += sent
-    report.failed += sum(o.permanent for o in outcomes)
+    if sent == len(outcomes):
+        return True
+    report.failed += sum(map(_PERMANENT, outcomes))
     deferred = [o for o in outcomes if not o.ok and not o.permanent and not o.halt]
     report.deferred += len(deferred)
     halted = next((o for o in outcomes if o.halt), None)

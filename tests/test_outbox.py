@@ -106,6 +106,89 @@ def test_a_slow_destination_does_not_hold_back_the_others(
     assert report.destinations["a_slow"].sent == report.destinations["b_fast"].sent == 60
 
 
+class Windowed(Recorder):
+    """Takes claims of `claim_size` and keeps up to `window` of them on the wire."""
+
+    def __init__(self, name: str, window: int, claim_size: int,
+                 before: Callable[[Sequence[Delivery]], None]) -> None:
+        super().__init__(name)
+        self.window = window
+        self.claim_size = claim_size
+        self.hook = before
+        self.on_wire: list[list[Delivery]] = []
+
+    def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        with self.lock:
+            self.batches.append(list(batch))
+            self.on_wire.append(list(batch))
+        try:
+            self.hook(batch)
+        finally:
+            with self.lock:
+                self.on_wire.remove(list(batch))
+        return [Outcome(d.id, ok=True) for d in batch]
+
+
+def test_a_window_keeps_several_claims_on_the_wire(setup: tuple[Store, Config, Path]) -> None:
+    store, config, _ = setup
+    _run(store, config)
+    second = threading.Event()
+    overlapped: list[bool] = []
+
+    def hold_the_first(batch: Sequence[Delivery]) -> None:
+        if batch[0].user_id == "u000":
+            overlapped.append(second.wait(WAIT))  # the next claim goes out meanwhile
+        else:
+            second.set()
+
+    windowed = Windowed("b_fast", window=3, claim_size=5, before=hold_the_first)
+    report = drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": windowed})
+    assert overlapped == [True]
+    assert {len(batch) for batch in windowed.batches} == {5}
+    assert report.destinations["b_fast"].sent == 60
+    assert set(_statuses(store, "b_fast")) == {u[0] for u in USERS}
+    assert all(s == ["sent"] for s in _statuses(store, "b_fast").values())
+
+
+def test_a_window_never_sends_a_user_while_an_older_value_is_on_the_wire(
+        setup: tuple[Store, Config, Path]) -> None:
+    store, config, _ = setup
+    _run(store, config)
+    # A newer value for u000 queued behind everyone (as a run committing during the drain
+    # would leave it): it must wait until the older one was answered.
+    d = t.deliveries
+    with store.write() as conn:
+        first = conn.execute(select(d).where(d.c.destination == "b_fast", d.c.user_id == "u000"))\
+            .one()
+        conn.execute(d.insert().values(
+            computation_id=first.computation_id, run_id=first.run_id, destination="b_fast",
+            user_id="u000", value="false", observed_at=datetime.now(UTC), status="pending"))
+    clashes: list[str] = []
+    newer_started = threading.Event()
+    # How long the older value is held on the wire, waiting for the newer one to (wrongly)
+    # go out beside it: a wait for something that must not happen.
+    hold = 0.5
+
+    def hold_u000(batch: Sequence[Delivery]) -> None:
+        if batch[0].user_id != "u000":
+            return
+        if batch[0].value == "true":
+            newer_started.wait(hold)
+        else:
+            newer_started.set()
+            with windowed.lock:
+                wire = [x.user_id for claim in windowed.on_wire for x in claim]
+            if wire.count("u000") > 1:
+                clashes.append(f"u000 twice on the wire: {wire}")
+
+    windowed = Windowed("b_fast", window=4, claim_size=1, before=hold_u000)
+    report = drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": windowed})
+    assert not clashes
+    assert report.destinations["b_fast"].sent == 61
+    values = [x.value for x in windowed.sent if x.user_id == "u000"]
+    assert values == ["true", "false"]
+
+
 def test_two_drains_never_send_one_row_twice(setup: tuple[Store, Config, Path]) -> None:
     store, config, _ = setup
     if store.dialect != "postgresql":

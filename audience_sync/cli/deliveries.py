@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 import typer
-from sqlalchemy import select
+from sqlalchemy import Row, select
 
 from audience_sync import schema as t
 from audience_sync.cli.common import (
@@ -52,24 +52,30 @@ def deliveries(
     _check_destination(config, destination)
     store = open_store(config)
     d, c = t.deliveries, t.computations
-    query = (select(d.c.id, c.c.key, d.c.destination, d.c.user_id, d.c.value, d.c.status,
-                    d.c.attempts, d.c.next_attempt_at, d.c.last_error, d.c.run_id,
-                    d.c.observed_at)
-             .join(c, c.c.id == d.c.computation_id)
-             .where(d.c.status.in_(("failed",) if failed else ("pending", "failed")))
-             .order_by(d.c.id).limit(limit))
-    if key is not None:
-        query = query.where(c.c.key == key)
-    if destination is not None:
-        query = query.where(d.c.destination == destination)
+    rows: list[Row[Any]] = []
     with store.read() as conn:
+        # One query per status, each along its partial index; merged oldest first.
+        for status in ("failed",) if failed else ("pending", "failed"):
+            query = (select(d.c.id, c.c.key, d.c.destination, d.c.user_id, d.c.value,
+                            d.c.status, d.c.attempts, d.c.next_attempt_at, d.c.last_error,
+                            d.c.run_id, d.c.observed_at)
+                     .join(c, c.c.id == d.c.computation_id)
+                     .where(t.status_in(status))
+                     .with_hint(d, f"INDEXED BY {t.UNSENT_INDEX[status]}", "sqlite")
+                     .order_by(d.c.id).limit(limit))
+            if key is not None:
+                query = query.where(c.c.key == key)
+            if destination is not None:
+                query = query.where(d.c.destination == destination)
+            rows += conn.execute(query).all()
+        rows = sorted(rows, key=lambda row: row.id)[:limit]
         items: list[dict[str, Any]] = [{
             "id": row.id, "key": row.key, "destination": row.destination,
             "user_id": row.user_id, "value": json.loads(row.value), "status": row.status,
             "attempts": row.attempts, "next_attempt_at": iso(row.next_attempt_at),
             "last_error": row.last_error, "run_id": row.run_id,
             "observed_at": iso(row.observed_at),
-        } for row in conn.execute(query)]
+        } for row in rows]
     if as_json:
         print_json(items)
         return

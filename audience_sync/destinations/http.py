@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import email.utils
 import enum
+import functools
 import json
 import logging
 import random
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +35,13 @@ log = logging.getLogger("audience_sync.delivery")
 USER_AGENT = f"audience-sync/{__version__}"
 # An error message quoted from a destination is cut to this many characters.
 ERROR_SNIPPET = 240
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """httpx's default verifying context (certifi, or SSL_CERT_FILE/SSL_CERT_DIR), built once
+    per process: loading the CA bundle took longer than a whole drain of a few changes."""
+    return httpx.create_ssl_context()
 
 
 class Verdict(enum.Enum):
@@ -233,7 +242,7 @@ class HttpSender:
         self.client = httpx.Client(
             base_url=base_url, auth=auth, headers=headers, timeout=timeout,
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
-            follow_redirects=False)
+            follow_redirects=False, verify=tls_context())
 
     def close(self) -> None:
         self.client.close()
@@ -341,6 +350,15 @@ def make_sender(name: str, config: PlanhatConfig | SegmentConfig, *, base_url: s
         limiter=limiter if limiter is not None else LIMITERS.get(name, rate),
         redactor=Redactor(secrets),
         pool=config.concurrency)
+
+
+def outcomes_of(delivery_ids: Iterable[int], reply: Reply) -> list[Outcome]:
+    """The outcomes of every delivery a request carried: one reply, one verdict for all
+    (built positionally: a large drain makes one per delivery)."""
+    if reply.verdict is Verdict.OK:
+        attempts = reply.attempts
+        return [Outcome(i, True, False, None, None, False, attempts) for i in delivery_ids]
+    return [outcome_of(i, reply) for i in delivery_ids]
 
 
 def outcome_of(delivery_id: int, reply: Reply) -> Outcome:

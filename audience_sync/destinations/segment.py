@@ -20,10 +20,10 @@ from audience_sync.destinations.http import (
     HttpSender,
     Limiter,
     make_sender,
-    outcome_of,
+    outcomes_of,
     probe,
 )
-from audience_sync.messages import Delivery, identify, timestamp
+from audience_sync.messages import Delivery, identify, message_id, timestamp
 
 BATCH_PATH = "/v1/batch"
 # Segment's documented limits: 32 KB per message, 500 KB and 2,500 messages per batch.
@@ -32,6 +32,10 @@ MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_MESSAGES = 2_500
 # Room for `{"batch":[`, `],"sentAt":"..."}` around the messages.
 _ENVELOPE_BYTES = 64
+# The first claim, before any message size is known: small, so the first request goes out soon.
+FIRST_CLAIM = 500
+# Later claims aim at this share of a full batch's bytes, so one claim is one request.
+_CLAIM_FILL = 0.9
 
 
 def _dumps(value: object) -> bytes:
@@ -67,20 +71,25 @@ def encode(delivery: Delivery) -> bytes:
     """The bytes of `identify(delivery)` (the same document, key for key), written directly:
     one run's messages share everything but the user, traits and ids, and a json.dumps per
     message was most of the time spent building a batch."""
-    d = delivery
-    key = d.computation_key
+    (_, key, kind, run_id, _, user_id, value, email, name, title, company_id, observed_at,
+     _) = delivery
     if key in _CONTACT:
-        return _dumps(identify(d))
-    traits = "".join((
-        "" if d.email is None else f',"email":{_str(d.email)}',
-        "" if d.name is None else f',"name":{_str(d.name)}',
-        "" if d.title is None else f',"title":{_str(d.title)}',
-        "" if d.company_id is None else f',"company_id":{_str(d.company_id)}',
-    ))
-    return (f'{{"type":"identify","userId":{_str(d.user_id)},"traits":{{{traits[1:]}'
-            f'{"," if traits else ""}{_str(key)}:{_value(d.value)}}},'
-            f'{_shared_fragment(d.computation_kind, key)},"messageId":"{d.message_id}",'
-            f'"timestamp":"{_timestamp(d.observed_at)}"}}').encode()
+        return _dumps(identify(delivery))
+    # Contact traits present on every message (the common case) skip the join below.
+    if email is not None and name is not None and title is not None and company_id is not None:
+        traits = (f'"email":{_str(email)},"name":{_str(name)},"title":{_str(title)},'
+                  f'"company_id":{_str(company_id)},')
+    else:
+        traits = "".join((
+            "" if email is None else f'"email":{_str(email)},',
+            "" if name is None else f'"name":{_str(name)},',
+            "" if title is None else f'"title":{_str(title)},',
+            "" if company_id is None else f'"company_id":{_str(company_id)},',
+        ))
+    return (f'{{"type":"identify","userId":{_str(user_id)},"traits":{{{traits}'
+            f'{_str(key)}:{_value(value)}}},{_shared_fragment(kind, key)},'
+            f'"messageId":"{message_id(key, user_id, run_id, value)}",'
+            f'"timestamp":"{_timestamp(observed_at)}"}}').encode()
 
 
 def iter_batches(encoded: Iterable[tuple[int, bytes]]) -> Iterator[list[tuple[int, bytes]]]:
@@ -108,13 +117,19 @@ def batch_body(messages: Sequence[bytes], sent_at: datetime) -> bytes:
 
 
 class SegmentDestination:
-    """Batches posted concurrently (`concurrency`), each within Segment's limits."""
+    """Batches posted concurrently (`concurrency`), each within Segment's limits.
+
+    The drain keeps `window` claims on the wire, each sized (`claim_size`, learned from the
+    sizes of the messages built so far) to fill about one batch: every answered batch commits
+    its outcomes while the others keep the endpoint busy.
+    """
 
     def __init__(self, name: str, config: SegmentConfig, limiter: Limiter | None = None) -> None:
         key = config.write_key.get_secret_value()
         self.name = name
-        self.max_batch = MAX_BATCH_MESSAGES * config.concurrency
-        self.first_claim = MAX_BATCH_MESSAGES
+        self.max_batch = MAX_BATCH_MESSAGES
+        self.window = config.concurrency
+        self.claim_size = FIRST_CLAIM
         self.sender: HttpSender = make_sender(
             name, config, base_url=config.url, auth=httpx.BasicAuth(key, ""), headers={},
             secrets=[key], rate=config.rate_limit, limiter=limiter)
@@ -140,6 +155,10 @@ class SegmentDestination:
                 error=f"message is {len(message):,} bytes; Segment accepts at most "
                       f"{MAX_MESSAGE_BYTES:,} bytes per message (not sent)"))
         chunks = pack(fitting)
+        if fitting:
+            average = sum(len(m) + 1 for _, m in fitting) / len(fitting)
+            self.claim_size = max(1, min(MAX_BATCH_MESSAGES, int(
+                (MAX_BATCH_BYTES - _ENVELOPE_BYTES) * _CLAIM_FILL / average)))
 
         def post_all() -> list[Outcome]:
             posts: list[Future[list[Outcome]]] = [
@@ -154,7 +173,7 @@ class SegmentDestination:
     def _post(self, batch: list[tuple[int, bytes]]) -> list[Outcome]:
         body = batch_body([m for _, m in batch], datetime.now(UTC))
         reply = self.sender.call("POST", BATCH_PATH, content=body)
-        return [outcome_of(delivery_id, reply) for delivery_id, _ in batch]
+        return outcomes_of([delivery_id for delivery_id, _ in batch], reply)
 
     def check(self) -> tuple[bool, str]:
         # An empty batch reaches the endpoint and its auth check without sending an identify.
