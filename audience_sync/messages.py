@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime
 from hashlib import sha256 as _sha256
@@ -29,8 +30,14 @@ class Delivery(NamedTuple):
     name: str | None
     title: str | None
     company_id: str | None
-    observed_at: datetime
+    # When the change was observed, as the driver returned it (SQLite: ISO text): converted
+    # on use, once per distinct value, since a run's deliveries share one.
+    observed: datetime | str
     attempts: int = 0
+
+    @property
+    def observed_at(self) -> datetime:
+        return utc_datetime(self.observed)
 
     @property
     def message_id(self) -> str:
@@ -40,6 +47,14 @@ class Delivery(NamedTuple):
 def message_id(key: str, user_id: str, run_id: int, value: str) -> str:
     """Deterministic per (audience, user, run, value): a retried delivery keeps its id."""
     return "as-" + _sha256(f"{key}\x1f{user_id}\x1f{run_id}\x1f{value}".encode()).hexdigest()[:40]
+
+
+@functools.lru_cache(maxsize=256)
+def utc_datetime(value: datetime | str) -> datetime:
+    """A stored timestamp (a datetime, or ISO text), timezone-aware UTC."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def computation_id(kind: str, key: str) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -81,21 +81,14 @@ class DrainReport:
         return {name: r.as_dict() for name, r in self.destinations.items()}
 
 
-# observed_at is read raw and converted once per distinct value (a run's rows share one):
-# the per-row datetime processing was a good part of a large drain's CPU time.
+# In Delivery's field order. observed_at is read raw (Delivery converts it on use, once per
+# distinct value): the per-row datetime processing was a good part of a large drain's CPU.
 _COLUMNS = (t.deliveries.c.id, t.computations.c.key, t.computations.c.kind,
             t.deliveries.c.run_id, t.deliveries.c.destination, t.deliveries.c.user_id,
             t.deliveries.c.value, t.deliveries.c.email, t.deliveries.c.name,
             t.deliveries.c.title, t.deliveries.c.company_id,
             type_coerce(t.deliveries.c.observed_at, String).label("observed_at"),
             t.deliveries.c.attempts)
-
-
-@functools.lru_cache(maxsize=256)
-def _utc(value: str | datetime) -> datetime:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 @functools.cache
@@ -140,8 +133,7 @@ def load_batch(conn: Connection, destination: str, limit: int, now: datetime,
         rows = result.cursor.fetchall()
     finally:
         result.close()
-    return [Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
-                     _utc(r[11]), r[12]) for r in rows]
+    return list(map(Delivery._make, rows))
 
 
 def _ids(dialect: str) -> Any:
@@ -291,6 +283,7 @@ class _Claim:
     conn: Connection | None  # PostgreSQL: the transaction holding the batch's row locks
     scope: ExitStack
 
+    @functools.cached_property
     def users(self) -> set[tuple[str, str]]:
         return {(d.computation_key, d.user_id) for d in self.batch}
 
@@ -360,7 +353,7 @@ class _Window:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.claims: dict[Future[list[Outcome]], tuple[_Claim, set[tuple[str, str]]]] = {}
+        self.claims: dict[Future[list[Outcome]], _Claim] = {}
 
     def __len__(self) -> int:
         return len(self.claims)
@@ -370,18 +363,17 @@ class _Window:
             return False
         if not self.claims:
             return True
-        users = claim.users()
-        return all(users.isdisjoint(other) for _, other in self.claims.values())
+        return all(claim.users.isdisjoint(other.users) for other in self.claims.values())
 
     def add(self, future: Future[list[Outcome]], claim: _Claim) -> None:
-        self.claims[future] = (claim, claim.users() if self.size > 1 else set())
+        self.claims[future] = claim
 
     def answered(self) -> tuple[_Claim, list[Outcome]]:
         """The oldest answered claim, once there is one (one at a time: the window is topped
         up after each claim's outcomes are recorded)."""
         done, _ = wait(self.claims, return_when=FIRST_COMPLETED)
-        future = min(done, key=lambda f: self.claims[f][0].batch[0].id)
-        return self.claims.pop(future)[0], future.result()
+        future = min(done, key=lambda f: self.claims[f].batch[0].id)
+        return self.claims.pop(future), future.result()
 
 
 def _drain_destination(store: Store, config: Config, name: str, comp_ids: list[int],

@@ -23,7 +23,7 @@ from audience_sync.destinations.http import (
     outcomes_of,
     probe,
 )
-from audience_sync.messages import Delivery, identify, message_id, timestamp
+from audience_sync.messages import Delivery, identify, message_id, timestamp, utc_datetime
 
 BATCH_PATH = "/v1/batch"
 # Segment's documented limits: 32 KB per message, 500 KB and 2,500 messages per batch.
@@ -52,8 +52,8 @@ def _shared_fragment(kind: str, key: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _timestamp(at: datetime) -> str:
-    return timestamp(at)
+def _timestamp(observed: datetime | str) -> str:
+    return timestamp(utc_datetime(observed))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -71,7 +71,7 @@ def encode(delivery: Delivery) -> bytes:
     """The bytes of `identify(delivery)` (the same document, key for key), written directly:
     one run's messages share everything but the user, traits and ids, and a json.dumps per
     message was most of the time spent building a batch."""
-    (_, key, kind, run_id, _, user_id, value, email, name, title, company_id, observed_at,
+    (_, key, kind, run_id, _, user_id, value, email, name, title, company_id, observed,
      _) = delivery
     if key in _CONTACT:
         return _dumps(identify(delivery))
@@ -89,7 +89,7 @@ def encode(delivery: Delivery) -> bytes:
     return (f'{{"type":"identify","userId":{_str(user_id)},"traits":{{{traits}'
             f'{_str(key)}:{_value(value)}}},{_shared_fragment(kind, key)},'
             f'"messageId":"{message_id(key, user_id, run_id, value)}",'
-            f'"timestamp":"{_timestamp(observed_at)}"}}').encode()
+            f'"timestamp":"{_timestamp(observed)}"}}').encode()
 
 
 def iter_batches(encoded: Iterable[tuple[int, bytes]]) -> Iterator[list[tuple[int, bytes]]]:
