@@ -13,12 +13,13 @@ import functools
 import json
 import logging
 import operator
-from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import threading
+from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -298,8 +299,8 @@ def _claim_size(client: Destination) -> int:
 
 
 class _Claims:
-    """Successive batches of one destination, in id order; each claimed (PostgreSQL) until its
-    outcomes are recorded, so the next batches can be loaded while others are on the wire."""
+    """Successive batches of one destination, loaded one at a time in id order; each claimed
+    (PostgreSQL) until its outcomes are recorded."""
 
     def __init__(self, store: Store, name: str, client: Destination, comp_ids: list[int],
                  clock: Clock) -> None:
@@ -307,11 +308,14 @@ class _Claims:
             store, name, client, comp_ids, clock
         self.lock = store.dialect == "postgresql"
         self.after = 0  # a deferred delivery waits for the next drain, not this one
-        self.open: list[ExitStack] = []
+        self.open: set[ExitStack] = set()
+        self.guard = threading.Lock()  # over `open`: claims finish on several threads
 
     def next(self) -> _Claim:
+        """The next claim; called by one thread at a time."""
         scope = ExitStack()
-        self.open.append(scope)
+        with self.guard:
+            self.open.add(scope)
         conn: Connection | None = None
         size = _claim_size(self.client)
         if self.lock:
@@ -333,47 +337,74 @@ class _Claims:
         elif outcomes:
             with self.store.write() as conn:
                 record_outcomes(conn, outcomes, self.clock(), retry_later)
-        self.open.remove(claim.scope)
+        with self.guard:
+            self.open.discard(claim.scope)
         claim.scope.close()  # commits, releasing the row locks
 
     def abandon(self) -> None:
         """Roll back every claim still open: its rows stay pending for the next drain."""
-        for scope in self.open:
+        with self.guard:
+            scopes, self.open = self.open, set()
+        for scope in scopes:
             scope.__exit__(_Abandoned, _Abandoned(), None)
-        self.open.clear()
 
 
 class _Abandoned(Exception):
     """Rolls back a claim whose outcomes are unknown."""
 
 
-class _Window:
-    """The claims on the wire: at most `size` at once, none sharing a user with another (the
-    older value must be answered before a newer one for the same user goes out)."""
+class _Pipeline:
+    """The drain of one destination by `window` workers side by side, each taking the next
+    claim, sending it and recording its outcomes before it takes another.
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.claims: dict[Future[list[Outcome]], _Claim] = {}
+    Claims load one at a time, in id order. A claim carrying a user whose older value is
+    still on the wire waits for that answer first. So at most `window` claims are sent and
+    not yet recorded: a crash re-sends at most those.
+    """
 
-    def __len__(self) -> int:
-        return len(self.claims)
+    def __init__(self, claims: _Claims, client: Destination, report: DestinationReport,
+                 name: str, retry_later: timedelta) -> None:
+        self.claims, self.client, self.report, self.name, self.retry_later = \
+            claims, client, report, name, retry_later
+        self.loading = threading.Lock()
+        self.changed = threading.Condition()  # over on_wire, stopped, halted and the report
+        self.on_wire: list[_Claim] = []
+        self.stopped = False
+        self.halted = False
 
-    def admits(self, claim: _Claim) -> bool:
-        if len(self.claims) >= self.size:
-            return False
-        if not self.claims:
-            return True
-        return all(claim.users.isdisjoint(other.users) for other in self.claims.values())
+    def work(self) -> None:
+        try:
+            while (claim := self._take()) is not None:
+                outcomes = self.client.send(claim.batch)
+                with self.changed:
+                    if not _tally(self.report, outcomes, self.name):
+                        self.stopped = True
+                        self.halted = self.halted or any(o.halt for o in outcomes)
+                self.claims.finish(claim, outcomes, self.retry_later)
+                with self.changed:
+                    self.on_wire.remove(claim)
+                    self.changed.notify_all()
+        except BaseException:
+            with self.changed:
+                self.stopped = True
+                self.changed.notify_all()
+            raise
 
-    def add(self, future: Future[list[Outcome]], claim: _Claim) -> None:
-        self.claims[future] = claim
-
-    def answered(self) -> tuple[_Claim, list[Outcome]]:
-        """The oldest answered claim, once there is one (one at a time: the window is topped
-        up after each claim's outcomes are recorded)."""
-        done, _ = wait(self.claims, return_when=FIRST_COMPLETED)
-        future = min(done, key=lambda f: self.claims[f].batch[0].id)
-        return self.claims.pop(future), future.result()
+    def _take(self) -> _Claim | None:
+        with self.loading:
+            if self.stopped:
+                return None
+            claim = self.claims.next()
+            with self.changed:
+                if claim.batch:
+                    self.changed.wait_for(lambda: self.stopped or all(
+                        claim.users.isdisjoint(other.users) for other in self.on_wire))
+                if claim.batch and not self.stopped:
+                    self.on_wire.append(claim)
+                    return claim
+                self.stopped = True  # nothing left to send, or told to stop
+            self.claims.finish(claim, [], self.retry_later)
+            return None
 
 
 def _drain_destination(store: Store, config: Config, name: str, comp_ids: list[int],
@@ -385,52 +416,29 @@ def _drain_destination(store: Store, config: Config, name: str, comp_ids: list[i
     injected = clients is not None and name in clients
     client = clients[name] if clients is not None and injected else \
         make_destination(name, settings)
-    halted = False
     # A destination may keep several claims on the wire at once (`window`): each claim's
     # outcomes commit as soon as it is answered, while the others keep the destination busy.
-    # A crash re-sends at most the claims on the wire.
-    window_size = getattr(client, "window", 1)
-    window = _Window(window_size if isinstance(window_size, int) and window_size > 0 else 1)
+    window = getattr(client, "window", 1)
+    window = window if isinstance(window, int) and window > 0 else 1
     claims = _Claims(store, name, client, comp_ids, clock)
+    pipeline = _Pipeline(claims, client, report, name, retry_later)
     try:
-        with ThreadPoolExecutor(window.size, thread_name_prefix=f"send-{name}") as sender:
-            upcoming = claims.next()
-            job = _prepared(client, upcoming.batch) if upcoming.batch else None
-            go_on = True
-            while True:
-                # The next claim is loaded and encoded while the others are on the wire.
-                while go_on and job is not None and window.admits(upcoming):
-                    window.add(sender.submit(job), upcoming)
-                    upcoming = claims.next()
-                    job = _prepared(client, upcoming.batch) if upcoming.batch else None
-                if not window:
-                    break
-                claim, outcomes = window.answered()
-                if not _tally(report, outcomes, name):
-                    go_on = False
-                    halted = halted or any(o.halt for o in outcomes)
-                claims.finish(claim, outcomes, retry_later)
-            claims.finish(upcoming, [], retry_later)
+        if window == 1:
+            pipeline.work()
+        else:
+            with ThreadPoolExecutor(window, thread_name_prefix=f"send-{name}") as workers:
+                for worker in [workers.submit(pipeline.work) for _ in range(window)]:
+                    worker.result()
     finally:
         claims.abandon()
         for key, value in wire_stats(client).items():
             setattr(report, key, getattr(report, key) + value)
         if not injected:
             client.close()
-    if halted:
+    if pipeline.halted:
         with store.read() as conn:
             waiting = count_pending(conn, name, comp_ids)
         report.error = f"{report.error}; {waiting} deliveries kept pending"
-
-
-def _prepared(client: Destination, batch: list[Delivery]) -> Callable[[], list[Outcome]]:
-    """The send of one claim, its messages built now if the destination can (`prepare`)."""
-    prepare = getattr(client, "prepare", None)
-    if callable(prepare):
-        job = prepare(batch)
-        if callable(job):
-            return cast(Callable[[], list[Outcome]], job)
-    return functools.partial(client.send, batch)
 
 
 _OK, _PERMANENT = operator.itemgetter(1), operator.itemgetter(2)  # Outcome.ok, .permanent

@@ -9,7 +9,6 @@ whose lease another process (a daemon, a CLI `sync`) holds are skipped until a l
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -19,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
-from typing import Any, cast
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -88,25 +87,13 @@ class _GuardedDestination:
         self._on_batch = on_batch
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
-        return self.prepare(batch)()
-
-    def prepare(self, batch: Sequence[Delivery]) -> Callable[[], list[Outcome]]:
-        """The inner destination's prepared send (see outbox), checked for a pause when it
-        is sent, not when it is built."""
-        prepare = getattr(self.inner, "prepare", None)
-        job = prepare(batch) if callable(prepare) else None
-        send = job if callable(job) else functools.partial(self.inner.send, batch)
-
-        def guarded() -> list[Outcome]:
-            reason = self._should_pause()
-            if reason is not None:
-                raise _Paused(f"destination {self.name!r}: drain paused ({reason})")
-            try:
-                return cast(list[Outcome], send())
-            finally:
-                self._on_batch()
-
-        return guarded
+        reason = self._should_pause()
+        if reason is not None:
+            raise _Paused(f"destination {self.name!r}: drain paused ({reason})")
+        try:
+            return self.inner.send(batch)
+        finally:
+            self._on_batch()
 
     def check(self) -> tuple[bool, str]:
         return self.inner.check()

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _str
 
@@ -138,11 +138,6 @@ class SegmentDestination:
                                         thread_name_prefix=f"segment-{name}")
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
-        return self.prepare(batch)()
-
-    def prepare(self, batch: Sequence[Delivery]) -> Callable[[], list[Outcome]]:
-        """Build the batch's messages now; the returned call posts them. The drain builds the
-        next claim while the current one is on the wire."""
         refused: list[Outcome] = []
         fitting: list[tuple[int, bytes]] = []
         for delivery in batch:
@@ -154,21 +149,16 @@ class SegmentDestination:
                 delivery.id, ok=False, permanent=True, attempts=0,
                 error=f"message is {len(message):,} bytes; Segment accepts at most "
                       f"{MAX_MESSAGE_BYTES:,} bytes per message (not sent)"))
+        if not fitting:
+            return refused
+        average = sum(len(m) + 1 for _, m in fitting) / len(fitting)
+        self.claim_size = max(1, min(MAX_BATCH_MESSAGES, int(
+            (MAX_BATCH_BYTES - _ENVELOPE_BYTES) * _CLAIM_FILL / average)))
         chunks = pack(fitting)
-        if fitting:
-            average = sum(len(m) + 1 for _, m in fitting) / len(fitting)
-            self.claim_size = max(1, min(MAX_BATCH_MESSAGES, int(
-                (MAX_BATCH_BYTES - _ENVELOPE_BYTES) * _CLAIM_FILL / average)))
-
-        def post_all() -> list[Outcome]:
-            posts: list[Future[list[Outcome]]] = [
-                self._pool.submit(self._post, chunk) for chunk in chunks]
-            outcomes = list(refused)
-            for post in posts:
-                outcomes += post.result()
-            return outcomes
-
-        return post_all
+        if len(chunks) == 1:  # the usual claim: one batch, posted from this thread
+            return refused + self._post(chunks[0])
+        posts = [self._pool.submit(self._post, chunk) for chunk in chunks]
+        return refused + [outcome for post in posts for outcome in post.result()]
 
     def _post(self, batch: list[tuple[int, bytes]]) -> list[Outcome]:
         body = batch_body([m for _, m in batch], datetime.now(UTC))
