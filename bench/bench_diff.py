@@ -36,6 +36,7 @@ from sqlalchemy.engine import make_url
 
 from audience_sync.config import load_config
 from audience_sync.outbox import drain
+from audience_sync.process import tune_garbage_collector
 from audience_sync.runner import run_computation
 from audience_sync.store import Store
 
@@ -207,6 +208,7 @@ def main() -> None:
     parser.add_argument("--no-deliver", action="store_true",
                         help="skip delivering the initial sync (a quicker memory check)")
     args = parser.parse_args()
+    tune_garbage_collector()  # as the command line does at start
     import os
 
     pg_url = args.pg_url or os.environ.get("AUDIENCE_SYNC_TEST_PG_URL")

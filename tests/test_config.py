@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 import yaml
 
-from audience_sync.config import RateLimit, load_config, parse_duration, parse_rate
+from audience_sync.config import (
+    PlanhatDestination,
+    RateLimit,
+    SegmentDestination,
+    load_config,
+    parse_duration,
+    parse_rate,
+)
 from audience_sync.errors import ConfigError
 from tests.helpers import cli, write_config
 
@@ -53,6 +60,24 @@ def test_good_config_loads(tmp_path: Path) -> None:
     planhat = config.destinations["planhat"]
     assert "secret-tenant-token-123" not in repr(planhat)
     assert "secret-tenant-token-123" not in repr(config)
+
+
+def test_destination_defaults(tmp_path: Path) -> None:
+    document = {**BASE, "destinations": {
+        **BASE["destinations"],
+        "segment": {"type": "segment", "write_key": "${SEG_KEY}"},
+        "fields": {"type": "planhat", "mode": "api", "api_token": "${PH_TOKEN}"}}}
+    config = load_config(write_config(tmp_path / "config.yaml", document),
+                         env={**ENV, "SEG_KEY": "k"})
+    planhat, segment, fields = (config.destinations[n] for n in ("planhat", "segment", "fields"))
+    assert isinstance(planhat, PlanhatDestination) and isinstance(fields, PlanhatDestination)
+    assert isinstance(segment, SegmentDestination)
+    # Requests on the wire: Planhat's one identify per request needs several to reach its
+    # rate; Segment's batches go two at a time; bulk upserts are sequential by Planhat's rule.
+    assert (planhat.concurrency, segment.concurrency) == (4, 2)
+    assert planhat.effective_rate_limit == RateLimit(100, 1)
+    assert fields.effective_rate_limit == RateLimit(200, 60)
+    assert segment.rate_limit == RateLimit(500, 1)
 
 
 def test_config_is_frozen(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import click
 from audience_sync.cli import admin, daemon, deliveries, engine
 from audience_sync.cli.common import app
 from audience_sync.errors import AudienceSyncError
+from audience_sync.process import tune_garbage_collector
 
 __all__ = ["app", "main"]
 
@@ -19,6 +20,7 @@ _COMMAND_MODULES = (admin, engine, deliveries, daemon)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    tune_garbage_collector()
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in ("-v", "--verbose") for a in args)
     try:
