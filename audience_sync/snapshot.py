@@ -74,7 +74,20 @@ exited = Table(
     *(Column(name, Text) for name in SENT_COLUMNS),
     prefixes=["TEMPORARY"],
 )
-TEMP_TABLES = (stage, delta, exited)
+# PostgreSQL: the stage and the current members joined once (full join), keeping the rows
+# that differ: new users, changed ones (their stored values as old_*) and users gone.
+joined = Table(
+    "as_joined", _temp,
+    Column("user_id", String(USER_ID_MAX)),
+    *(Column(name, Text) for name in SENT_COLUMNS),
+    Column("is_new", Boolean),
+    Column("is_changed", Boolean),
+    Column("value_changed", Boolean),
+    Column("old_user_id", String(USER_ID_MAX)),
+    *(Column(f"old_{name}", Text) for name in SENT_COLUMNS),
+    prefixes=["TEMPORARY"],
+)
+TEMP_TABLES = (stage, delta, exited, joined)
 
 
 def create_temp_tables(conn: Connection) -> None:
@@ -270,6 +283,40 @@ def _create_as(conn: Connection, name: str, query: Select[Any]) -> None:
     conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} AS {compiled}", compiled.params)
 
 
+def _full_join(conn: Connection, computation_id: int, compare_sent: bool) -> None:
+    """PostgreSQL: as_delta and as_exited from one pass over the stage and the members.
+
+    A hash full join reads each side once where a join each way (the way SQLite does it)
+    reads both twice; only the rows that differ are kept, then split.
+    """
+    m = t.members
+    current = select(m.c.user_id, *(m.c[name] for name in SENT_COLUMNS if compare_sent)) \
+        .where(m.c.computation_id == computation_id).subquery("m")
+    is_new = current.c.user_id.is_(None)
+    differs = [stage.c[name].is_distinct_from(current.c[name])
+               for name in SENT_COLUMNS if compare_sent]
+    selection = select(
+        stage.c.user_id, *(stage.c[name] for name in SENT_COLUMNS),
+        is_new.label("is_new"),
+        and_(~is_new, or_(false(), *differs)).label("is_changed"),
+        and_(~is_new, stage.c.value.is_distinct_from(current.c.value)).label("value_changed")
+        if compare_sent else false().label("value_changed"),
+        current.c.user_id.label("old_user_id"),
+        *((current.c[name] if compare_sent else literal(None, Text)).label(f"old_{name}")
+          for name in SENT_COLUMNS),
+    ).select_from(stage.outerjoin(current, current.c.user_id == stage.c.user_id, full=True)) \
+        .where(or_(stage.c.user_id.is_(None), is_new, *differs))
+    _create_as(conn, joined.name, selection)
+    _create_as(conn, delta.name, select(
+        joined.c.user_id, *(joined.c[name] for name in SENT_COLUMNS),
+        joined.c.is_new, joined.c.is_changed, joined.c.value_changed,
+    ).where(joined.c.user_id.is_not(None)))
+    _create_as(conn, exited.name, select(
+        joined.c.old_user_id.label("user_id"),
+        *(joined.c[f"old_{name}"].label(name) for name in SENT_COLUMNS),
+    ).where(joined.c.user_id.is_(None)))
+
+
 def _diff(conn: Connection, computation_id: int, resync: bool, compare_sent: bool) -> Diff:
     """Fill as_delta and as_exited from the stage and the current members."""
     m = t.members
@@ -294,11 +341,13 @@ def _diff(conn: Connection, computation_id: int, resync: bool, compare_sent: boo
     leaving = select(m.c.user_id, *(m.c[name] for name in SENT_COLUMNS)).where(
         m.c.computation_id == computation_id, ~exists().where(stage.c.user_id == m.c.user_id))
     if conn.dialect.name == "postgresql":
-        # CREATE TABLE AS may run in parallel; INSERT ... SELECT never does. as_delta's key,
-        # added after, is what rejects a repeated new id (see compute_diff).
-        _create_as(conn, delta.name, selection)
+        if resync:
+            _create_as(conn, delta.name, selection)
+            _create_as(conn, exited.name, leaving)
+        else:
+            _full_join(conn, computation_id, compare_sent)
+        # as_delta's key is what rejects a repeated new id (see compute_diff).
         conn.execute(text(f"ALTER TABLE {delta.name} ADD PRIMARY KEY (user_id)"))
-        _create_as(conn, exited.name, leaving)
         conn.execute(text(f"ANALYZE {delta.name}"))
         conn.execute(text(f"ANALYZE {exited.name}"))
     else:

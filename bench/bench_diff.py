@@ -138,6 +138,7 @@ def floor(state_url: str, source: Path, computation_id: int) -> float:
 
 def measure(config_path: str, state_url: str, source: str, queue: Any) -> None:
     """Runs in a fresh process so peak RSS is this work's alone."""
+    tune_garbage_collector()  # as the command line does at start
     config = load_config(config_path)
     store = Store(config.state_db)
     comp = config.computations[0]

@@ -281,6 +281,29 @@ def test_bad_rows_counted_by_reason(project: Project,
     assert [m["user_id"] for m in json.loads(out)] == ["42", "u1", "u2"]
 
 
+def test_repeated_ids_in_a_later_run(project: Project,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Repeated ids of members, of new users and of changed ones: each counted once, and
+    only the real changes sent (PostgreSQL finds them after loading an unkeyed stage)."""
+    with freeze_time(T0):
+        assert sync(capsys, project, "high_scorers")["exit_code"] == 0
+    set_users(project.warehouse, [
+        user("u1"), user("u1"), user("u2", email="new@example.com"),
+        user("u2", email="new@example.com"), user("u3"), user("u4"), user("u6"), user("u6"),
+    ])
+    sent_before = len(project.sent())
+    with freeze_time(T0 + timedelta(hours=3)):
+        doc = sync(capsys, project, "high_scorers")
+    run = by_key(doc)["high_scorers"]
+    assert doc["exit_code"] == 0, doc
+    assert (run["members"], run["entered"], run["exited"], run["changed"]) == (5, 1, 1, 1)
+    assert run["skipped"]["duplicate"] == 3
+    changes = {(m["userId"], m["traits"]["high_scorers"], m["traits"]["email"])
+               for m in project.sent()[sent_before:]}
+    assert changes == {("u6", True, "u6@example.com"), ("u5", False, "u5@example.com"),
+                       ("u2", True, "new@example.com")}
+
+
 def test_dry_run_writes_nothing(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = cli(capsys, "--config", str(project.path), "sync", "--dry-run")
     assert code == 0, err
