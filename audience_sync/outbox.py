@@ -1,10 +1,11 @@
 """The outbox: pending deliveries, sent in batches, marked sent only once acknowledged.
 
 Each destination drains in a thread of its own, so a slow or failing destination never holds
-back the others. On PostgreSQL a batch is claimed with FOR UPDATE SKIP LOCKED and its row locks
-are held until its outcomes are recorded: several processes can drain one outbox and no row is
-sent by two of them at once. A crash before the outcomes commit leaves the rows pending, to be
-sent again (at-least-once, same messageId).
+back the others; a destination with a `window` keeps that many claims on the wire at once, each
+recorded as soon as it is answered. On PostgreSQL a claim is taken with FOR UPDATE SKIP LOCKED
+and its row locks are held until its outcomes are recorded: several processes can drain one
+outbox and no row is sent by two of them at once. A crash before the outcomes commit leaves the
+rows pending, to be sent again (at-least-once, same messageId): at most the claims on the wire.
 """
 
 from __future__ import annotations
