@@ -349,6 +349,10 @@ def test_pending_delivery_superseded_by_newer_change(project: Project) -> None:
                             .where(d.c.user_id == "u1").order_by(d.c.id)).all()
     assert [(r.value, r.status) for r in rows] == [
         ("true", "superseded"), ("false", "superseded"), ("true", "pending")]
+    with store.read() as conn:
+        others = conn.execute(select(d.c.status, func.count()).where(d.c.user_id != "u1")
+                              .group_by(d.c.status)).all()
+    assert dict(others) == {"pending": 4}  # the users who did not change keep theirs
     store.dispose()
 
 

@@ -138,6 +138,8 @@ class SegmentDestination:
                                         thread_name_prefix=f"segment-{name}")
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        """Post a claim as batches within Segment's limits; a message over 32 KB fails alone.
+        Learns `claim_size` from the messages' sizes."""
         refused: list[Outcome] = []
         fitting: list[tuple[int, bytes]] = []
         for delivery in batch:
