@@ -25,7 +25,6 @@ from sqlalchemy import (
     bindparam,
     cast,
     create_engine,
-    exists,
     func,
     select,
     text,
@@ -267,10 +266,13 @@ def compile_rule(rule: Rule, source: Source, engine: Engine, now: datetime) -> S
         if users is None:
             raise SourceError(f"rule on {rule.event!r}: not_performed needs the users table "
                               f"{source.tables.users!r}, which the source does not have")
-        performed = exists().where(and_(tracks.c[cols.user_id] == users.c[cols.users_id],
-                                         in_window))
-        return select(users.c[cols.users_id].label("user_id"), *trait_columns) \
-            .where(~performed)
+        # An anti-join against who did it, not a correlated NOT EXISTS: SQLite runs the
+        # latter once per user over the event's whole history (44 s for the demo's 5,000).
+        performed = select(tracks.c[cols.user_id].label("user_id")).where(in_window) \
+            .distinct().subquery("performed")
+        return select(users.c[cols.users_id].label("user_id"), *trait_columns).select_from(
+            users.outerjoin(performed, performed.c.user_id == users.c[cols.users_id])
+        ).where(performed.c.user_id.is_(None))
     counted = (
         select(tracks.c[cols.user_id].label("user_id"))
         .where(in_window)
