@@ -2,12 +2,15 @@
 
 (a) Planhat Segment mode, the fake enforcing the configured rate limit (token bucket, small
     burst): achieved rate / allowed rate over a full drain, and the number of 429s (must be 0).
-(b) Segment `/v1/batch`: our drain's throughput (state store reads and writes included) / a bare
-    httpx loop posting the same pre-built batches to the same server.
-Prints `ratio=` lines. The fake servers run in a child process, so their CPU does not compete
-with the client measured.
+(b) Segment `/v1/batch`: our drain's throughput (state store reads and writes included, the
+    destination's default concurrency) / a bare httpx loop posting the same pre-built batches,
+    one after the other, to the same kind of server. Each phase of each round gets a fresh
+    server; rounds alternate which phase runs first; the median ratio of the rounds is printed.
+Prints `ratio=` lines. The fake servers run in child processes (with Python's default garbage
+collector settings), so their CPU is not the measured client's.
 
     python bench/bench_delivery.py [--rate 200] [--seconds 5] [--segment-messages 50000]
+                                   [--rounds 3]
 """
 
 from __future__ import annotations
