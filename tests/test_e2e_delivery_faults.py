@@ -89,6 +89,30 @@ def test_faults_delay_but_never_lose_or_repeat(
         assert total["throttled"] == count
 
 
+@pytest.mark.parametrize("kind", ["500", "drop"])
+def test_faults_with_two_segment_batches_on_the_wire(
+        kind: str, tmp_path: Path, state_url: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several claims drained by two workers while requests fail: each claim's outcomes are
+    its own, so everything arrives once. (That two claims do go out side by side is shown
+    deterministically in test_outbox.)"""
+    set_env(monkeypatch)
+    users = [(f"w{i:04d}", f"w{i}@example.com", None, None, "c1", 50.0) for i in range(4000)]
+    fast = {"timeout": 0.3, "max_retries": 20, "backoff_base": 0.001, "backoff_max": 0.01,
+            "concurrency": 2}
+    with FakeSegment(WRITE_KEY, timeout_delay=1.0).running() as segment:
+        assert isinstance(segment, FakeSegment)
+        config = delivery_config(tmp_path, state_url, segment=segment.url, users=users,
+                                 trait=False, overrides={"segment": fast})
+        segment.fail_next(6, kind, retry_after=0.01)
+        reports = _sync_until_done(capsys, config, "segment")
+    assert sorted(m["userId"] for m in segment.messages) == [u[0] for u in users]
+    assert segment.duplicates() == {}
+    assert not segment.faults
+    assert sum(r["sent"] for r in reports) == 4000
+    assert segment.batches >= 3  # several claims
+
+
 def test_bad_token_stops_the_destination_and_keeps_everything_pending(
         tmp_path: Path, state_url: str, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
