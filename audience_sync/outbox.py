@@ -102,7 +102,7 @@ def _batch_query(claim: bool, filtered: bool) -> Select[Any]:
     query = (
         select(*_COLUMNS)
         .join(c, c.c.id == d.c.computation_id)
-        .where(d.c.destination == bindparam("destination"), t.status_in("pending"),
+        .where(d.c.destination == bindparam("destination"), t.status_is("pending"),
                d.c.id > bindparam("after"),
                or_(d.c.next_attempt_at.is_(None),
                    d.c.next_attempt_at <= bindparam("now", type_=t.UTCDateTime)))
@@ -157,7 +157,7 @@ def _ids_value(dialect: str, ids: list[int]) -> object:
 @functools.cache
 def _mark_sent(dialect: str) -> Update:
     d = t.deliveries
-    return update(d).where(_ids(dialect), t.status_in("pending")).values(
+    return update(d).where(_ids(dialect), t.status_is("pending")).values(
         status="sent", sent_at=bindparam("now", type_=t.UTCDateTime),
         attempts=d.c.attempts + bindparam("attempts", type_=Integer), last_error=None,
         next_attempt_at=None)
@@ -166,7 +166,7 @@ def _mark_sent(dialect: str) -> Update:
 @functools.cache
 def _mark_unsent(dialect: str) -> Update:
     d = t.deliveries
-    return update(d).where(_ids(dialect), t.status_in("pending")).values(
+    return update(d).where(_ids(dialect), t.status_is("pending")).values(
         status=bindparam("status", type_=String), last_error=bindparam("error", type_=Text),
         attempts=d.c.attempts + bindparam("attempts", type_=Integer),
         next_attempt_at=bindparam("next_at", type_=t.UTCDateTime))
@@ -205,7 +205,7 @@ def record_outcomes(conn: Connection, outcomes: list[Outcome], now: datetime,
 def mark_initial_syncs_complete(conn: Connection) -> None:
     """An initial sync is complete once none of its deliveries is pending any more."""
     c, d = t.computations, t.deliveries
-    pending = select(d.c.id).where(d.c.computation_id == c.c.id, t.status_in("pending"))
+    pending = select(d.c.id).where(d.c.computation_id == c.c.id, t.status_is("pending"))
     conn.execute(update(c).where(c.c.initial_state == "delivering", ~pending.exists())
                  .values(initial_state="complete"))
 
@@ -219,7 +219,7 @@ def requeue_failed(conn: Connection, computation_ids: Collection[int] | None = N
     """
     d = t.deliveries
     newer = d.alias("newer")
-    condition = [t.status_in("failed")]
+    condition = [t.status_is("failed")]
     if computation_ids is not None:
         condition.append(d.c.computation_id.in_(computation_ids))
     if destination is not None:
@@ -238,7 +238,7 @@ def requeue_failed(conn: Connection, computation_ids: Collection[int] | None = N
 def count_pending(conn: Connection, destination: str,
                   computation_ids: Collection[int] | None) -> int:
     d = t.deliveries
-    query = select(func.count()).where(d.c.destination == destination, t.status_in("pending"))
+    query = select(func.count()).where(d.c.destination == destination, t.status_is("pending"))
     if computation_ids is not None:
         query = query.where(d.c.computation_id.in_(computation_ids))
     return int(conn.execute(query).scalar_one())

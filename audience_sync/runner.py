@@ -19,7 +19,6 @@ from sqlalchemy import (
     delete,
     insert,
     literal,
-    literal_column,
     select,
     text,
     true,
@@ -291,8 +290,7 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
                    literal(run_id)).where(new | (delta.c.value_changed == true()))))
     # Outbox: a newer change supersedes a pending older one for the same user.
     d = t.deliveries
-    # The literal (not a bound parameter) lets SQLite use the partial index on pending rows.
-    pending = and_(d.c.computation_id == cid, d.c.status == literal_column("'pending'"))
+    pending = and_(d.c.computation_id == cid, t.status_is("pending"))
     if _any_pending(conn, cid):
         if conn.dialect.name == "postgresql" and kind != "resync":
             conn.execute(_SUPERSEDE_BY_PROBES, {"cid": cid})

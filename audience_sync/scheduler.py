@@ -249,7 +249,7 @@ class Daemon:
         d, c = t.deliveries, t.computations
         now = self.clock()
         query = (select(distinct(c.c.key)).join(d, d.c.computation_id == c.c.id)
-                 .where(t.status_in("pending"),
+                 .where(t.status_is("pending"),
                         or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now)))
         with self.store.read() as conn:
             keys = set(conn.execute(query).scalars())

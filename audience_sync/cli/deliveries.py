@@ -60,7 +60,7 @@ def deliveries(
                             d.c.status, d.c.attempts, d.c.next_attempt_at, d.c.last_error,
                             d.c.run_id, d.c.observed_at)
                      .join(c, c.c.id == d.c.computation_id)
-                     .where(t.status_in(status))
+                     .where(t.status_is(status))
                      .with_hint(d, f"INDEXED BY {t.UNSENT_INDEX[status]}", "sqlite")
                      .order_by(d.c.id).limit(limit))
             if key is not None:

@@ -21,6 +21,7 @@ from audience_sync.destinations.http import (
     Verdict,
     make_sender,
     outcome_of,
+    outcomes_of,
     probe,
 )
 from audience_sync.messages import Delivery, identify
@@ -104,7 +105,7 @@ class PlanhatApiDestination:
             reply = self.sender.call("PUT", ENDUSERS_PATH, content=body)
             chunk_ids = [d.id for item in chunk for d in owners[item["externalId"]]]
             if reply.verdict is not Verdict.OK:
-                outcomes += [outcome_of(i, reply) for i in chunk_ids]
+                outcomes += outcomes_of(chunk_ids, reply)
                 continue
             errors = item_errors(reply.json(), chunk)
             if errors is None:
