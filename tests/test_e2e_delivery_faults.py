@@ -98,7 +98,10 @@ def test_faults_with_two_segment_batches_on_the_wire(
     deterministically in test_outbox.)"""
     set_env(monkeypatch)
     users = [(f"w{i:04d}", f"w{i}@example.com", None, None, "c1", 50.0) for i in range(4000)]
-    fast = {"timeout": 0.3, "max_retries": 20, "backoff_base": 0.001, "backoff_max": 0.01,
+    # A generous timeout: a 2,500-message batch that the server recorded but answered after
+    # the client gave up is re-sent (at-least-once), which this test would count as a
+    # duplicate. On a loaded two-core machine 0.3 s was not enough for such a batch.
+    fast = {"timeout": 10.0, "max_retries": 20, "backoff_base": 0.001, "backoff_max": 0.01,
             "concurrency": 2}
     with FakeSegment(WRITE_KEY, timeout_delay=1.0).running() as segment:
         assert isinstance(segment, FakeSegment)
