@@ -21,6 +21,7 @@ from audience_sync.config import (
     parse_rate,
 )
 from audience_sync.errors import ConfigError
+from audience_sync.store import Store
 from audience_sync.urls import mask_url, mask_urls_in
 from tests.delivery_setup import API_TOKEN, TENANT_TOKEN, WRITE_KEY, delivery_config, set_env
 from tests.fakes import FakePlanhat, FakeSegment
@@ -480,3 +481,13 @@ def test_check_masks_userinfo_and_query_of_base_url(
     for secret in ("proxy-PASSWORD-1", "query-SECRET-2", "query-SECRET-3"):
         assert secret not in out + err
     assert f"http://proxyuser:***@{host}/?key=***" in out
+
+
+def test_store_repr_masks_password_and_query_of_database_url() -> None:
+    store = Store("postgresql+psycopg://app:db-PASSWORD-1@127.0.0.1:1/state"
+                  "?sslpassword=db-SECRET-2")
+    try:
+        shown = repr(store)
+    finally:
+        store.dispose()
+    assert shown == "Store('postgresql+psycopg://app:***@127.0.0.1:1/state?sslpassword=***')"
