@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -26,8 +27,9 @@ from pydantic import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from audience_sync.config_yaml import load_yaml
 from audience_sync.errors import ConfigError
-from audience_sync.keys import check_key, derive_key
+from audience_sync.keys import check_key, derive_key, reserved_key_reason
 
 DEFAULT_CONFIG = "config.yaml"
 CONFIG_ENV = "AUDIENCE_SYNC_CONFIG"
@@ -39,26 +41,85 @@ _RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, 
                "hour": 3600}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
+# Every duration is bounded before it becomes a timedelta: `99999999999d` or `.inf` used to
+# validate and then raise OverflowError in every sync (a datetime plus the cadence). A year
+# is longer than any cadence, timeout or retention this tool has a use for.
+MAX_DURATION = timedelta(days=365)
+# Rule windows look back further (a yearly buyer, "not seen in two years"), and `now - window`
+# must stay a datetime.
+MAX_WINDOW = timedelta(days=36500)
+# A rate between one request an hour (the slowest unit) and far above any vendor's limit.
+MIN_RATE_PER_SECOND = 1 / 3600
+MAX_RATE_PER_SECOND = 100_000.0
+# Counts in rules are bound SQL parameters; SQLite refuses integers past 2**63.
+MAX_COUNT = 1_000_000_000
 
-def parse_duration(value: object) -> timedelta:
-    """`30s`, `15m`, `2h`, `30d` (a bare integer is seconds)."""
+
+def parse_duration(value: object, maximum: timedelta = MAX_DURATION) -> timedelta:
+    """`30s`, `15m`, `2h`, `30d` (a bare number is seconds), at most `maximum`."""
     if isinstance(value, timedelta):
-        return value
-    if isinstance(value, bool):
+        seconds: float = value.total_seconds()
+    elif isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 15m, 2h or 30d")
-    if isinstance(value, int | float):
+    elif isinstance(value, int):
+        seconds = value  # compared as an int: a 400-digit number has no float
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("expected a duration such as 30s, 15m, 2h or 30d, "
+                             "not an infinite or NaN number")
         seconds = value
     else:
         match = _DURATION.match(str(value))
         if not match:
-            raise ValueError(f"{value!r} is not a duration such as 30s, 15m, 2h or 30d")
-        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+            raise ValueError(f"{_shown(value)} is not a duration such as 30s, 15m, 2h or 30d")
+        digits = match.group(1)
+        # Compare before converting: int() refuses more than 4300 digits with its own message.
+        seconds = (math.inf if len(digits) > 15 else int(digits) * _UNITS[match.group(2)])
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
-    return timedelta(seconds=seconds)
+    if seconds > maximum.total_seconds():
+        raise ValueError(f"is longer than the maximum of {maximum.days}d")
+    return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
+
+
+def _shown(value: object) -> str:
+    """A user's value quoted in a message, cut short: a 5 MB line is not a useful error."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+def _parse_window(value: object) -> timedelta:
+    return parse_duration(value, MAX_WINDOW)
+
+
+Window = Annotated[timedelta, BeforeValidator(_parse_window)]
+
+
+def clean_secret(value: object) -> object:
+    """Strip surrounding whitespace; refuse control characters inside.
+
+    A file-mounted secret ends in a newline, which made httpx refuse the header and print the
+    whole token in its error. A control character inside is never part of a real token, and
+    refusing it here keeps it out of every header. The message never contains the value.
+    """
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        return value  # pydantic reports the wrong type (without echoing the value)
+    value = value.strip()
+    if not value:
+        raise ValueError("is empty")
+    for char in value:
+        if not char.isprintable() and char != " ":
+            raise ValueError(f"contains the control character U+{ord(char):04X}; "
+                             "a secret must be one line of printable characters")
+    return value
+
+
+Secret = Annotated[SecretStr, BeforeValidator(clean_secret)]
 
 
 @dataclass(frozen=True)
@@ -81,8 +142,12 @@ def parse_rate(value: object) -> RateLimit:
         return value
     match = _RATE.match(str(value))
     if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"{value!r} is not a rate such as 100/s or 200/min")
-    return RateLimit(float(match.group(1)), float(_RATE_UNITS[match.group(2)]))
+        raise ValueError(f"{_shown(value)} is not a rate such as 100/s or 200/min")
+    rate = RateLimit(float(match.group(1)), float(_RATE_UNITS[match.group(2)]))
+    # float("9" * 400) is inf; a rate far below one an hour would park a drain for ages.
+    if not MIN_RATE_PER_SECOND <= rate.per_second <= MAX_RATE_PER_SECOND:
+        raise ValueError(f"{_shown(value)} is outside 1/hour .. {MAX_RATE_PER_SECOND:g}/s")
+    return rate
 
 
 Rate = Annotated[RateLimit, BeforeValidator(parse_rate)]
@@ -170,8 +235,8 @@ class _HttpDestination(_Frozen):
 class PlanhatDestination(_HttpDestination):
     type: Literal["planhat"]
     mode: Literal["segment", "api"] = "segment"
-    tenant_token: SecretStr | None = None
-    api_token: SecretStr | None = None
+    tenant_token: Secret | None = None
+    api_token: Secret | None = None
     subdomain: str = "api"
     rate_limit: Rate | None = None
     batch_size: int = Field(default=5000, ge=1, le=5000)
@@ -205,7 +270,7 @@ class PlanhatDestination(_HttpDestination):
 
 class SegmentDestination(_HttpDestination):
     type: Literal["segment"]
-    write_key: SecretStr
+    write_key: Secret
     base_url: str | None = "https://api.segment.io"
     rate_limit: Rate = RateLimit(500, 1)
     # Segment's own libraries post one batch at a time. Two on the wire overlap building and
@@ -232,9 +297,9 @@ class Rule(_Frozen):
     """Engage-style event rule: performed EVENT at least N times within D (or not at all)."""
 
     event: str = Field(min_length=1)
-    within: Duration
-    at_least: int = Field(default=1, ge=1)
-    at_most: int | None = Field(default=None, ge=0)
+    within: Window
+    at_least: int = Field(default=1, ge=1, le=MAX_COUNT)
+    at_most: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     not_performed: bool = False
 
     @model_validator(mode="after")
@@ -413,8 +478,14 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         raise ConfigError("", f"config file {config_path} not found") from None
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {config_path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError("", f"{config_path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                              f"on line {line})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
+    except RecursionError:
+        raise ConfigError("", f"{config_path}: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -467,6 +538,9 @@ def _build(config_path: Path, model: ConfigModel) -> Config:
                 key = derive_key(item.name, prefix=kind)
             except ValueError as exc:
                 raise ConfigError(f"{path}.name", str(exc)) from None
+        reserved = reserved_key_reason(key)
+        if reserved is not None:
+            raise ConfigError(f"{path}.key" if item.key else f"{path}.name", reserved)
         if key in seen:
             raise ConfigError(f"{path}.key" if item.key else f"{path}.name",
                               f"key {key!r} is already used by {seen[key]}")

@@ -43,3 +43,22 @@ def check_key(key: str) -> str:
     if len(key) > MAX_KEY_LENGTH:
         raise ValueError(f"key is longer than {MAX_KEY_LENGTH} characters")
     return key
+
+
+# The identify call already uses these trait names for the contact and its identity (messages.py:
+# contact traits; Planhat's `companyId` and `externalId`; Segment's `userId` and `id`). An
+# audience named `Email` got the key `email`, and its `true` replaced the contact's address.
+# Compared without underscores and case, so `company_id`, `companyid` and `companyId` all match
+# (the first spelling listed is the one a message names).
+RESERVED_FIELDS = ("email", "name", "title", "company_id", "companyId", "user_id", "userId",
+                   "externalId", "id")
+_RESERVED = {field.replace("_", "").lower(): field for field in reversed(RESERVED_FIELDS)}
+
+
+def reserved_key_reason(key: str) -> str | None:
+    """Why `key` cannot name an audience or trait, or None when it can."""
+    field = _RESERVED.get(key.replace("_", "").lower())
+    if field is None:
+        return None
+    return (f"key {key!r} collides with the contact field {field!r} that every identify "
+            "carries; choose another name or an explicit key")

@@ -35,6 +35,7 @@ from sqlalchemy.pool import QueuePool
 from audience_sync import schema as t
 from audience_sync.config import Computation
 from audience_sync.errors import StoreError
+from audience_sync.urls import mask_url
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 # Page cache per connection; bounded so peak memory stays flat as audiences grow.
@@ -135,7 +136,7 @@ class Store:
         self.dialect = self.engine.dialect.name
 
     def __repr__(self) -> str:
-        return f"Store({make_url(self.url).render_as_string(hide_password=True)!r})"
+        return f"Store({mask_url(self.url)!r})"
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from audience_sync.keys import check_key, derive_key
+from audience_sync.keys import check_key, derive_key, reserved_key_reason
 
 
 @pytest.mark.parametrize(("name", "key"), [
@@ -42,3 +42,19 @@ def test_explicit_key_ok(key: str) -> None:
 def test_explicit_key_rejected(key: str) -> None:
     with pytest.raises(ValueError):
         check_key(key)
+
+
+@pytest.mark.parametrize(("key", "field"), [
+    ("email", "email"), ("name", "name"), ("title", "title"), ("company_id", "company_id"),
+    ("companyid", "company_id"), ("user_id", "user_id"), ("userid", "user_id"),
+    ("external_id", "externalId"), ("id", "id"),
+])
+def test_key_colliding_with_a_contact_field_is_reserved(key: str, field: str) -> None:
+    reason = reserved_key_reason(key)
+    assert reason is not None and f"contact field {field!r}" in reason
+
+
+@pytest.mark.parametrize("key", ["email_opt_in", "named_accounts", "high_value", "ids",
+                                 "user_segment", "company"])
+def test_key_merely_containing_a_contact_field_is_allowed(key: str) -> None:
+    assert reserved_key_reason(key) is None

@@ -12,6 +12,7 @@ from audience_sync.destinations import check_destination
 from audience_sync.errors import AudienceSyncError
 from audience_sync.sources import ping_source
 from audience_sync.store import Store
+from audience_sync.urls import mask_urls_in
 
 db_app = typer.Typer(help="State database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -33,24 +34,30 @@ def check(ctx: typer.Context) -> None:
     """Validate the config and reach every source and destination; print what is wrong."""
     config = open_config(ctx)
     out = console()
+
+    def say(line: str) -> None:
+        # A base_url or database URL may carry a password or a key in its query; whatever
+        # a driver or a destination put in its message, no URL is printed unmasked.
+        out.print(mask_urls_in(line), markup=False)
+
     problems = 0
-    out.print(f"config {config.path}: ok ({len(config.computations)} audiences and traits)")
+    say(f"config {config.path}: ok ({len(config.computations)} audiences and traits)")
     try:
         open_store(config, register=False)
-        out.print("state_db: ok")
+        say("state_db: ok")
     except AudienceSyncError as exc:
         problems += 1
-        out.print(f"state_db: FAILED: {exc}")
+        say(f"state_db: FAILED: {exc}")
     for name, source in config.sources.items():
         error = ping_source(source)
         problems += error is not None
-        out.print(f"sources.{name}: " + ("ok" if error is None else f"FAILED: {error}"))
+        say(f"sources.{name}: " + ("ok" if error is None else f"FAILED: {error}"))
     for name, dest in config.destinations.items():
         ok, message = check_destination(name, dest)
         problems += not ok
-        out.print(f"destinations.{name}: " + (message if ok else f"FAILED: {message}"))
+        say(f"destinations.{name}: " + (message if ok else f"FAILED: {message}"))
     if problems:
-        out.print(f"{problems} problem(s) found")
+        say(f"{problems} problem(s) found")
         raise typer.Exit(1)
 
 

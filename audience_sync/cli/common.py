@@ -104,7 +104,13 @@ def parse_time(value: str | None, option: str) -> datetime | None:
     except ValueError:
         raise UsageError(f"{option}: {value!r} is not an ISO-8601 time "
                          "such as 2026-11-28T10:00:00Z") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        # 9999-12-31T23:59:59-05:00 is a valid ISO time whose UTC is past year 9999.
+        raise UsageError(f"{option}: {value!r} is outside the years 1 to 9999 in UTC") from None
 
 
 def iso(value: datetime | None) -> str | None:
