@@ -18,7 +18,7 @@ from audience_sync import schema as t
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Config, load_config
 from audience_sync.destinations import Destination, Outcome
-from audience_sync.leases import hold_all
+from audience_sync.leases import hold_all, try_acquire
 from audience_sync.messages import Delivery
 from audience_sync.outbox import DrainReport, drain, requeue_failed
 from audience_sync.runner import run_computation
@@ -306,3 +306,30 @@ def test_retry_requeues_failed_unless_a_newer_change_exists(
     assert sorted(d.user_id for d in ok.sent) == sorted(u[0] for u in USERS)
     assert [d.value for d in ok.sent if d.user_id == "u000"] == ["false"]
     assert _statuses(store, "b_fast")["u000"] == ["superseded", "sent"]
+
+
+def test_a_drain_sends_only_the_audiences_whose_leases_it_holds(
+        setup: tuple[Store, Config, Path]) -> None:
+    store, config, _ = setup
+    _run(store, config)
+    fast = Recorder("b_fast")
+    report = drain(store, config, [], clients={"a_slow": Recorder("a_slow"), "b_fast": fast})
+    assert report.destinations == {} and fast.sent == []
+
+
+def test_a_drain_stops_at_its_next_claim_once_its_lease_is_taken_over(
+        setup: tuple[Store, Config, Path]) -> None:
+    store, config, _ = setup
+    _run(store, config)
+
+    def take_over() -> None:  # another process, once this lease expired unnoticed
+        if try_acquire(store, "members", "intruder", ttl=timedelta(seconds=60),
+                       at=datetime.now(UTC) + timedelta(hours=1)) is None:
+            raise AssertionError("the intruder could not take the lease")
+
+    fast = Recorder("b_fast", max_batch=10, before=take_over)
+    report = _drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": fast})
+    # The batch on the wire when it happened is recorded; no other batch is claimed.
+    assert len(fast.sent) == 10
+    assert "members: the lease was taken over" in (report.destinations["b_fast"].error or "")
+    assert not report.ok
