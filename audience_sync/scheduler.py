@@ -62,7 +62,8 @@ class DaemonOptions:
     drain_slice: timedelta = DEFAULT_DRAIN_SLICE
     # Take every request's slot from the destination's budget in the state store, so several
     # daemons, and CLI drains beside them, together keep its rate limit (on SQLite too: a CLI
-    # sync runs beside the daemon). False only for tests of the per-process limiter.
+    # sync runs beside the daemon). False: this process's own limiter, for a daemon that is
+    # certain to drain alone.
     shared_budget: bool = True
 
 

@@ -168,5 +168,7 @@ def test_a_cli_sync_beside_the_daemon_draws_from_the_same_rate_budget(
     start = arrivals[0] + 1.0  # past the first second: each process's first slot is free
     busiest = max(sum(1 for at in arrivals[i:] if at < first + 1.0)
                   for i, first in enumerate(arrivals) if first >= start)
-    assert busiest <= RATE * 1.1 + 1, f"{busiest} requests in one second at {RATE}/s"
+    # Each process alone would send RATE; apart they sent twice that. The margin is for a
+    # process stalled on a busy machine sending the slots it missed at once.
+    assert busiest <= RATE * 1.2, f"{busiest} requests in one second at {RATE}/s"
     assert planhat.duplicates() == {}
