@@ -16,8 +16,8 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -25,7 +25,7 @@ from types import TracebackType
 from sqlalchemy import or_, select, update
 
 from audience_sync import schema as t
-from audience_sync.clock import Clock
+from audience_sync.clock import Clock, utcnow
 from audience_sync.errors import LeaseBusy, LeaseLost, StoreError
 from audience_sync.store import Store
 
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL = timedelta(seconds=60)
 # How often a waiting acquirer looks again.
 WAIT_POLL_SECONDS = 0.5
-
 
 
 def default_owner() -> str:
@@ -232,3 +231,23 @@ def held(store: Store, lease: Lease, *, ttl: timedelta, clock: Clock) -> Iterato
             release(store, lease)
         except StoreError as exc:  # it expires by itself
             log.warning("%s: could not release the lease: %s", lease.key, exc.message)
+
+
+def hold_all(stack: ExitStack, store: Store, keys: Iterable[str], owner: str, *,
+             ttl: timedelta = DEFAULT_TTL, clock: Clock = utcnow, wait: bool = True,
+             on_wait: Callable[[str, Holder], None] | None = None) -> list[Lease]:
+    """Take the leases of several audiences and keep them renewed until `stack` closes.
+
+    In key order, so two processes taking overlapping sets never wait on each other in a
+    circle. :raises LeaseBusy: wait is False and another owner holds one of them.
+    """
+    leases: list[Lease] = []
+    for key in sorted(set(keys)):
+        def tell(current: Holder, key: str = key) -> None:
+            if on_wait is not None:
+                on_wait(key, current)
+
+        lease = acquire(store, key, owner, ttl=ttl, clock=clock, wait=wait, on_wait=tell)
+        stack.enter_context(held(store, lease, ttl=ttl, clock=clock))
+        leases.append(lease)
+    return leases

@@ -4,8 +4,11 @@ Each destination drains in a thread of its own, so a slow or failing destination
 back the others; a destination with a `window` keeps that many claims on the wire at once, each
 recorded as soon as it is answered. On PostgreSQL a claim is taken with FOR UPDATE SKIP LOCKED
 and its row locks are held until its outcomes are recorded: several processes can drain one
-outbox and no row is sent by two of them at once. A crash before the outcomes commit leaves the
-rows pending, to be sent again (at-least-once, same messageId): at most the claims on the wire.
+outbox and no row is sent by two of them at once. SQLite takes no row locks: there the
+audience's lease is what makes a claim exclusive, so a drain is given the leases it holds and
+drains only those audiences, checking before each claim that no lease was taken over. A crash
+before the outcomes commit leaves the rows pending, to be sent again (at-least-once, same
+messageId): at most the claims on the wire.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import logging
 import operator
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -45,8 +48,10 @@ from audience_sync import schema as t
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Config, JsonlDestination
 from audience_sync.destinations import Destination, Outcome, make_destination, wire_stats
-from audience_sync.errors import AudienceSyncError
+from audience_sync.errors import AudienceSyncError, LeaseLost
+from audience_sync.leases import Lease
 from audience_sync.messages import Delivery
+from audience_sync.ratelimit import shared_limiter
 from audience_sync.store import Store
 
 log = logging.getLogger("audience_sync.delivery")
@@ -64,11 +69,16 @@ class DestinationReport:
     retries: int = 0
     throttled: int = 0  # 429 answers
     error: str | None = None
+    # Pending deliveries left behind by a drain that tried and did not deliver everything
+    # (deferred or stopped), and the last reason a delivery was deferred.
+    waiting: int = 0
+    reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"sent": self.sent, "failed": self.failed, "deferred": self.deferred,
                 "requests": self.requests, "retries": self.retries,
-                "throttled": self.throttled, "error": self.error}
+                "throttled": self.throttled, "error": self.error, "waiting": self.waiting,
+                "reason": self.reason}
 
 
 @dataclass
@@ -77,7 +87,14 @@ class DrainReport:
 
     @property
     def ok(self) -> bool:
-        return all(r.failed == 0 and r.error is None for r in self.destinations.values())
+        """Nothing failed, and nothing this drain tried is still waiting."""
+        return all(r.failed == 0 and r.error is None and r.waiting == 0
+                   for r in self.destinations.values())
+
+    def waiting_lines(self) -> list[str]:
+        """One line per destination that left deliveries waiting: how many, and why."""
+        return [f"{name}: {r.waiting} deliveries still waiting ({r.error or r.reason})"
+                for name, r in self.destinations.items() if r.waiting]
 
     def as_dict(self) -> dict[str, Any]:
         return {name: r.as_dict() for name, r in self.destinations.items()}
@@ -244,32 +261,35 @@ def count_pending(conn: Connection, destination: str,
     return int(conn.execute(query).scalar_one())
 
 
-def drain(store: Store, config: Config, *, keys: Collection[str] | None = None,
+def drain(store: Store, config: Config, leases: Sequence[Lease], *,
           clients: Mapping[str, Destination] | None = None,
           clock: Clock = utcnow) -> DrainReport:
-    """Send every due pending delivery (of the given audiences, or all configured) to its
-    destination, each destination in a thread of its own."""
-    wanted = [c for c in config.computations if keys is None or c.key in keys]
-    rows = {row.key: row.id for row in store.computations()}
-    # Only configured audiences: an orphaned one sends nothing more.
-    comp_ids = [rows[c.key] for c in wanted if c.key in rows]
+    """Send every due pending delivery of the leased audiences to its destination, each
+    destination in a thread of its own.
+
+    Only audiences whose lease the caller holds are drained (and only configured ones: an
+    orphaned audience sends nothing more); a lease taken over meanwhile stops the drain.
+    """
+    held = {lease.key: lease for lease in leases}
+    wanted = [c for c in config.computations if c.key in held]
+    leased = [held[c.key] for c in wanted]
     names = sorted({dest for comp in wanted for dest in comp.destinations})
     report = DrainReport({name: DestinationReport() for name in names})
     if names:
         with ThreadPoolExecutor(len(names), thread_name_prefix="drain") as pool:
             for name in names:
-                pool.submit(_drain_guarded, store, config, name, comp_ids, clients, clock,
+                pool.submit(_drain_guarded, store, config, name, leased, clients, clock,
                             report.destinations[name])
     with store.write() as conn:
         mark_initial_syncs_complete(conn)
     return report
 
 
-def _drain_guarded(store: Store, config: Config, name: str, comp_ids: list[int],
+def _drain_guarded(store: Store, config: Config, name: str, leases: list[Lease],
                    clients: Mapping[str, Destination] | None, clock: Clock,
                    report: DestinationReport) -> None:
     try:
-        _drain_destination(store, config, name, comp_ids, clients, clock, report)
+        _drain_destination(store, config, name, leases, clients, clock, report)
     except AudienceSyncError as exc:
         report.error = exc.message
     except Exception as exc:  # a bug in one destination must not take the others down
@@ -277,6 +297,18 @@ def _drain_guarded(store: Store, config: Config, name: str, comp_ids: list[int],
         report.error = f"destination {name!r}: unexpected {type(exc).__name__}"
     if report.error:
         log.warning("%s", report.error)
+
+
+def check_leases(conn: Connection, leases: Sequence[Lease]) -> None:
+    """:raises LeaseLost: another process was granted one of these audiences' leases since
+    (its fencing token moved on): what it drains, this drain must not."""
+    c = t.computations
+    current = dict(conn.execute(select(c.c.id, c.c.fencing_token).where(
+        c.c.id.in_([lease.computation_id for lease in leases]))).tuples().all())
+    lost = [lease.key for lease in leases if current.get(lease.computation_id) != lease.token]
+    if lost:
+        raise LeaseLost(f"{', '.join(lost)}: the lease was taken over by another process; "
+                        "this drain stopped")
 
 
 @dataclass
@@ -303,10 +335,11 @@ class _Claims:
     """Successive batches of one destination, loaded one at a time in id order; each claimed
     (PostgreSQL) until its outcomes are recorded."""
 
-    def __init__(self, store: Store, name: str, client: Destination, comp_ids: list[int],
+    def __init__(self, store: Store, name: str, client: Destination, leases: list[Lease],
                  clock: Clock) -> None:
-        self.store, self.name, self.client, self.comp_ids, self.clock = \
-            store, name, client, comp_ids, clock
+        self.store, self.name, self.client, self.leases, self.clock = \
+            store, name, client, leases, clock
+        self.comp_ids = [lease.computation_id for lease in leases]
         self.lock = store.dialect == "postgresql"
         self.after = 0  # a deferred delivery waits for the next drain, not this one
         self.open: set[ExitStack] = set()
@@ -321,11 +354,14 @@ class _Claims:
         size = _claim_size(self.client)
         if self.lock:
             conn = scope.enter_context(self.store.write())
+            check_leases(conn, self.leases)
             batch = load_batch(conn, self.name, size, self.clock(), self.comp_ids,
                                claim=True, after_id=self.after)
         else:
             # SQLite has one writer: holding its lock while sending would stall every run.
+            # The leases alone keep other drains off these rows.
             with self.store.read() as read:
+                check_leases(read, self.leases)
                 batch = load_batch(read, self.name, size, self.clock(), self.comp_ids,
                                    after_id=self.after)
         if batch:
@@ -408,20 +444,22 @@ class _Pipeline:
             return None
 
 
-def _drain_destination(store: Store, config: Config, name: str, comp_ids: list[int],
+def _drain_destination(store: Store, config: Config, name: str, leases: list[Lease],
                        clients: Mapping[str, Destination] | None, clock: Clock,
                        report: DestinationReport) -> None:
     settings = config.destinations[name]
     retry_later = (DEFAULT_RETRY_LATER if isinstance(settings, JsonlDestination)
                    else settings.retry_later)
     injected = clients is not None and name in clients
+    # Every drain of a destination, daemon or CLI, takes its requests from the one budget in
+    # the state store: a CLI sync beside a daemon must not double the destination's rate.
     client = clients[name] if clients is not None and injected else \
-        make_destination(name, settings)
+        make_destination(name, settings, limiter=shared_limiter(store, name, settings))
     # A destination may keep several claims on the wire at once (`window`): each claim's
     # outcomes commit as soon as it is answered, while the others keep the destination busy.
     window = getattr(client, "window", 1)
     window = window if isinstance(window, int) and window > 0 else 1
-    claims = _Claims(store, name, client, comp_ids, clock)
+    claims = _Claims(store, name, client, leases, clock)
     pipeline = _Pipeline(claims, client, report, name, retry_later)
     try:
         if window == 1:
@@ -436,10 +474,11 @@ def _drain_destination(store: Store, config: Config, name: str, comp_ids: list[i
             setattr(report, key, getattr(report, key) + value)
         if not injected:
             client.close()
-    if pipeline.halted:
+    if report.deferred or report.error or pipeline.halted:
         with store.read() as conn:
-            waiting = count_pending(conn, name, comp_ids)
-        report.error = f"{report.error}; {waiting} deliveries kept pending"
+            report.waiting = count_pending(conn, name, claims.comp_ids)
+    if pipeline.halted:
+        report.error = f"{report.error}; {report.waiting} deliveries kept pending"
 
 
 _OK, _PERMANENT = operator.itemgetter(1), operator.itemgetter(2)  # Outcome.ok, .permanent
@@ -454,6 +493,8 @@ def _tally(report: DestinationReport, outcomes: list[Outcome], name: str) -> boo
     report.failed += sum(map(_PERMANENT, outcomes))
     deferred = [o for o in outcomes if not o.ok and not o.permanent and not o.halt]
     report.deferred += len(deferred)
+    if deferred:
+        report.reason = deferred[-1].error
     halted = next((o for o in outcomes if o.halt), None)
     if halted is not None:
         report.error = halted.error or f"destination {name!r} refused the credentials; stopped"

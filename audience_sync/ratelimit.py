@@ -1,4 +1,4 @@
-"""A destination's request budget shared by every daemon on one state store.
+"""A destination's request budget shared by every process draining it from one state store.
 
 The limiter is GCRA (evenly spaced request slots) whose single piece of state, the next free
 slot, lives in the `rate_budgets` table. A process takes a small block of consecutive slots in
@@ -18,7 +18,7 @@ from sqlalchemy import Float, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
 from audience_sync import schema as t
-from audience_sync.config import RateLimit
+from audience_sync.config import PlanhatDestination, RateLimit, SegmentDestination
 from audience_sync.errors import StoreError
 from audience_sync.store import Store
 
@@ -101,3 +101,16 @@ class SharedRateLimiter:
         with self._lock:
             self._left = 0
             self._push(wall_at, 0)
+
+
+def shared_limiter(store: Store, name: str, settings: object) -> SharedRateLimiter | None:
+    """The destination's request budget kept in the state store, shared by every process that
+    drains it (daemons, CLI sync, resync and retry): each is configured with the full rate and
+    together they stay within it. None for destinations without a rate limit (jsonl)."""
+    if isinstance(settings, PlanhatDestination):
+        rate = settings.effective_rate_limit
+    elif isinstance(settings, SegmentDestination):
+        rate = settings.rate_limit
+    else:
+        return None
+    return SharedRateLimiter(store, name, rate)

@@ -110,8 +110,8 @@ def run_computation(
     :raises StoreError: the state database failed; nothing was committed.
     """
     started = time.monotonic()
-    now = clock()
     row = store.computation(comp.key)
+    now = _not_before_last_run(comp.key, clock(), row.last_run_at if row else None)
     if row is None and not dry_run:
         raise StoreError(f"{comp.key}: not registered in the state database")
     # A dry run of an audience the store has never seen plans an initial run against nothing.
@@ -147,6 +147,7 @@ def run_computation(
                         if held:
                             result.status = "held"
                             result.error = held
+                            result.queued = 0  # as its run record says: nothing was queued
                     else:
                         _apply(conn, comp, cid, kind, now, result, force, fencing_token, clock,
                                columns)
@@ -174,6 +175,16 @@ def run_computation(
     if result.status in ("failed", "held") and not dry_run:
         _record_unapplied(store, comp, cid, kind, now, result, fencing_token, clock)
     return result
+
+
+def _not_before_last_run(key: str, now: datetime, last_run_at: datetime | None) -> datetime:
+    """A clock stepped back must not record times before the last run's: history intervals
+    would end before they began and identify timestamps would go backwards."""
+    if last_run_at is None or now >= last_run_at:
+        return now
+    log.warning("%s: the clock went back by %s since the last run; this run is recorded at the "
+                "last run's time, %s", key, last_run_at - now, last_run_at.isoformat())
+    return last_run_at
 
 
 def _stage(conn: Connection, comp: Computation, now: datetime, same_db: bool,

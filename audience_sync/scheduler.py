@@ -27,18 +27,13 @@ from sqlalchemy import distinct, or_, select
 from audience_sync import schema as t
 from audience_sync.cadence import Cadence, due_keys, is_due
 from audience_sync.clock import Clock, utcnow
-from audience_sync.config import (
-    Computation,
-    Config,
-    PlanhatDestination,
-    SegmentDestination,
-)
+from audience_sync.config import Computation, Config
 from audience_sync.destinations import Destination, Outcome, make_destination
 from audience_sync.errors import AudienceSyncError, DestinationError, LeaseLost
 from audience_sync.leases import DEFAULT_TTL, Lease, Renewer, held, try_acquire
 from audience_sync.messages import Delivery
 from audience_sync.outbox import DrainReport, drain
-from audience_sync.ratelimit import SharedRateLimiter
+from audience_sync.ratelimit import shared_limiter
 from audience_sync.runner import RunResult, run_computation
 from audience_sync.store import Store
 
@@ -66,9 +61,10 @@ class DaemonOptions:
     lease_ttl: timedelta = DEFAULT_TTL
     drain_slice: timedelta = DEFAULT_DRAIN_SLICE
     # Take every request's slot from the destination's budget in the state store, so several
-    # daemons together keep its rate limit. None: on PostgreSQL (the scale-out store) only;
-    # daemons on one SQLite file do not run side by side.
-    shared_budget: bool | None = None
+    # daemons, and CLI drains beside them, together keep its rate limit (on SQLite too: a CLI
+    # sync runs beside the daemon). False: this process's own limiter, for a daemon that is
+    # certain to drain alone.
+    shared_budget: bool = True
 
 
 class _Paused(DestinationError):
@@ -103,18 +99,6 @@ class _GuardedDestination:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
-
-
-def shared_limiter(store: Store, name: str, settings: object) -> SharedRateLimiter | None:
-    """The destination's request budget kept in the state store, shared by every daemon on it:
-    each daemon is configured with the full rate and together they stay within it."""
-    if isinstance(settings, PlanhatDestination):
-        rate = settings.effective_rate_limit
-    elif isinstance(settings, SegmentDestination):
-        rate = settings.rate_limit
-    else:
-        return None
-    return SharedRateLimiter(store, name, rate)
 
 
 @dataclass
@@ -216,7 +200,8 @@ class Daemon:
         self._gate.renewer = renewer
         self._gate.deadline = time.monotonic() + self.options.drain_slice.total_seconds()
         self._gate.tripped.clear()
-        report = drain(self.store, self.config, keys=[comp.key], clients=clients,
+        # Under the lease this tick holds: the drain stops if it is taken over.
+        report = drain(self.store, self.config, [renewer.lease], clients=clients,
                        clock=self.clock)
         self.observer.drained(report)
         paused = bool(self._gate.tripped)
@@ -233,8 +218,6 @@ class Daemon:
             if name not in self._clients:
                 settings = self.config.destinations[name]
                 shared = self.options.shared_budget
-                if shared is None:
-                    shared = self.store.dialect == "postgresql"
                 try:
                     limiter = shared_limiter(self.store, name, settings) if shared else None
                     inner = make_destination(name, settings, limiter=limiter)

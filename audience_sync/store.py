@@ -236,6 +236,36 @@ class Store:
             return row._asdict() if row else None
 
 
+def open_without_writing(url: str) -> Store:
+    """The state database, for commands that must write nothing (`check`, dry runs): opened
+    only when it exists with the current schema; nothing is created, migrated or registered.
+
+    :raises StoreError: it is missing or not at the head revision; the message says what
+        `db upgrade` would do.
+    """
+    where = f"state database at {make_url(url).render_as_string(hide_password=True)}"
+    advice = "run `audience-sync db upgrade`"
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        # Connecting would create the file (and Store would create its folder): look first.
+        if database in ("", ":memory:") or (not database.startswith("file:")
+                                            and not Path(database).is_file()):
+            raise StoreError(f"{where} is not initialised: {advice}")
+    store = Store(url)
+    try:
+        current, head = store.current_revision(), store.head_revision()
+    except StoreError:
+        store.dispose()
+        raise
+    if current != head:
+        store.dispose()
+        if current is None:
+            raise StoreError(f"{where} is not initialised: {advice}")
+        raise StoreError(f"{where} is at revision {current}, head is {head}: {advice}")
+    return store
+
+
 _COMPUTATION_COLUMNS = (
     t.computations.c.id, t.computations.c.key, t.computations.c.name, t.computations.c.kind,
     t.computations.c.initial_state, t.computations.c.member_count, t.computations.c.last_run_id,

@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from audience_sync import schema as t
 from audience_sync.config import Config, load_config
 from audience_sync.destinations.segment import BATCH_PATH, batch_body, encode, pack
+from audience_sync.leases import hold_all
 from audience_sync.outbox import DrainReport, drain, load_batch
 from audience_sync.process import tune_garbage_collector
 from audience_sync.runner import run_computation
@@ -106,7 +108,9 @@ def bench_planhat(tmp: Path, rate: float, seconds: float) -> None:
         "type": "planhat", "tenant_token": TENANT, "base_url": server.url,
         "rate_limit": f"{rate:g}/s", "concurrency": 4})
     started = time.perf_counter()
-    report = drain(store, config)
+    with ExitStack() as stack:
+        leases = hold_all(stack, store, [c.key for c in config.computations], "bench")
+        report = drain(store, config, leases)
     elapsed = time.perf_counter() - started
     figures = server.finish()
     achieved = report.destinations["planhat"].sent / elapsed
@@ -173,7 +177,9 @@ def _bare_loop(url: str, bodies: list[bytes]) -> float:
 
 def _our_drain(store: Store, config: Config) -> tuple[float, DrainReport]:
     started = time.perf_counter()
-    report = drain(store, config)
+    with ExitStack() as stack:
+        leases = hold_all(stack, store, [c.key for c in config.computations], "bench")
+        report = drain(store, config, leases)
     return time.perf_counter() - started, report
 
 

@@ -26,6 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from audience_sync.config import load_config
+from audience_sync.leases import hold_all
 from audience_sync.outbox import drain
 from audience_sync.process import tune_garbage_collector
 from audience_sync.runner import run_computation
@@ -172,7 +174,9 @@ def bench(name: str, state_url: str, workdir: Path, members: int, churn: float,
     # Deliver the initial sync (to a file), as a real deployment would before the next run.
     started = time.perf_counter()
     if deliver:
-        report = drain(store, config)
+        with ExitStack() as stack:
+            leases = hold_all(stack, store, [c.key for c in config.computations], "bench")
+            report = drain(store, config, leases)
         assert report.ok, report.as_dict()
     drain_s = time.perf_counter() - started
     if store.dialect == "postgresql":

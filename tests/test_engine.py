@@ -305,6 +305,10 @@ def test_repeated_ids_in_a_later_run(project: Project,
 
 
 def test_dry_run_writes_nothing(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    # Not even the schema: a dry run against no state database says what to do, and stops.
+    code, out, err = cli(capsys, "--config", str(project.path), "sync", "--dry-run")
+    assert code == 2 and "run `audience-sync db upgrade`" in err, err
+    assert cli(capsys, "--config", str(project.path), "db", "upgrade")[0] == 0
     code, out, err = cli(capsys, "--config", str(project.path), "sync", "--dry-run")
     assert code == 0, err
     assert "initial plan" in out and "would enter: u1, u2, u3, u4, u5" in out

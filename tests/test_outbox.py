@@ -6,7 +6,8 @@ Destinations here are small in-test implementations of the Destination protocol 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,10 +15,12 @@ import pytest
 from sqlalchemy import select
 
 from audience_sync import schema as t
+from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Config, load_config
 from audience_sync.destinations import Destination, Outcome
+from audience_sync.leases import hold_all, try_acquire
 from audience_sync.messages import Delivery
-from audience_sync.outbox import drain, requeue_failed
+from audience_sync.outbox import DrainReport, drain, requeue_failed
 from audience_sync.runner import run_computation
 from audience_sync.store import Store
 from tests.helpers import make_warehouse, set_users, write_config
@@ -78,6 +81,15 @@ def setup(tmp_path: Path, state_url: str) -> Iterator[tuple[Store, Config, Path]
     store.dispose()
 
 
+def _drain(store: Store, config: Config, keys: list[str] | None = None, *,
+           clients: Mapping[str, Destination] | None = None,
+           clock: Clock = utcnow) -> DrainReport:
+    """A drain under the leases of the audiences (all configured ones by default)."""
+    with ExitStack() as stack:
+        leases = hold_all(stack, store, keys or [c.key for c in config.computations], "test")
+        return drain(store, config, leases, clients=clients, clock=clock)
+
+
 def _run(store: Store, config: Config) -> None:
     assert run_computation(store, config, config.computations[0]).ok
 
@@ -101,7 +113,7 @@ def test_a_slow_destination_does_not_hold_back_the_others(
     fast = Recorder("b_fast", before=lambda: fast_done.set())
     slow = Recorder("a_slow", before=lambda: seen.append(fast_done.wait(WAIT)))
     clients: dict[str, Destination] = {"a_slow": slow, "b_fast": fast}
-    report = drain(store, config, clients=clients)
+    report = _drain(store, config, clients=clients)
     assert seen and all(seen), "the fast destination waited for the slow one"
     assert report.destinations["a_slow"].sent == report.destinations["b_fast"].sent == 60
 
@@ -142,7 +154,7 @@ def test_a_window_keeps_several_claims_on_the_wire(setup: tuple[Store, Config, P
             second.set()
 
     windowed = Windowed("b_fast", window=3, claim_size=5, before=hold_the_first)
-    report = drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": windowed})
+    report = _drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": windowed})
     assert overlapped == [True]
     assert {len(batch) for batch in windowed.batches} == {5}
     assert report.destinations["b_fast"].sent == 60
@@ -182,7 +194,7 @@ def test_a_window_never_sends_a_user_while_an_older_value_is_on_the_wire(
                 clashes.append(f"u000 twice on the wire: {wire}")
 
     windowed = Windowed("b_fast", window=4, claim_size=1, before=hold_u000)
-    report = drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": windowed})
+    report = _drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": windowed})
     assert not clashes
     assert report.destinations["b_fast"].sent == 61
     values = [x.value for x in windowed.sent if x.user_id == "u000"]
@@ -206,14 +218,17 @@ def test_two_drains_never_send_one_row_twice(setup: tuple[Store, Config, Path]) 
             barrier.wait()
 
     recorders = [Recorder("b_fast", max_batch=7, before=overlap) for _ in range(2)]
-    threads = [threading.Thread(target=drain, args=(store, config),
-                                kwargs={"keys": None, "clients": {"b_fast": r,
-                                                                   "a_slow": Recorder("a_slow")}})
-               for r in recorders]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT * 2)
+    with ExitStack() as stack:
+        # One set of leases for both: the row locks alone must keep the drains apart.
+        leases = hold_all(stack, store, [c.key for c in config.computations], "test")
+        threads = [threading.Thread(target=drain, args=(store, config, leases),
+                                    kwargs={"clients": {"b_fast": r,
+                                                        "a_slow": Recorder("a_slow")}})
+                   for r in recorders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT * 2)
     ids = [d.id for r in recorders for d in r.sent]
     assert len(ids) == len(set(ids)) == 60
     assert all(r.sent for r in recorders), "both drains took part"
@@ -226,7 +241,7 @@ def test_newer_change_supersedes_a_pending_one(setup: tuple[Store, Config, Path]
                           for u in USERS])
     _run(store, config)  # u000 leaves before the true went out
     fast = Recorder("b_fast")
-    drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": fast})
+    _drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": fast})
     sent = [(d.user_id, d.value) for d in fast.sent if d.user_id == "u000"]
     assert sent == [("u000", "false")]
     assert _statuses(store, "b_fast")["u000"] == ["superseded", "sent"]
@@ -238,9 +253,13 @@ def test_transient_failures_wait_for_next_attempt_at(setup: tuple[Store, Config,
     now = datetime(2030, 1, 1, tzinfo=UTC)
     flaky = Recorder("b_fast", answer=lambda d: Outcome(d.id, ok=False, error="HTTP 503",
                                                         retry_after=120.0, attempts=3))
-    report = drain(store, config, keys=["members"], clock=lambda: now,
+    report = _drain(store, config, keys=["members"], clock=lambda: now,
                    clients={"a_slow": Recorder("a_slow"), "b_fast": flaky})
-    assert report.destinations["b_fast"].deferred == 60 and report.ok
+    b_fast = report.destinations["b_fast"]
+    # Deliveries it tried are still waiting: not ok (the CLI exits 1), and it says why.
+    assert (b_fast.deferred, b_fast.waiting, b_fast.reason) == (60, 60, "HTTP 503")
+    assert not report.ok and report.waiting_lines() == [
+        "b_fast: 60 deliveries still waiting (HTTP 503)"]
     assert len(flaky.batches) == 1  # nothing got through: the destination is left alone
     with store.read() as conn:
         row = conn.execute(select(t.deliveries).where(
@@ -249,10 +268,10 @@ def test_transient_failures_wait_for_next_attempt_at(setup: tuple[Store, Config,
     assert row.next_attempt_at == now + timedelta(seconds=120)
 
     ok = Recorder("b_fast")
-    drain(store, config, clock=lambda: now + timedelta(seconds=60),
+    _drain(store, config, clock=lambda: now + timedelta(seconds=60),
           clients={"a_slow": Recorder("a_slow"), "b_fast": ok})
     assert ok.sent == []  # not due yet
-    drain(store, config, clock=lambda: now + timedelta(seconds=121),
+    _drain(store, config, clock=lambda: now + timedelta(seconds=121),
           clients={"a_slow": Recorder("a_slow"), "b_fast": ok})
     assert len(ok.sent) == 60
 
@@ -262,7 +281,7 @@ def test_halt_keeps_deliveries_pending_and_reports(setup: tuple[Store, Config, P
     _run(store, config)
     refused = Recorder("b_fast", max_batch=10, answer=lambda d: Outcome(
         d.id, ok=False, halt=True, error="destination 'b_fast' refused the credentials"))
-    report = drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": refused})
+    report = _drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": refused})
     assert not report.ok and len(refused.batches) == 1
     assert report.destinations["b_fast"].error == (
         "destination 'b_fast' refused the credentials; 60 deliveries kept pending")
@@ -275,7 +294,7 @@ def test_retry_requeues_failed_unless_a_newer_change_exists(
     _run(store, config)
     reject = Recorder("b_fast", answer=lambda d: Outcome(d.id, ok=False, permanent=True,
                                                          error="HTTP 400: bad"))
-    report = drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": reject})
+    report = _drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": reject})
     assert report.destinations["b_fast"].failed == 60 and not report.ok
     set_users(warehouse, [(u[0], None, None, None, None, 1.0 if u[0] == "u000" else 50.0)
                           for u in USERS])
@@ -283,7 +302,34 @@ def test_retry_requeues_failed_unless_a_newer_change_exists(
     with store.write() as conn:
         assert requeue_failed(conn, None, "b_fast") == (59, 1)
     ok = Recorder("b_fast")
-    drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": ok})
+    _drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": ok})
     assert sorted(d.user_id for d in ok.sent) == sorted(u[0] for u in USERS)
     assert [d.value for d in ok.sent if d.user_id == "u000"] == ["false"]
     assert _statuses(store, "b_fast")["u000"] == ["superseded", "sent"]
+
+
+def test_a_drain_sends_only_the_audiences_whose_leases_it_holds(
+        setup: tuple[Store, Config, Path]) -> None:
+    store, config, _ = setup
+    _run(store, config)
+    fast = Recorder("b_fast")
+    report = drain(store, config, [], clients={"a_slow": Recorder("a_slow"), "b_fast": fast})
+    assert report.destinations == {} and fast.sent == []
+
+
+def test_a_drain_stops_at_its_next_claim_once_its_lease_is_taken_over(
+        setup: tuple[Store, Config, Path]) -> None:
+    store, config, _ = setup
+    _run(store, config)
+
+    def take_over() -> None:  # another process, once this lease expired unnoticed
+        if try_acquire(store, "members", "intruder", ttl=timedelta(seconds=60),
+                       at=datetime.now(UTC) + timedelta(hours=1)) is None:
+            raise AssertionError("the intruder could not take the lease")
+
+    fast = Recorder("b_fast", max_batch=10, before=take_over)
+    report = _drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": fast})
+    # The batch on the wire when it happened is recorded; no other batch is claimed.
+    assert len(fast.sent) == 10
+    assert "members: the lease was taken over" in (report.destinations["b_fast"].error or "")
+    assert not report.ok

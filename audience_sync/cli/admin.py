@@ -11,7 +11,7 @@ from audience_sync.cli.common import app, console, iso, open_config, open_store,
 from audience_sync.destinations import check_destination
 from audience_sync.errors import AudienceSyncError
 from audience_sync.sources import ping_source
-from audience_sync.store import Store
+from audience_sync.store import Store, open_without_writing
 from audience_sync.urls import mask_urls_in
 
 db_app = typer.Typer(help="State database maintenance.", no_args_is_help=True)
@@ -43,7 +43,8 @@ def check(ctx: typer.Context) -> None:
     problems = 0
     say(f"config {config.path}: ok ({len(config.computations)} audiences and traits)")
     try:
-        open_store(config, register=False)
+        # check writes nothing: a missing or old schema is reported, not created or migrated.
+        open_without_writing(config.state_db).dispose()
         say("state_db: ok")
     except AudienceSyncError as exc:
         problems += 1

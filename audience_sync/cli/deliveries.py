@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import ExitStack
 from typing import Any
 
 import typer
@@ -16,10 +17,10 @@ from audience_sync.cli.common import (
     iso,
     open_config,
     open_store,
-    print_drain_report,
     print_json,
     resolve,
 )
+from audience_sync.cli.engine import NO_WAIT_OPTION, report_drain, take_leases
 from audience_sync.config import Config
 from audience_sync.errors import UsageError
 from audience_sync.outbox import drain, requeue_failed
@@ -99,8 +100,9 @@ def retry(
     destination: str = typer.Option(None, "--destination", help="Only this destination."),
     queue_only: bool = typer.Option(False, "--queue-only",
                                     help="Re-queue but leave sending to the next sync or tick."),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
-    """Re-queue failed deliveries and send them now."""
+    """Re-queue failed deliveries and send them now, under the audiences' leases."""
     config = open_config(ctx)
     key = _find(config, audience)
     _check_destination(config, destination)
@@ -115,7 +117,11 @@ def retry(
           + (f" ({superseded} superseded by newer changes)" if superseded else ""))
     if queue_only or not requeued:
         return
-    report = drain(store, config, keys=[key] if key else None)
-    print_drain_report(report)
+    # Under the same leases sync and the daemon take: on SQLite they alone keep a delivery
+    # from being sent by this drain and a daemon's at once.
+    with ExitStack() as stack:
+        leases = take_leases(stack, store, resolve(config, [key] if key else []), no_wait)
+        report = drain(store, config, leases)
+    report_drain(report, as_json=False)
     if not report.ok:
         raise typer.Exit(1)

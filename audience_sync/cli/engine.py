@@ -27,11 +27,11 @@ from audience_sync.cli.common import (
 )
 from audience_sync.clock import utcnow
 from audience_sync.config import Computation, Config
-from audience_sync.errors import UsageError
-from audience_sync.leases import DEFAULT_TTL, Holder, acquire, default_owner, held
+from audience_sync.errors import StoreError, UsageError
+from audience_sync.leases import Holder, Lease, default_owner, hold_all
 from audience_sync.outbox import DrainReport, drain
 from audience_sync.runner import RunResult, run_computation
-from audience_sync.store import Store
+from audience_sync.store import Store, open_without_writing
 
 NO_WAIT_OPTION = typer.Option(False, "--no-wait", help="Exit 1 when another process (a daemon) "
                               "holds an audience's lease, instead of waiting for it.")
@@ -49,32 +49,36 @@ def _progress(label: str) -> Iterator[Callable[[int], None] | None]:
         yield lambda n: bar.advance(task, n)
 
 
-def _take_leases(stack: ExitStack, store: Store, comps: list[Computation],
-                 no_wait: bool) -> dict[str, int]:
-    """The same per-audience leases the daemon takes, held through run and drain; in key
-    order, so two CLI runs never wait on each other in a circle."""
-    owner = f"cli:{default_owner()}"
-    tokens: dict[str, int] = {}
-    for comp in sorted(comps, key=lambda c: c.key):
-        def tell(current: Holder, key: str = comp.key) -> None:
-            print(f"{key}: waiting for the lease held by {current.owner} "
-                  "(--no-wait to give up instead)", file=sys.stderr, flush=True)
+def take_leases(stack: ExitStack, store: Store, comps: list[Computation],
+                no_wait: bool) -> list[Lease]:
+    """The same per-audience leases the daemon takes, held (renewed) until `stack` closes:
+    through run and drain for sync and resync, through the drain for retry."""
+    def tell(key: str, current: Holder) -> None:
+        print(f"{key}: waiting for the lease held by {current.owner} "
+              "(--no-wait to give up instead)", file=sys.stderr, flush=True)
 
-        lease = acquire(store, comp.key, owner, ttl=DEFAULT_TTL, clock=utcnow,
-                        wait=not no_wait, on_wait=tell)
-        stack.enter_context(held(store, lease, ttl=DEFAULT_TTL, clock=utcnow))
-        tokens[comp.key] = lease.token
-    return tokens
+    return hold_all(stack, store, [c.key for c in comps], f"cli:{default_owner()}",
+                    clock=utcnow, wait=not no_wait, on_wait=tell)
+
+
+def report_drain(report: DrainReport, as_json: bool) -> None:
+    """The per-destination counts, then one line on stderr per destination that left
+    deliveries waiting (the command then exits 1: cron must not see success)."""
+    if not as_json:
+        print_drain_report(report)
+    for line in report.waiting_lines():
+        print(line, file=sys.stderr)
 
 
 def _execute(ctx: typer.Context, names: list[str], *, resync: bool, dry_run: bool, force: bool,
              as_json: bool, no_wait: bool = False) -> None:
     config = open_config(ctx)
     comps = resolve(config, names)
-    store = open_store(config, register=not dry_run)
-    with ExitStack() as leases:
-        tokens = {} if dry_run else _take_leases(leases, store, comps, no_wait)
-        results, report = _run_and_drain(store, config, comps, tokens, resync=resync,
+    # A dry run writes nothing: not even the schema or the audiences' registration.
+    store = _open_for_dry_run(config) if dry_run else open_store(config)
+    with ExitStack() as stack:
+        leases = [] if dry_run else take_leases(stack, store, comps, no_wait)
+        results, report = _run_and_drain(store, config, comps, leases, resync=resync,
                                          dry_run=dry_run, force=force, as_json=as_json)
     ok = all(r.ok for r in results) and (report is None or report.ok)
     if as_json:
@@ -84,9 +88,17 @@ def _execute(ctx: typer.Context, names: list[str], *, resync: bool, dry_run: boo
         raise typer.Exit(1)
 
 
+def _open_for_dry_run(config: Config) -> Store:
+    try:
+        return open_without_writing(config.state_db)
+    except StoreError as exc:
+        raise UsageError(f"--dry-run writes nothing: {exc.message}") from None
+
+
 def _run_and_drain(store: Store, config: Config, comps: list[Computation],
-                   tokens: dict[str, int], *, resync: bool, dry_run: bool, force: bool,
+                   leases: list[Lease], *, resync: bool, dry_run: bool, force: bool,
                    as_json: bool) -> tuple[list[RunResult], DrainReport | None]:
+    tokens = {lease.key: lease.token for lease in leases}
     results: list[RunResult] = []
     for comp in comps:
         with _progress(f"{comp.key}: loading snapshot") as progress:
@@ -95,20 +107,27 @@ def _run_and_drain(store: Store, config: Config, comps: list[Computation],
                                      fencing_token=tokens.get(comp.key))
         results.append(result)
         if not as_json:
-            _print_result(result, dry_run)
+            _print_result(result, dry_run, _run_record(store, result))
     report: DrainReport | None = None
     if not dry_run:
-        report = drain(store, config, keys=[c.key for c in comps])
-        if not as_json:
-            print_drain_report(report)
+        report = drain(store, config, leases)
+        report_drain(report, as_json)
     return results, report
 
 
-def _print_result(result: RunResult, dry_run: bool) -> None:
+def _run_record(store: Store, result: RunResult) -> dict[str, Any] | None:
+    return store.run_row(result.run_id) if result.run_id is not None else None
+
+
+def _print_result(result: RunResult, dry_run: bool, record: dict[str, Any] | None) -> None:
+    """The figures of the run record when the run left one (a held run queued nothing)."""
     skipped = result.skipped
+    figures = record if record is not None else result.as_dict()
     parts = [f"{result.key}: {result.kind} {'plan' if dry_run and result.ok else result.status}",
-             f"{result.members} members (+{result.entered} -{result.exited} ~{result.changed})",
-             f"{result.queued} queued" if not dry_run else f"{result.queued} would be sent"]
+             f"{figures['members']} members (+{figures['entered']} -{figures['exited']} "
+             f"~{figures['changed']})",
+             f"{figures['queued']} queued" if not dry_run
+             else f"{figures['queued']} would be sent"]
     if skipped.total:
         parts.append(f"skipped {skipped.total} rows (null {skipped.null}, empty {skipped.empty}, "
                      f"too long {skipped.too_long}, duplicate {skipped.duplicate})")
