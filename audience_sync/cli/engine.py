@@ -110,8 +110,9 @@ def _print_result(result: RunResult, dry_run: bool) -> None:
              f"{result.members} members (+{result.entered} -{result.exited} ~{result.changed})",
              f"{result.queued} queued" if not dry_run else f"{result.queued} would be sent"]
     if skipped.total:
-        parts.append(f"skipped {skipped.total} rows (null {skipped.null}, empty {skipped.empty}, "
-                     f"too long {skipped.too_long}, duplicate {skipped.duplicate})")
+        reasons = ", ".join(f"{reason.replace('_', ' ')} {n}"
+                            for reason, n in skipped.as_dict().items())
+        parts.append(f"skipped {skipped.total} rows ({reasons})")
     print(", ".join(parts))
     if result.error:
         print(f"  {result.error}", file=sys.stderr)
