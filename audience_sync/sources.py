@@ -102,7 +102,8 @@ def _sqlite_read_only(database: str, query: dict[str, Any]) -> Engine:
         base, _, _ = database.partition("?")
         params = {k: v for k, v in query.items() if k not in ("mode", "uri")}
     else:
-        base = "file:" + quote(database or ":memory:", safe="/")
+        in_memory = database in ("", ":memory:")
+        base = "file::memory:" if in_memory else "file:" + quote(database, safe="/")
         params = {}
     params["mode"] = "ro"
     uri = f"{base}?{urlencode(params)}"
