@@ -8,6 +8,7 @@ import sqlite3
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from audience_sync import schema as t
-from audience_sync.sources import create_source_engine
+from audience_sync.sources import SkipCounts, _json_values, create_source_engine
 from audience_sync.store import Store
 from tests.conftest import drop_pg_schema, new_pg_schema
 from tests.helpers import cli, make_warehouse, set_users, write_config
@@ -385,3 +386,12 @@ def test_blob_and_fractional_user_ids_are_skipped_and_counted(
     if pg:
         assert (runs["blobs"]["skipped"]["bad_type"], runs["blobs"]["members"]) == (1, 0)
     assert not any("b'" in m["userId"] for m in sent(tmp_path / "out.jsonl"))
+
+
+def test_non_finite_values_nested_in_a_trait_are_refused() -> None:
+    """An array or JSON value holding a NaN is as unsendable as a bare one."""
+    skipped = SkipCounts()
+    rows = [("a", [1.0, float("nan")]), ("b", {"x": float("-inf")}), ("c", Decimal("NaN")),
+            ("d", [1.0, 2.5]), ("e", None)]
+    assert _json_values(rows, skipped) == [("d", "[1,2.5]"), ("e", "null")]
+    assert (skipped.non_finite, skipped.total) == (3, 3)
