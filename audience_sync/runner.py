@@ -83,9 +83,7 @@ class RunResult:
             "members": self.members, "previous_members": self.previous_members,
             "entered": self.entered, "exited": self.exited, "changed": self.changed,
             "queued": self.queued,
-            "skipped": {"null": self.skipped.null, "empty": self.skipped.empty,
-                        "too_long": self.skipped.too_long,
-                        "duplicate": self.skipped.duplicate},
+            "skipped": self.skipped.as_dict(),
             "error": self.error, "sample_entered": self.sample_entered,
             "sample_exited": self.sample_exited, "seconds": round(self.seconds, 3),
         }
@@ -129,15 +127,20 @@ def run_computation(
         with store.engine.connect() as conn:
             try:
                 columns = _stage(conn, comp, now, same_db, result, progress)
-                ids_only = columns == ("user_id",)
+                members_ids_only = row is not None and row.applied_columns == IDS_ONLY
+                if comp.kind == "audience":
+                    # Only membership changes cause an audience's calls; contact traits
+                    # travel with them (a changed email alone re-sends nobody).
+                    compare, carry = False, not members_ids_only
+                else:
+                    compare = carry = not (columns == (IDS_ONLY,) and members_ids_only)
                 conn.execution_options(sqlite_immediate=True)
                 with conn.begin() as tx:
                     diff = compute_diff(conn, cid, resync=kind == "resync",
                                         staged=result.members,
                                         previous=result.previous_members,
                                         skipped=result.skipped,
-                                        compare_sent=not (ids_only and row is not None and
-                                                          row.applied_columns == "user_id"))
+                                        compare_sent=compare, carry_sent=carry)
                     # Distinct members now, whatever repeated ids the stage held.
                     result.members = result.previous_members - diff.exited + diff.entered
                     _fill(result, diff)
@@ -150,7 +153,8 @@ def run_computation(
                             result.queued = 0  # as its run record says: nothing was queued
                     else:
                         _apply(conn, comp, cid, kind, now, result, force, fencing_token, clock,
-                               columns)
+                               _held_columns(kind, columns, row.applied_columns if row
+                                             else None))
                         result.status = "succeeded"
             finally:
                 if not conn.closed and not conn.invalidated:
@@ -185,6 +189,24 @@ def _not_before_last_run(key: str, now: datetime, last_run_at: datetime | None) 
     log.warning("%s: the clock went back by %s since the last run; this run is recorded at the "
                 "last run's time, %s", key, last_run_at - now, last_run_at.isoformat())
     return last_run_at
+
+
+IDS_ONLY = "user_id"
+
+
+def _held_columns(kind: str, columns: tuple[str, ...] | None,
+                  previous: str | None) -> str | None:
+    """What the members may hold after this run (`applied_columns`), None when not known.
+
+    An audience's unchanged members keep the contact traits they were last sent with, so an
+    ids-only query says the members hold ids only after a run that rewrote them all (initial,
+    resync), or when they already did.
+    """
+    if columns is None:
+        return None
+    if columns == (IDS_ONLY,) and kind == "incremental" and previous != IDS_ONLY:
+        return previous
+    return ",".join(columns)
 
 
 def _stage(conn: Connection, comp: Computation, now: datetime, same_db: bool,
@@ -259,7 +281,7 @@ def _hold_reason(comp: Computation, result: RunResult, force: bool) -> str | Non
 
 def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: datetime,
            result: RunResult, force: bool, fencing_token: int | None, clock: Clock,
-           columns: tuple[str, ...] | None) -> None:
+           held_columns: str | None) -> None:
     m, h = t.members, t.membership_history
     run_id = int(conn.execute(insert(t.runs).values(
         computation_id=cid, kind=kind, status="succeeded", clock=now, started_at=now,
@@ -328,7 +350,7 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
         **_skip_values(result.skipped)))
     values: dict[str, Any] = dict(
         member_count=result.members, last_run_id=run_id, last_run_at=now,
-        applied_columns=",".join(columns) if columns else None,
+        applied_columns=held_columns,
         last_success_at=finished, consecutive_failures=0,
         next_due_at=next_due_after_success(comp.key, finished, comp.every, comp.jitter))
     if kind == "initial":

@@ -28,6 +28,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    case,
     cast,
     column,
     exists,
@@ -35,6 +36,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     text,
@@ -203,31 +205,36 @@ def insert_select(conn: Connection, statement: TextClause | Any, params: dict[st
     lowered = {c.name.lower(): c for c in sub.c}
     if "user_id" not in lowered:
         raise SQLAlchemyError("the query returned no user_id column")
-    user = cast(lowered["user_id"], Text)
-    trimmed = func.trim(user)
-    counts = conn.execute(select(
-        func.count(),
-        func.count() - func.count(lowered["user_id"]),
-        func.sum(func.coalesce(func.length(trimmed) == 0, false()).cast(Integer)),
-        func.sum(func.coalesce(func.length(user) > USER_ID_MAX, false()).cast(Integer)),
-    ).select_from(sub), params).one()
-    skipped.null += int(counts[1] or 0)
-    skipped.empty += int(counts[2] or 0)
-    skipped.too_long += int(counts[3] or 0)
-    valid = int(counts[0] or 0) - skipped.null - skipped.empty - skipped.too_long
+    sqlite = conn.dialect.name == "sqlite"
+    raw_id = lowered["user_id"]
+    user, bad_type = _id_as_text(raw_id, sqlite)
+    value = lowered.get("value") if kind == "trait" else None
+    # Why a row is dropped (None: kept), in the order the streamed path checks.
+    reason = case(
+        (raw_id.is_(None), "null"),
+        (bad_type, "bad_type"),
+        (func.length(func.trim(user)) == 0, "empty"),
+        (func.length(user) > USER_ID_MAX, "too_long"),
+        (_non_finite(value, sqlite) if value is not None else false(), "non_finite"),
+        else_=None).label("reason")
+    counted = select(reason).select_from(sub).subquery("r")
+    valid = 0
+    for why, n in conn.execute(select(counted.c.reason, func.count())
+                               .group_by(counted.c.reason), params):
+        if why is None:
+            valid = int(n)
+        else:
+            setattr(skipped, why, getattr(skipped, why) + int(n))
     values: list[Any] = [user.label("user_id")]
     for name in CONTACT_TRAITS:
         values.append(cast(lowered[name], Text).label(name) if name in lowered
                       else literal(None, Text).label(name))
-    if kind == "trait" and "value" in lowered:
-        as_json = (func.json_quote(lowered["value"]) if conn.dialect.name == "sqlite"
-                   else cast(func.to_jsonb(lowered["value"]), Text))
+    if value is not None:
+        as_json = func.json_quote(value) if sqlite else cast(func.to_jsonb(value), Text)
         values.append(func.coalesce(as_json, "null").label("value"))
     else:
         values.append(literal(None, Text).label("value"))
-    source = select(*values).where(
-        lowered["user_id"].is_not(None), func.length(trimmed) > 0,
-        func.length(user) <= USER_ID_MAX)
+    source = select(*values).where(reason.is_(None))
     target = ["user_id", *SENT_COLUMNS]
     if conn.dialect.name == "postgresql":
         conn.execute(insert(stage).from_select(target, source), params)
@@ -236,6 +243,34 @@ def insert_select(conn: Connection, statement: TextClause | Any, params: dict[st
     inserted = int(conn.execute(select(func.count()).select_from(stage)).scalar_one())
     skipped.duplicate += valid - inserted
     return inserted
+
+
+_PG_NUMBERS = "('double precision'::regtype, 'real'::regtype, 'numeric'::regtype)"
+
+
+def _id_as_text(raw: Any, sqlite: bool) -> tuple[Any, Any]:
+    """The user id as text, and the condition that it is no id at all (as the streamed path:
+    integers and integral numbers are ids, bytes, fractions and booleans are not)."""
+    if sqlite:
+        kind = func.typeof(raw)
+        integral = and_(kind == "real", raw == cast(raw, Integer))
+        text_id = case((integral, cast(cast(raw, Integer), Text)), else_=cast(raw, Text))
+        return text_id, or_(kind == "blob", and_(kind == "real", ~integral))
+    kind = func.pg_typeof(raw)
+    spelled = cast(raw, Text)
+    is_number = kind.op("IN")(literal_column(_PG_NUMBERS))
+    text_id = case((is_number, func.regexp_replace(spelled, r"\.0*$", "")), else_=spelled)
+    fraction = and_(is_number, ~spelled.regexp_match(r"^-?[0-9]+(\.0*)?$"))
+    binary = kind.op("IN")(literal_column("('bytea'::regtype, 'boolean'::regtype)"))
+    return text_id, or_(binary, fraction)
+
+
+def _non_finite(value: Any, sqlite: bool) -> Any:
+    """NaN and the infinities, which JSON cannot carry (SQLite stores no NaN)."""
+    if sqlite:
+        return and_(func.typeof(value) == "real", (value * 0).is_(None))
+    return and_(func.pg_typeof(value).op("IN")(literal_column(_PG_NUMBERS)),
+                cast(value, Text).in_(["NaN", "Infinity", "-Infinity"]))
 
 
 # -- diff -------------------------------------------------------------------------------------
@@ -251,7 +286,8 @@ class Diff:
 
 
 def compute_diff(conn: Connection, computation_id: int, resync: bool, staged: int,
-                 previous: int, skipped: SkipCounts, compare_sent: bool = True) -> Diff:
+                 previous: int, skipped: SkipCounts, compare_sent: bool = True,
+                 carry_sent: bool = True) -> Diff:
     """Fill as_delta and as_exited from the stage and the current members.
 
     On PostgreSQL the stage has no key (one COPY into a bare table is the fastest load), so
@@ -259,14 +295,15 @@ def compute_diff(conn: Connection, computation_id: int, resync: bool, staged: in
     staged == previous - exited + entered, and as_delta's key rejects repeated new ids. Only
     when either check fails is the stage de-duplicated and the diff run again.
     Returns the diff; `skipped.duplicate` counts the repeated ids. Without `compare_sent`
-    (the stage and every member hold nothing but user ids) entered users are a plain
-    anti-join, and nobody can have changed.
+    (an audience, whose calls only membership changes cause, or a stage and members holding
+    nothing but user ids) entered users are a plain anti-join, and nobody can have changed.
+    `carry_sent` says the members may hold contact traits that leaving users' calls carry.
     """
     if conn.dialect.name != "postgresql":
         return _diff(conn, computation_id, resync, compare_sent)
     savepoint = conn.begin_nested()
     try:
-        diff = _diff(conn, computation_id, resync, compare_sent)
+        diff = _diff(conn, computation_id, resync, compare_sent, carry_sent)
     except IntegrityError:
         savepoint.rollback()
     else:
@@ -275,7 +312,7 @@ def compute_diff(conn: Connection, computation_id: int, resync: bool, staged: in
             return diff
         savepoint.rollback()
     skipped.duplicate += dedupe_stage(conn)
-    return _diff(conn, computation_id, resync, compare_sent)
+    return _diff(conn, computation_id, resync, compare_sent, carry_sent)
 
 
 def _create_as(conn: Connection, name: str, query: Select[Any]) -> None:
@@ -283,14 +320,17 @@ def _create_as(conn: Connection, name: str, query: Select[Any]) -> None:
     conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} AS {compiled}", compiled.params)
 
 
-def _full_join(conn: Connection, computation_id: int, compare_sent: bool) -> None:
+def _full_join(conn: Connection, computation_id: int, compare_sent: bool,
+               carry_sent: bool) -> None:
     """PostgreSQL: as_delta and as_exited from one pass over the stage and the members.
 
     A hash full join reads each side once where a join each way (the way SQLite does it)
-    reads both twice; only the rows that differ are kept, then split.
+    reads both twice; only the rows that differ are kept, then split. The members' sent
+    columns are read only when compared or carried by the calls of users who left.
     """
     m = t.members
-    current = select(m.c.user_id, *(m.c[name] for name in SENT_COLUMNS if compare_sent)) \
+    read_sent = compare_sent or carry_sent
+    current = select(m.c.user_id, *(m.c[name] for name in SENT_COLUMNS if read_sent)) \
         .where(m.c.computation_id == computation_id).subquery("m")
     is_new = current.c.user_id.is_(None)
     differs = [stage.c[name].is_distinct_from(current.c[name])
@@ -302,7 +342,7 @@ def _full_join(conn: Connection, computation_id: int, compare_sent: bool) -> Non
         and_(~is_new, stage.c.value.is_distinct_from(current.c.value)).label("value_changed")
         if compare_sent else false().label("value_changed"),
         current.c.user_id.label("old_user_id"),
-        *((current.c[name] if compare_sent else literal(None, Text)).label(f"old_{name}")
+        *((current.c[name] if read_sent else literal(None, Text)).label(f"old_{name}")
           for name in SENT_COLUMNS),
     ).select_from(stage.outerjoin(current, current.c.user_id == stage.c.user_id, full=True)) \
         .where(or_(stage.c.user_id.is_(None), is_new, *differs))
@@ -317,7 +357,8 @@ def _full_join(conn: Connection, computation_id: int, compare_sent: bool) -> Non
     ).where(joined.c.user_id.is_(None)))
 
 
-def _diff(conn: Connection, computation_id: int, resync: bool, compare_sent: bool) -> Diff:
+def _diff(conn: Connection, computation_id: int, resync: bool, compare_sent: bool,
+          carry_sent: bool = True) -> Diff:
     """Fill as_delta and as_exited from the stage and the current members."""
     m = t.members
     member_of = and_(m.c.computation_id == computation_id, m.c.user_id == stage.c.user_id)
@@ -345,7 +386,7 @@ def _diff(conn: Connection, computation_id: int, resync: bool, compare_sent: boo
             _create_as(conn, delta.name, selection)
             _create_as(conn, exited.name, leaving)
         else:
-            _full_join(conn, computation_id, compare_sent)
+            _full_join(conn, computation_id, compare_sent, carry_sent)
         # as_delta's key is what rejects a repeated new id (see compute_diff).
         conn.execute(text(f"ALTER TABLE {delta.name} ADD PRIMARY KEY (user_id)"))
         conn.execute(text(f"ANALYZE {delta.name}"))

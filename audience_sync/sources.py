@@ -11,11 +11,13 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from operator import itemgetter
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import psycopg
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Date,
     DateTime,
     Engine,
     MetaData,
@@ -23,6 +25,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     cast,
     create_engine,
     func,
@@ -45,17 +48,72 @@ def create_source_engine(url: str) -> Engine:
     """An engine that cannot write: SQLite opened read-only, PostgreSQL in read-only sessions."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
-    if backend == "sqlite" and parsed.database and parsed.database != ":memory:" \
-            and not parsed.database.startswith("file:"):
-        path = parsed.database
-        return create_engine(
-            f"sqlite:///file:{path}?mode=ro&uri=true", poolclass=NullPool)
+    if backend == "sqlite":
+        return _sqlite_read_only(parsed.database or "", dict(parsed.query))
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         return create_engine(parsed, poolclass=NullPool,
                              connect_args={"options": "-c default_transaction_read_only=on"})
     return create_engine(parsed, poolclass=NullPool)
+
+
+READ_ONLY_REFUSAL = "the source is read-only: the statement was refused (it would write " \
+    "or attach a database)"
+
+# What a read-only source may do: read tables, call functions, recurse, begin/end the
+# implicit read transaction, and the introspection PRAGMAs that reflection issues.
+_ALLOWED_ACTIONS = frozenset((sqlite3.SQLITE_READ, sqlite3.SQLITE_SELECT,
+                              sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE,
+                              sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT))
+_INTROSPECTION_PRAGMAS = frozenset((
+    "table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
+    "foreign_key_list", "database_list", "collation_list", "function_list", "pragma_list",
+    "module_list", "compile_options"))
+# PRAGMAs that do something even without an argument.
+_ACTING_PRAGMAS = frozenset(("optimize", "wal_checkpoint", "incremental_vacuum",
+                             "shrink_memory"))
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, _db: str | None,
+               _trigger: str | None) -> int:
+    """sqlite3 authorizer of a source connection: reads only, nothing attached.
+
+    `mode=ro` already refuses writes to the source file; this also refuses what writes
+    elsewhere: ATTACH (which creates files, and is how VACUUM INTO writes its copy), temp
+    tables and any PRAGMA that sets something.
+    """
+    if action in _ALLOWED_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA:
+        name = (arg1 or "").lower()
+        if (arg2 is None and name not in _ACTING_PRAGMAS) or name in _INTROSPECTION_PRAGMAS:
+            return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+def _sqlite_read_only(database: str, query: dict[str, Any]) -> Engine:
+    """A SQLite source opened as a `mode=ro` URI with an authorizer that refuses writes.
+
+    The path is percent-escaped into the URI: a literal `%41` or `#` in a file name must name
+    that file, not `A` or a fragment.
+    """
+    if database.startswith("file:"):  # already a URI: keep it, but read-only whatever it said
+        base, _, _ = database.partition("?")
+        params = {k: v for k, v in query.items() if k not in ("mode", "uri")}
+    else:
+        in_memory = database in ("", ":memory:")
+        base = "file::memory:" if in_memory else "file:" + quote(database, safe="/")
+        params = {}
+    params["mode"] = "ro"
+    uri = f"{base}?{urlencode(params)}"
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        conn.set_authorizer(_authorize)
+        return conn
+
+    return create_engine("sqlite://", creator=connect, poolclass=NullPool)
 
 
 def ping_source(source: Source) -> str | None:
@@ -72,6 +130,11 @@ def ping_source(source: Source) -> str | None:
 
 def describe_db_error(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
+    # What sqlite3 says when the source's authorizer refused a statement (ATTACH, or a
+    # statement that runs one, like VACUUM INTO).
+    if isinstance(orig if orig is not None else exc, sqlite3.DatabaseError) and str(
+            orig if orig is not None else exc) in ("not authorized", "authorization denied"):
+        return READ_ONLY_REFUSAL
     lines = str(orig if orig is not None else exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 
@@ -79,12 +142,18 @@ def describe_db_error(exc: BaseException) -> str:
 # -- values ---------------------------------------------------------------------------------------
 
 def canonical_json(value: Any) -> str:
-    """One text per value, whatever the driver returned: no false changes from formatting."""
-    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """One text per value, whatever the driver returned: no false changes from formatting.
+
+    :raises ValueError: the value holds a NaN or an infinity, which JSON cannot carry.
+    """
+    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
 
 
 def _plain(value: Any) -> Any:
     if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError("not a finite number")
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -103,14 +172,23 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class SkipCounts:
+    """Rows dropped from a snapshot, per reason."""
+
     null: int = 0
     empty: int = 0
     too_long: int = 0
     duplicate: int = 0
+    bad_type: int = 0  # a user id that is neither text nor an integer (a BLOB, 1.5, ...)
+    non_finite: int = 0  # a computed trait's value that is NaN or an infinity
 
     @property
     def total(self) -> int:
-        return self.null + self.empty + self.too_long + self.duplicate
+        return sum(self.as_dict().values())
+
+    def as_dict(self) -> dict[str, int]:
+        return {"null": self.null, "empty": self.empty, "too_long": self.too_long,
+                "duplicate": self.duplicate, "bad_type": self.bad_type,
+                "non_finite": self.non_finite}
 
 
 def _ids_all_valid(rows: list[Any]) -> bool:
@@ -122,6 +200,25 @@ def _ids_all_valid(rows: list[Any]) -> bool:
             and max(map(len, ids)) <= USER_ID_MAX)
 
 
+def _id_text(user_id: Any) -> str | None:
+    """The text of a non-text user id, or None when it is not an id at all.
+
+    Integers (and integral numbers a driver returned as float or Decimal) and UUIDs have one
+    spelling; bytes, fractions, booleans or dates do not (b'blob' is not a user id).
+    """
+    if isinstance(user_id, bool):
+        return None
+    if isinstance(user_id, int | uuid.UUID):
+        return str(user_id)
+    if isinstance(user_id, float | Decimal):
+        try:
+            if user_id == int(user_id):
+                return str(int(user_id))
+        except (OverflowError, ValueError):  # infinities and NaN
+            return None
+    return None
+
+
 def _drop_bad_ids(rows: list[Any], skipped: SkipCounts) -> list[Any]:
     good = []
     for row in rows:
@@ -130,7 +227,10 @@ def _drop_bad_ids(rows: list[Any], skipped: SkipCounts) -> list[Any]:
             skipped.null += 1
             continue
         if type(user_id) is not str:
-            user_id = str(user_id)
+            user_id = _id_text(user_id)
+            if user_id is None:
+                skipped.bad_type += 1
+                continue
             row = (user_id, *row[1:])
         if not user_id or user_id.isspace():
             skipped.empty += 1
@@ -139,6 +239,17 @@ def _drop_bad_ids(rows: list[Any], skipped: SkipCounts) -> list[Any]:
         else:
             good.append(row)
     return good
+
+
+def _json_values(rows: list[Any], skipped: SkipCounts) -> list[tuple[Any, ...]]:
+    """Rows with the value (last) as canonical JSON; NaN and infinities dropped and counted."""
+    out = []
+    for row in rows:
+        try:
+            out.append((*row[:-1], canonical_json(row[-1])))
+        except ValueError:
+            skipped.non_finite += 1
+    return out
 
 
 # -- queries --------------------------------------------------------------------------------------
@@ -154,7 +265,10 @@ def computation_statement(comp: Computation, engine: Engine, now: datetime) \
     if comp.query is not None:
         return text(comp.query), {"now": bind_now(engine.dialect.name, now)}
     assert comp.rule is not None
-    return compile_rule(comp.rule, comp.source, engine, now), {}
+    try:
+        return compile_rule(comp.rule, comp.source, engine, now), {}
+    except SourceError as exc:
+        raise SourceError(f"{comp.path} ({comp.key}): {exc.message}") from exc
 
 
 class Snapshot:
@@ -162,8 +276,8 @@ class Snapshot:
 
     `columns` names what each tuple holds: user_id first, then only the contact traits the
     query returned, then (traits) the canonical JSON value; it is known once iteration started.
-    Null, empty and over-long user ids are counted and dropped here; duplicates where the
-    rows land (the staging table's primary key).
+    Null, empty, over-long and non-text user ids, and non-finite values, are counted and
+    dropped here; duplicates where the rows land (the staging table's primary key).
     """
 
     def __init__(self, comp: Computation, engine: Engine, now: datetime,
@@ -194,7 +308,7 @@ class Snapshot:
                     if not _ids_all_valid(rows):
                         rows = _drop_bad_ids(rows, self.skipped)
                     if has_value:
-                        rows = [(*row[:-1], canonical_json(row[-1])) for row in rows]
+                        rows = _json_values(rows, self.skipped)
                     yield rows
         except (SQLAlchemyError, sqlite3.Error, psycopg.Error) as exc:
             raise SourceError(f"{comp.path} ({comp.key}): source {comp.source_name!r} query "
@@ -249,7 +363,10 @@ def compile_rule(rule: Rule, source: Source, engine: Engine, now: datetime) -> S
     """An Engage-style event rule over Segment's warehouse schema, as SQLAlchemy Core."""
     cols = source.columns
     tracks = _reflect(engine, source.tables.tracks, (cols.user_id, cols.event, cols.timestamp))
-    users = _reflect_optional(engine, source.tables.users, cols.users_id)
+    # The users table is part of the definition (its contact traits travel with every call,
+    # and not_performed counts its users): a source that lost it fails the run rather than
+    # silently sending members without their email.
+    users = _reflect(engine, source.tables.users, (cols.users_id,))
     start = now - rule.within
     ts = tracks.c[cols.timestamp]
     in_window = and_(
@@ -257,15 +374,10 @@ def compile_rule(rule: Rule, source: Source, engine: Engine, now: datetime) -> S
         _ts_after(ts, start, engine, inclusive=False),
         _ts_after(ts, now, engine, inclusive=True, before=True),
     )
-    trait_columns: list[ColumnElement[Any]] = []
-    if users is not None:
-        trait_columns = [users.c[c].label(label) for c, label in
-                         ((cols.email, "email"), (cols.name, "name"), (cols.title, "title"))
-                         if c in users.c]
+    trait_columns = [users.c[c].label(label) for c, label in
+                     ((cols.email, "email"), (cols.name, "name"), (cols.title, "title"))
+                     if c in users.c]
     if rule.not_performed:
-        if users is None:
-            raise SourceError(f"rule on {rule.event!r}: not_performed needs the users table "
-                              f"{source.tables.users!r}, which the source does not have")
         # An anti-join against who did it, not a correlated NOT EXISTS: SQLite runs the
         # latter once per user over the event's whole history (44 s for the demo's 5,000).
         performed = select(tracks.c[cols.user_id].label("user_id")).where(in_window) \
@@ -282,47 +394,61 @@ def compile_rule(rule: Rule, source: Source, engine: Engine, now: datetime) -> S
     if rule.at_most is not None:
         counted = counted.having(func.count() <= rule.at_most)
     sub = counted.subquery("qualified")
-    if users is None:
-        return select(sub.c.user_id)
     return select(sub.c.user_id, *trait_columns).select_from(
         sub.outerjoin(users, users.c[cols.users_id] == sub.c.user_id))
 
 
+# Text that names its own zone after the time of day: Z, +hh[:mm], -hh[:mm] or a zone name
+# ("UTC", "America/New_York"); anything else is naive and means UTC.
+_PG_TEXT_HAS_ZONE = r"\d:\d\d(:\d\d)?([.,]\d+)?\s*([zZ]|[+-]\d|[A-Za-z]{3})"
+
+
 def _ts_after(ts: ColumnElement[Any], bound: datetime, engine: Engine, *, inclusive: bool,
               before: bool = False) -> ColumnElement[bool]:
-    """Compare a native or ISO-8601 text timestamp column with an aware datetime."""
+    """Compare a native or ISO-8601 text timestamp column with an aware datetime.
+
+    A timestamp without a zone (a naive column, or text without an offset) means UTC, whatever
+    the session's TimeZone: on PostgreSQL comparing a naive value with a timestamptz would
+    read it in the session's zone, so each kind of column gets a bound of its own kind.
+    """
+    utc = bound.astimezone(UTC)
     if engine.dialect.name == "sqlite":
-        # julianday() reads every ISO-8601 spelling (T or space, Z or offset, fractions).
+        # julianday() reads every ISO-8601 spelling (T or space, Z or offset, fractions) and
+        # takes text without an offset as UTC.
         left: ColumnElement[Any] = func.julianday(ts)
-        right: ColumnElement[Any] = func.julianday(bound.astimezone(UTC).isoformat())
+        right: ColumnElement[Any] = func.julianday(utc.isoformat())
+    elif isinstance(ts.type, DateTime) and ts.type.timezone:
+        left = ts
+        right = bindparam(None, utc, type_=DateTime(timezone=True), unique=True)
+    elif isinstance(ts.type, DateTime | Date):
+        # Naive on both sides: no conversion through the session's TimeZone.
+        left = ts if isinstance(ts.type, DateTime) else cast(ts, DateTime(timezone=False))
+        right = bindparam(None, utc.replace(tzinfo=None), type_=DateTime(timezone=False),
+                          unique=True)
+    elif engine.dialect.name == "postgresql":
+        # Text: an explicit zone is honoured; without one, the wall time is read as UTC.
+        left = case((ts.regexp_match(_PG_TEXT_HAS_ZONE), cast(ts, DateTime(timezone=True))),
+                    else_=func.timezone("UTC", cast(ts, DateTime(timezone=False))))
+        right = bindparam(None, utc, type_=DateTime(timezone=True), unique=True)
     else:
-        left = ts if isinstance(ts.type, DateTime) else cast(ts, DateTime(timezone=True))
-        right = bindparam(None, bound, type_=DateTime(timezone=True), unique=True)
+        left = cast(ts, DateTime(timezone=True))
+        right = bindparam(None, utc, type_=DateTime(timezone=True), unique=True)
     if before:
         return left <= right if inclusive else left < right
     return left >= right if inclusive else left > right
 
 
 def _reflect(engine: Engine, name: str, needed: tuple[str, ...]) -> Table:
-    table = _reflect_optional(engine, name, None)
-    if table is None:
-        raise SourceError(f"the source has no table {name!r} (set tables: in the source config)")
+    schema, _, table_name = name.rpartition(".")
+    try:
+        table = Table(table_name, MetaData(), schema=schema or None, autoload_with=engine)
+    except NoSuchTableError:
+        raise SourceError(f"the source has no table {name!r} (set tables: in the source "
+                          "config)") from None
+    except SQLAlchemyError as exc:
+        raise SourceError(f"cannot read table {name!r}: {describe_db_error(exc)}") from exc
     missing = [c for c in needed if c not in table.c]
     if missing:
         raise SourceError(f"table {name!r} has no column {missing[0]!r} "
                           "(set columns: in the source config)")
     return table
-
-
-def _reflect_optional(engine: Engine, name: str, key: str | None) -> Table | None:
-    schema, _, table_name = name.rpartition(".")
-    try:
-        table = Table(table_name, MetaData(), schema=schema or None, autoload_with=engine)
-    except NoSuchTableError:
-        return None
-    except SQLAlchemyError as exc:
-        raise SourceError(f"cannot read table {name!r}: {describe_db_error(exc)}") from exc
-    if key is not None and key not in table.c:
-        return None
-    return table
-

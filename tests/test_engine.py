@@ -104,18 +104,19 @@ def test_initial_incremental_nochange_resync(project: Project,
     assert u1["context"]["personas"]["computation_class"] == "audience"
     assert u1["timestamp"] == "2026-11-01T12:00:00.000Z"
 
-    # u1 leaves (score 5), u6 joins, u2 changes email: only those are sent.
+    # u1 leaves (score 5), u6 joins: only those are sent. u2's new email alone is no
+    # membership change: it travels with u2's next call (the resync below).
     set_users(project.warehouse, [user("u1", 5), user("u2", email="new@example.com"),
                                   *(user(f"u{i}") for i in range(3, 7))])
     with freeze_time(T0 + timedelta(hours=2)):
         second = by_key(sync(capsys, project))
     run = second["high_scorers"]
     assert (run["kind"], run["entered"], run["exited"], run["changed"]) == \
-        ("incremental", 1, 1, 1)
+        ("incremental", 1, 1, 0)
     new = [m for m in project.sent()[len(messages):] if "high_scorers" in m["traits"]]
     assert {(m["userId"], m["traits"]["high_scorers"]) for m in new} == \
-        {("u1", False), ("u6", True), ("u2", True)}
-    assert next(m for m in new if m["userId"] == "u2")["traits"]["email"] == "new@example.com"
+        {("u1", False), ("u6", True)}
+    assert next(m for m in new if m["userId"] == "u1")["traits"]["email"] == "u1@example.com"
 
     before = project.count(t.deliveries)
     with freeze_time(T0 + timedelta(hours=4)):
@@ -131,6 +132,8 @@ def test_initial_incremental_nochange_resync(project: Project,
     assert (resync_run["kind"], resync_run["queued"]) == ("resync", 5)
     resent = project.sent()[sent_before:]
     assert sorted(m["userId"] for m in resent) == ["u2", "u3", "u4", "u5", "u6"]
+    assert next(m for m in resent if m["userId"] == "u2")["traits"]["email"] == \
+        "new@example.com"
     # A resync's messages carry new message ids (a new run), so downstream dedup keeps them.
     assert len({m["messageId"] for m in project.sent()}) == len(project.sent())
 
@@ -273,7 +276,8 @@ def test_bad_rows_counted_by_reason(project: Project,
         doc = sync(capsys, project, "high_scorers")
     run = by_key(doc)["high_scorers"]
     assert doc["exit_code"] == 0
-    assert run["skipped"] == {"null": 1, "empty": 2, "too_long": 1, "duplicate": 1}
+    assert run["skipped"] == {"null": 1, "empty": 2, "too_long": 1, "duplicate": 1,
+                              "bad_type": 0, "non_finite": 0}
     assert run["members"] == 3
     code, out, _ = cli(capsys, "--config", str(project.path), "members", "high_scorers",
                        "--json")
@@ -284,7 +288,7 @@ def test_bad_rows_counted_by_reason(project: Project,
 def test_repeated_ids_in_a_later_run(project: Project,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     """Repeated ids of members, of new users and of changed ones: each counted once, and
-    only the real changes sent (PostgreSQL finds them after loading an unkeyed stage)."""
+    only the membership changes sent (PostgreSQL finds them after loading an unkeyed stage)."""
     with freeze_time(T0):
         assert sync(capsys, project, "high_scorers")["exit_code"] == 0
     set_users(project.warehouse, [
@@ -296,12 +300,11 @@ def test_repeated_ids_in_a_later_run(project: Project,
         doc = sync(capsys, project, "high_scorers")
     run = by_key(doc)["high_scorers"]
     assert doc["exit_code"] == 0, doc
-    assert (run["members"], run["entered"], run["exited"], run["changed"]) == (5, 1, 1, 1)
+    assert (run["members"], run["entered"], run["exited"], run["changed"]) == (5, 1, 1, 0)
     assert run["skipped"]["duplicate"] == 3
     changes = {(m["userId"], m["traits"]["high_scorers"], m["traits"]["email"])
                for m in project.sent()[sent_before:]}
-    assert changes == {("u6", True, "u6@example.com"), ("u5", False, "u5@example.com"),
-                       ("u2", True, "new@example.com")}
+    assert changes == {("u6", True, "u6@example.com"), ("u5", False, "u5@example.com")}
 
 
 def test_dry_run_writes_nothing(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
@@ -435,7 +438,8 @@ def test_same_database_source_uses_insert_select(tmp_path: Path, state_url: str,
     assert code == 0, err
     runs = by_key(json.loads(out))
     assert runs["engaged"]["members"] == 2
-    assert runs["engaged"]["skipped"] == {"null": 1, "empty": 0, "too_long": 0, "duplicate": 1}
+    assert runs["engaged"]["skipped"] == {"null": 1, "empty": 0, "too_long": 0, "duplicate": 1,
+                                          "bad_type": 0, "non_finite": 0}
     sent = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert {(m["userId"], m["traits"].get("email")) for m in sent if "engaged" in m["traits"]} \
         == {("2", "b@x.io"), ("3", None)}
@@ -447,7 +451,8 @@ def test_same_database_source_uses_insert_select(tmp_path: Path, state_url: str,
 
 def test_ids_only_audience_then_traits_added(tmp_path: Path, state_url: str,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    """An ids-only audience skips the sent-value comparison; adding traits brings it back."""
+    """An ids-only audience, then traits added to its query: nobody is re-sent for them;
+    they travel with the next membership change."""
     warehouse = tmp_path / "w.db"
     make_warehouse(warehouse, users=[user(f"u{i}") for i in range(1, 5)])
     doc: dict[str, Any] = {
@@ -472,8 +477,11 @@ def test_ids_only_audience_then_traits_added(tmp_path: Path, state_url: str,
     doc["audiences"][0]["query"] = "SELECT id AS user_id, email FROM users WHERE score > 10"
     write_config(path, doc)
     third = run()
-    assert (third["entered"], third["exited"], third["changed"]) == (0, 0, 3)
+    assert (third["entered"], third["exited"], third["changed"], third["queued"]) == \
+        (0, 0, 0, 0)
+    set_users(warehouse, [user("u1"), user("u2"), user("u5"), user("u6")])
+    fourth = run()
+    assert (fourth["entered"], fourth["queued"]) == (1, 1)
     sent = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert {m["userId"]: m["traits"].get("email") for m in sent[-3:]} == {
-        "u1": "u1@example.com", "u2": "u2@example.com", "u5": "u5@example.com"}
+    assert (sent[-1]["userId"], sent[-1]["traits"].get("email")) == ("u6", "u6@example.com")
     assert run()["queued"] == 0

@@ -129,8 +129,9 @@ def _print_result(result: RunResult, dry_run: bool, record: dict[str, Any] | Non
              f"{figures['queued']} queued" if not dry_run
              else f"{figures['queued']} would be sent"]
     if skipped.total:
-        parts.append(f"skipped {skipped.total} rows (null {skipped.null}, empty {skipped.empty}, "
-                     f"too long {skipped.too_long}, duplicate {skipped.duplicate})")
+        reasons = ", ".join(f"{reason.replace('_', ' ')} {n}"
+                            for reason, n in skipped.as_dict().items())
+        parts.append(f"skipped {skipped.total} rows ({reasons})")
     print(", ".join(parts))
     if result.error:
         print(f"  {result.error}", file=sys.stderr)
