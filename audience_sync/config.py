@@ -138,6 +138,9 @@ class Columns(_Frozen):
 
 class Source(_Frozen):
     url: str
+    # The schema holding Segment's tables (`analytics`), for rule: audiences; a table named
+    # `schema.table` in `tables:` keeps its own.
+    db_schema: str | None = Field(default=None, alias="schema", min_length=1)
     tables: Tables = Tables()
     columns: Columns = Columns()
 

@@ -64,6 +64,7 @@ def pg_warehouse(pg_admin_url: str) -> Iterator[tuple[str, str]]:
     with engine.begin() as conn:
         conn.execute(text(f"CREATE SCHEMA {schema}"))
         conn.execute(text(f"CREATE TABLE {schema}.users (id text, email text, score float)"))
+        conn.execute(text(f"CREATE SEQUENCE {schema}.hits"))
         conn.execute(text(f"CREATE TABLE {schema}.tracks "
                           "(user_id text, event text, timestamp timestamp)"))
         conn.execute(text(f"INSERT INTO {schema}.users VALUES ('a', 'a@x.io', 50), "
@@ -118,17 +119,16 @@ def test_postgres_source_with_url_options_is_still_read_only(
         pg_warehouse: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     schema, admin = pg_warehouse
     url = _with_options(admin, f"-csearch_path={schema} -cstatement_timeout=60000")
-    writer = {"name": "Writer", "key": "writer", "query":
-              "WITH w AS (INSERT INTO users VALUES ('evil', 'e@x.io', 99) RETURNING id) "
-              "SELECT id AS user_id FROM w"}
+    # A write hidden in a SELECT (a data-modifying WITH cannot be: cursors refuse it).
+    writer = {"name": "Writer", "key": "writer",
+              "query": "SELECT id AS user_id FROM users WHERE nextval('hits') > 0"}
     config = _config(tmp_path, {"url": url}, [writer])
     code, out, err = cli(capsys, "--config", str(config), "sync")
     assert code == 1
     assert "read-only" in (out + err)
     engine = create_engine(admin)
     with engine.connect() as conn:
-        assert conn.execute(text(f"SELECT count(*) FROM {schema}.users WHERE id = 'evil'")) \
-            .scalar_one() == 0
+        assert conn.execute(text(f"SELECT is_called FROM {schema}.hits")).scalar_one() is False
     engine.dispose()
     assert not (tmp_path / "out.jsonl").exists() or _sent(tmp_path / "out.jsonl") == {}
 
@@ -215,3 +215,21 @@ def test_demo_audiences_agree_on_sqlite_and_duckdb(
     sqlite_members, duckdb_members = results
     assert len(sqlite_members) == len(audiences)  # every demo audience has members
     assert duckdb_members == sqlite_members
+
+
+def test_check_says_when_a_dialect_has_no_read_only_guard(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path, {"url": "mysql+pymysql://reader@127.0.0.1:1/shop"}, [RICH])
+    code, out, err = cli(capsys, "--config", str(config), "check")
+    notes = [line for line in out.splitlines() if "read-only role" in line]
+    assert len(notes) == 1 and "'mysql'" in notes[0], out + err
+    assert code == 1  # the source itself cannot be reached
+
+
+def test_check_is_quiet_about_guarded_dialects(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = _duckdb_warehouse(tmp_path / "w.duckdb", "TIMESTAMP")
+    config = _config(tmp_path, {"url": url}, [RICH])
+    code, out, err = cli(capsys, "--config", str(config), "check")
+    assert code == 0, out + err
+    assert "sources.w: ok" in out and "read-only role" not in out
