@@ -396,7 +396,9 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 def _resolve_sqlite(url: str, base: Path) -> str:
     parsed: URL = make_url(url)
     database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+    # Relative file paths (SQLite, DuckDB) are relative to the config file, not the cwd.
+    if parsed.get_backend_name() not in ("sqlite", "duckdb") or not database \
+            or database == ":memory:":
         return url
     if database.startswith("file:"):
         return url

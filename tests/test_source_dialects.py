@@ -233,3 +233,14 @@ def test_check_is_quiet_about_guarded_dialects(
     code, out, err = cli(capsys, "--config", str(config), "check")
     assert code == 0, out + err
     assert "sources.w: ok" in out and "read-only role" not in out
+
+
+def test_relative_duckdb_path_is_relative_to_the_config_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _duckdb_warehouse(tmp_path / "w.duckdb", "TIMESTAMP")
+    config = _config(tmp_path, {"url": "duckdb:///w.duckdb"}, [RICH])
+    monkeypatch.chdir("/")
+    code, out, err = cli(capsys, "--config", str(config), "sync")
+    assert code == 0, out + err
+    assert _sent(tmp_path / "out.jsonl") == {"rich": {"a", "c"}}
