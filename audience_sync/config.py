@@ -203,6 +203,9 @@ class Columns(_Frozen):
 
 class Source(_Frozen):
     url: str
+    # The schema holding Segment's tables (`analytics`), for rule: audiences; a table named
+    # `schema.table` in `tables:` keeps its own.
+    db_schema: str | None = Field(default=None, alias="schema", min_length=1)
     tables: Tables = Tables()
     columns: Columns = Columns()
 
@@ -458,7 +461,9 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 def _resolve_sqlite(url: str, base: Path) -> str:
     parsed: URL = make_url(url)
     database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+    # Relative file paths (SQLite, DuckDB) are relative to the config file, not the cwd.
+    if parsed.get_backend_name() not in ("sqlite", "duckdb") or not database \
+            or database == ":memory:":
         return url
     if database.startswith("file:"):
         return url

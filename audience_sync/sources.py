@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import uuid
@@ -20,22 +21,24 @@ from sqlalchemy import (
     Date,
     DateTime,
     Engine,
-    MetaData,
     Select,
-    Table,
     and_,
     bindparam,
     case,
     cast,
     create_engine,
+    event,
     func,
+    inspect,
     select,
+    table,
     text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.expression import TableClause, column
 
 from audience_sync.config import Computation, Rule, Source
 from audience_sync.errors import SourceError
@@ -44,8 +47,24 @@ from audience_sync.schema import CONTACT_TRAITS, USER_ID_MAX
 CHUNK_ROWS = 10_000
 
 
+# libpq's `options`: every session of a source runs read-only transactions. Appended to what
+# the URL already sets (a search_path, a statement timeout), never in place of it; last wins.
+_PG_READ_ONLY = "-c default_transaction_read_only=on"
+
+
 def create_source_engine(url: str) -> Engine:
-    """An engine that cannot write: SQLite opened read-only, PostgreSQL in read-only sessions."""
+    """An engine that cannot write (see READ_ONLY_GUARDS), keeping every option of the URL."""
+    try:
+        return _create_source_engine(url)
+    except ImportError as exc:  # the dialect's DBAPI driver is not installed
+        backend = make_url(url).get_backend_name()
+        raise SourceError(f"the {backend!r} driver is not installed ({exc.name or exc}): "
+                          "install the package of its SQLAlchemy dialect") from exc
+    except SQLAlchemyError as exc:  # e.g. an unknown dialect name
+        raise SourceError(describe_db_error(exc)) from exc
+
+
+def _create_source_engine(url: str) -> Engine:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
@@ -53,8 +72,18 @@ def create_source_engine(url: str) -> Engine:
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return create_engine(parsed, poolclass=NullPool,
-                             connect_args={"options": "-c default_transaction_read_only=on"})
+        given = parsed.query.get("options")
+        options = " ".join([*((given,) if isinstance(given, str) else given or ()),
+                            _PG_READ_ONLY])
+        return create_engine(parsed.update_query_dict({"options": options}),
+                             poolclass=NullPool)
+    if backend == "duckdb":
+        # read_only: no write to the file; no external access: no COPY TO, ATTACH,
+        # read_csv or extension downloads, so a query cannot touch any other file.
+        engine = create_engine(parsed, poolclass=NullPool, connect_args={
+            "read_only": True, "config": {"enable_external_access": False}})
+        event.listen(engine, "connect", _duckdb_utc)
+        return engine
     return create_engine(parsed, poolclass=NullPool)
 
 
@@ -116,6 +145,29 @@ def _sqlite_read_only(database: str, query: dict[str, Any]) -> Engine:
     return create_engine("sqlite://", creator=connect, poolclass=NullPool)
 
 
+def _duckdb_utc(dbapi_connection: Any, _record: Any) -> None:
+    """Naive timestamps mean UTC. Without DuckDB's ICU extension the time zone is UTC
+    already and cannot be set; with it, it follows the machine unless told."""
+    with contextlib.suppress(Exception):  # duckdb's error types: not imported without it
+        dbapi_connection.execute("SET TimeZone = 'UTC'")
+
+
+READ_ONLY_GUARDS = {
+    "sqlite": "the file is opened read-only (mode=ro), ATTACH and writes refused",
+    "postgresql": "every transaction is read-only (default_transaction_read_only)",
+    "duckdb": "the file is opened read-only, with external access disabled",
+}
+
+
+def read_only_note(url: str) -> str | None:
+    """None when this dialect's sessions are made read-only here; else what to do."""
+    backend = make_url(url).get_backend_name()
+    if backend in READ_ONLY_GUARDS:
+        return None
+    return (f"audience-sync cannot make a {backend!r} session read-only; it only ever issues "
+            "the definitions' SELECTs, but connect with a read-only role")
+
+
 def ping_source(source: Source) -> str | None:
     """None if the source answers, else a one-line reason."""
     try:
@@ -123,6 +175,8 @@ def ping_source(source: Source) -> str | None:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         engine.dispose()
+    except SourceError as exc:
+        return exc.message
     except SQLAlchemyError as exc:
         return describe_db_error(exc)
     return None
@@ -362,11 +416,12 @@ def _positions(comp: Computation, names: list[str]) -> tuple[list[int], tuple[st
 def compile_rule(rule: Rule, source: Source, engine: Engine, now: datetime) -> Select[Any]:
     """An Engage-style event rule over Segment's warehouse schema, as SQLAlchemy Core."""
     cols = source.columns
-    tracks = _reflect(engine, source.tables.tracks, (cols.user_id, cols.event, cols.timestamp))
+    tracks = _reflect(engine, segment_table(source, source.tables.tracks),
+                      (cols.user_id, cols.event, cols.timestamp))
     # The users table is part of the definition (its contact traits travel with every call,
     # and not_performed counts its users): a source that lost it fails the run rather than
     # silently sending members without their email.
-    users = _reflect(engine, source.tables.users, (cols.users_id,))
+    users = _reflect(engine, segment_table(source, source.tables.users), (cols.users_id,))
     start = now - rule.within
     ts = tracks.c[cols.timestamp]
     in_window = and_(
@@ -438,17 +493,37 @@ def _ts_after(ts: ColumnElement[Any], bound: datetime, engine: Engine, *, inclus
     return left >= right if inclusive else left > right
 
 
-def _reflect(engine: Engine, name: str, needed: tuple[str, ...]) -> Table:
-    schema, _, table_name = name.rpartition(".")
-    try:
-        table = Table(table_name, MetaData(), schema=schema or None, autoload_with=engine)
-    except NoSuchTableError:
-        raise SourceError(f"the source has no table {name!r} (set tables: in the source "
-                          "config)") from None
-    except SQLAlchemyError as exc:
-        raise SourceError(f"cannot read table {name!r}: {describe_db_error(exc)}") from exc
-    missing = [c for c in needed if c not in table.c]
+def segment_table(source: Source, name: str) -> str:
+    """A Segment table's name as the source spells it: `schema.table` as given, or qualified
+    by the source's `schema:`."""
+    return name if "." in name or not source.db_schema else f"{source.db_schema}.{name}"
+
+
+def _reflect(engine: Engine, name: str, needed: tuple[str, ...]) -> TableClause:
+    found = _reflect_optional(engine, name, None)
+    if found is None:
+        raise SourceError(f"the source has no table {name!r} (set tables: in the source config)")
+    missing = [c for c in needed if c not in found.c]
     if missing:
         raise SourceError(f"table {name!r} has no column {missing[0]!r} "
                           "(set columns: in the source config)")
-    return table
+    return found
+
+
+def _reflect_optional(engine: Engine, name: str, key: str | None) -> TableClause | None:
+    """The table's columns and their types, nothing more: constraint and index reflection
+    is slow on warehouses and unsupported by some dialects (DuckDB's)."""
+    schema, _, table_name = name.rpartition(".")
+    try:
+        columns = inspect(engine).get_columns(table_name, schema=schema or None)
+    except NoSuchTableError:
+        return None
+    except SQLAlchemyError as exc:
+        raise SourceError(f"cannot read table {name!r}: {describe_db_error(exc)}") from exc
+    if not columns:
+        return None
+    found = table(table_name, *(column(c["name"], c["type"]) for c in columns),
+                  schema=schema or None)
+    if key is not None and key not in found.c:
+        return None
+    return found

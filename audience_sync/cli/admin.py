@@ -10,7 +10,7 @@ from rich.table import Table
 from audience_sync.cli.common import app, console, iso, open_config, open_store, print_json
 from audience_sync.destinations import check_destination
 from audience_sync.errors import AudienceSyncError
-from audience_sync.sources import ping_source
+from audience_sync.sources import ping_source, read_only_note
 from audience_sync.store import Store, open_without_writing
 from audience_sync.urls import mask_urls_in
 
@@ -53,6 +53,9 @@ def check(ctx: typer.Context) -> None:
         error = ping_source(source)
         problems += error is not None
         say(f"sources.{name}: " + ("ok" if error is None else f"FAILED: {error}"))
+        note = read_only_note(source.url)
+        if note is not None:
+            say(f"sources.{name}: note: {note}")
     for name, dest in config.destinations.items():
         ok, message = check_destination(name, dest)
         problems += not ok
