@@ -48,6 +48,11 @@ log = logging.getLogger("audience_sync.daemon")
 # How long one tick drains one audience before moving on: a long initial sync at a vendor's
 # rate limit must not starve the other audiences; it resumes on the next tick.
 DEFAULT_DRAIN_SLICE = timedelta(seconds=30)
+# On SIGTERM the batch in flight gets this long to be answered; then its requests are
+# interrupted (their deliveries stay pending), and after STOP_LIMIT more the process exits
+# whatever the tick is waiting for (a connect to a silent host): within 5 s in all.
+STOP_GRACE = 2.0
+STOP_LIMIT = 2.0
 
 
 class Observer:
@@ -97,6 +102,9 @@ class _GuardedDestination:
 
     def check(self) -> tuple[bool, str]:
         return self.inner.check()
+
+    def interrupt(self) -> None:
+        self.inner.interrupt()
 
     def close(self) -> None:
         self.inner.close()
@@ -282,11 +290,30 @@ class Daemon:
             while not self.stopping.wait(1.0):
                 pass
         finally:
-            # Waits for the tick in flight; it stops between batches and releases its leases.
-            scheduler.shutdown(wait=True)
+            self._stop(scheduler)
             self.close()
         log.info("daemon %s stopped", self.options.owner)
         return 0
+
+    def _stop(self, scheduler: BackgroundScheduler) -> None:
+        """Wait for the tick in flight (it stops between batches and releases its leases),
+        interrupting its requests after STOP_GRACE; never longer than STOP_GRACE + STOP_LIMIT."""
+        closer = threading.Thread(target=scheduler.shutdown, kwargs={"wait": True},
+                                  name="stop", daemon=True)
+        closer.start()
+        closer.join(STOP_GRACE)
+        if closer.is_alive():
+            log.info("stopping: interrupting the requests still on the wire (their deliveries "
+                     "stay pending)")
+            for client in list(self._clients.values()):
+                client.interrupt()
+            closer.join(STOP_LIMIT)
+        if closer.is_alive():
+            log.warning("stopping: the tick did not finish in %.0fs; exiting without it (what "
+                        "it was sending stays pending)", STOP_GRACE + STOP_LIMIT)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(0)
 
     def _install_signals(self) -> None:
         def handle(signum: int, _frame: FrameType | None) -> None:
