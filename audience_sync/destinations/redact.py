@@ -108,4 +108,11 @@ class Redactor:
     def __call__(self, text: str) -> str:
         if self._pattern is not None:
             text = self._pattern.sub(MASK, text)
-        return _URL.sub(lambda match: mask_url(match.group()), text)
+        return _URL.sub(_mask_match, text)
+
+
+def _mask_match(match: re.Match[str]) -> str:
+    # Punctuation closing a sentence or a parenthesis is not part of the URL.
+    url = match.group()
+    core = url.rstrip(".,;:!?)]}")
+    return mask_url(core) + url[len(core):]
