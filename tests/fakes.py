@@ -378,6 +378,10 @@ class EchoServer(FakeServer):
     """Answers every request with an error quoting its request line and every header, in
     JSON and as text: 400 and 500 in turn (a careless proxy or API that echoes what it got)."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.echoed: list[str] = []  # what each answer quoted
+
     def dispatch(self, handler: _Handler, method: str) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         if length:
@@ -388,6 +392,8 @@ class EchoServer(FakeServer):
             self.statuses[status] += 1
         echoed = handler.requestline + "\n" + "".join(
             f"{name}: {value}\n" for name, value in handler.headers.items())
+        with self.lock:
+            self.echoed.append(echoed)
         payload = json.dumps({"message": f"rejected: {echoed}", "headers": echoed,
                               "repr": repr(dict(handler.headers.items()))}).encode()
         handler.send_response(status)

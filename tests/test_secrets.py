@@ -21,8 +21,18 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from audience_sync import schema as t
-from audience_sync.config import PlanhatDestination
-from audience_sync.destinations.http import ERROR_SNIPPET, Redactor, mask_url
+from audience_sync.config import PlanhatDestination, RateLimit
+from audience_sync.destinations import check_destination
+from audience_sync.destinations.http import (
+    ERROR_SNIPPET,
+    HttpSender,
+    Policy,
+    RateLimiter,
+    Redactor,
+    Verdict,
+    mask_url,
+    probe,
+)
 from audience_sync.destinations.planhat import PlanhatApiDestination
 from audience_sync.destinations.redact import url_secrets
 from tests.daemon_harness import DaemonProcess, http_get, stop_all, wait_until
@@ -99,23 +109,34 @@ def test_error_body_is_redacted_before_it_is_cut() -> None:
 
 
 def test_illegal_header_value_stops_the_destination_without_showing_the_token() -> None:
-    """httpx refuses `Bearer tok\\n` and quotes it: a configuration error (the destination
+    """httpx refuses `Bearer tok\n` and quotes it: a configuration error (the destination
     stops for this run, its deliveries stay pending), never a retried network error."""
     with EchoServer().running() as echo:
-        settings = PlanhatDestination.model_validate({
-            "type": "planhat", "mode": "api", "api_token": API_TOKEN, "base_url": echo.url,
-            "max_retries": 5})
-        destination = PlanhatApiDestination("planhat", settings)
+        sender = HttpSender(
+            "planhat", base_url=echo.url, auth=None,
+            headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=2,
+            policy=Policy(max_retries=5, backoff_base=0.01, backoff_max=0.1),
+            limiter=RateLimiter(RateLimit(1000, 1)), redactor=Redactor([API_TOKEN]), pool=1)
         try:
-            reply = destination.sender.call("PUT", "/endusers", content=b"[]")
-            ok, said = destination.check()
+            reply = sender.call("PUT", "/endusers", content=b"[]")
+            status, said = probe(sender, "GET", "/endusers")
         finally:
-            destination.close()
+            sender.close()
         assert echo.requests == 0
-    assert reply.verdict.value == "halt" and reply.attempts == 1
+    assert reply.verdict is Verdict.HALT and reply.attempts == 1
     assert reply.error is not None and "cannot be sent" in reply.error
-    assert not ok and "cannot be sent" in said
+    assert status is None and "cannot be sent" in said
     assert leaks(reply.error + said) == []
+
+
+@pytest.mark.parametrize("token", [API_TOKEN, "t\u00f6k-SECRET-1", "a\x00b-SECRET-2"])
+def test_token_a_header_cannot_carry_is_a_config_error_that_does_not_quote_it(
+        token: str) -> None:
+    settings = PlanhatDestination.model_validate({
+        "type": "planhat", "mode": "api", "api_token": token, "base_url": "http://127.0.0.1:9"})
+    ok, said = check_destination("planhat", settings)
+    assert not ok and "cannot carry" in said
+    assert "SECRET" not in said and leaks(said) == []
 
 
 # -- every command, against an echoing server ---------------------------------------------
@@ -134,9 +155,14 @@ def _config(tmp_path: Path, state_url: str, echo_url: str) -> Path:
         # Without userinfo: httpx sends the Bearer header (userinfo would replace it).
         "planhat_api": {"type": "planhat", "mode": "api", "api_token": "${PLANHAT_API_TOKEN}",
                         "base_url": keyed, **fast},
+        # With userinfo, httpx sends Basic proxy:password in place of the Bearer header.
         "planhat_api_proxied": {"type": "planhat", "mode": "api",
-                                "api_token": "${PLANHAT_API_TOKEN}", "base_url": proxied,
-                                **fast},
+                                "api_token": "${PLANHAT_API_TOKEN_STRIPPED}",
+                                "base_url": proxied, **fast},
+        # The same token as config load strips it (another layer does): sent, and echoed.
+        "planhat_api_stripped": {"type": "planhat", "mode": "api",
+                                 "api_token": "${PLANHAT_API_TOKEN_STRIPPED}",
+                                 "base_url": keyed, **fast},
         "segment": {"type": "segment", "write_key": "${SEGMENT_WRITE_KEY}",
                     "base_url": proxied, **fast},
     }
@@ -174,6 +200,7 @@ def test_no_form_of_any_secret_in_any_output_or_state_row(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PLANHAT_TENANT_TOKEN", TENANT_TOKEN)
     monkeypatch.setenv("PLANHAT_API_TOKEN", API_TOKEN)
+    monkeypatch.setenv("PLANHAT_API_TOKEN_STRIPPED", API_TOKEN.strip())
     monkeypatch.setenv("SEGMENT_WRITE_KEY", WRITE_KEY)
     with EchoServer().running() as echo:
         config = _config(tmp_path, state_url, echo.url)
@@ -189,10 +216,15 @@ def test_no_form_of_any_secret_in_any_output_or_state_row(
             code, out, err = cli(capsys, *base, "-v", *command)
             assert code != 2, (command, err)
             outputs.append(f"$ {' '.join(command)} -> {code}\n{out}\n{err}")
-        # The echo server did see the secrets, and the errors did reach the outputs.
-        assert echo.requests > 10
+        # The echo server quoted the secrets (Basic, Bearer, URL), and the errors did reach
+        # the outputs.
+        quoted = "\n".join(echo.echoed)
+        for secret in (TENANT_TOKEN, WRITE_KEY, f"proxy:{unquote(PROXY_PASSWORD)}"):
+            assert base64.b64encode(f"{secret}:".encode() if ":" not in secret
+                                    else secret.encode()).decode() in quoted
+        assert f"Bearer {API_TOKEN.strip()}" in quoted and QUERY_KEY in quoted
         joined = "\n".join(outputs)
-        assert "HTTP 400" in joined and "HTTP 500" in joined and "cannot be sent" in joined
+        assert "HTTP 400" in joined and "HTTP 500" in joined and "cannot carry" in joined
         _assert_clean("the CLI", outputs)
 
         daemon = DaemonProcess(config, tmp_path / "daemon.log", "--health-port", "0")

@@ -30,6 +30,7 @@ from audience_sync.config import SegmentDestination as SegmentConfig
 from audience_sync.destinations.base import Outcome
 from audience_sync.destinations.redact import Redactor, mask_url, url_secrets
 from audience_sync.destinations.wire import bound_requests, request_scope
+from audience_sync.errors import DestinationError
 
 __all__ = ["HttpSender", "Limiter", "Redactor", "Reply", "Verdict", "backoff_delay", "classify",
            "make_sender", "mask_url", "outcome_of", "outcomes_of", "parse_retry_after", "probe"]
@@ -400,7 +401,17 @@ def make_sender(name: str, config: PlanhatConfig | SegmentConfig, *, base_url: s
                 rate: RateLimit, limiter: Limiter | None = None) -> HttpSender:
     """limiter: the destination's budget when it is shared beyond this process; else the
     process-wide limiter of this destination and rate. secrets: the destination's tokens;
-    what its base_url carries (userinfo, query values) is added here."""
+    what its base_url carries (userinfo, query values) is added here.
+
+    :raises DestinationError: a header value (a token) holds a character no HTTP header can
+        carry; the message does not quote it.
+    """
+    for header, value in headers.items():
+        if not value.isascii() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise DestinationError(
+                f"destination {name!r}: the {header} header (its token) holds a character an "
+                "HTTP header cannot carry (a control character or non-ASCII); check the "
+                "secret's value")
     return HttpSender(
         name, base_url=base_url, auth=auth, headers={"User-Agent": USER_AGENT, **headers},
         timeout=config.timeout.total_seconds(),
