@@ -109,6 +109,8 @@ class _DeadlineBackend(httpcore.NetworkBackend):
     def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                     local_address: str | None = None,
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        if _interrupted():
+            raise httpcore.ConnectTimeout("interrupted")
         return _DeadlineStream(self._inner.connect_tcp(
             host, port, _remaining(timeout, "connect"), local_address, socket_options))
 
