@@ -226,6 +226,15 @@ class _HttpDestination(_Frozen):
     backoff_max: float = Field(default=30.0, gt=0, le=3600)
     # When the attempts of one drain run out, the delivery waits this long for the next drain.
     retry_later: Duration = timedelta(minutes=1)
+    # The longest a server's Retry-After may defer a delivery (a longer one is cut to this).
+    max_defer: Duration = timedelta(hours=1)
+
+    @field_validator("max_defer")
+    @classmethod
+    def _max_defer(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(days=7):
+            raise ValueError("must be between 1s and 7d")
+        return value
 
     @field_validator("base_url")
     @classmethod

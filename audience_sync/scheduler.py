@@ -43,6 +43,11 @@ log = logging.getLogger("audience_sync.daemon")
 # How long one tick drains one audience before moving on: a long initial sync at a vendor's
 # rate limit must not starve the other audiences; it resumes on the next tick.
 DEFAULT_DRAIN_SLICE = timedelta(seconds=30)
+# On SIGTERM the batch in flight gets this long to be answered; then its requests are
+# interrupted (their deliveries stay pending), and if one is still on the wire STOP_LIMIT
+# later (a connect to a silent host), the process exits without it: within 5 s in all.
+STOP_GRACE = 2.0
+STOP_LIMIT = 2.0
 
 
 class Observer:
@@ -81,18 +86,28 @@ class _GuardedDestination:
         self.max_batch = inner.max_batch
         self._should_pause = should_pause
         self._on_batch = on_batch
+        # Sends on the wire now (a destination may send from several threads).
+        self.sending = 0
+        self._lock = threading.Lock()
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
         reason = self._should_pause()
         if reason is not None:
             raise _Paused(f"destination {self.name!r}: drain paused ({reason})")
+        with self._lock:
+            self.sending += 1
         try:
             return self.inner.send(batch)
         finally:
+            with self._lock:
+                self.sending -= 1
             self._on_batch()
 
     def check(self) -> tuple[bool, str]:
         return self.inner.check()
+
+    def interrupt(self) -> None:
+        self.inner.interrupt()
 
     def close(self) -> None:
         self.inner.close()
@@ -222,11 +237,14 @@ class Daemon:
                     limiter = shared_limiter(self.store, name, settings) if shared else None
                     inner = make_destination(name, settings, limiter=limiter)
                 except AudienceSyncError as exc:
+                    # Only this destination is unusable (its drain reports why); the
+                    # audience's other destinations still get their deliveries.
                     log.error("%s", exc.message)
-                    return None
+                    continue
                 self._clients[name] = _GuardedDestination(inner, self._gate.reason,
                                                           self.observer.progress)
-        return {name: self._clients[name] for name in comp.destinations}
+        return {name: self._clients[name] for name in comp.destinations
+                if name in self._clients}
 
     def _keys_with_pending(self) -> list[str]:
         d, c = t.deliveries, t.computations
@@ -265,11 +283,35 @@ class Daemon:
             while not self.stopping.wait(1.0):
                 pass
         finally:
-            # Waits for the tick in flight; it stops between batches and releases its leases.
-            scheduler.shutdown(wait=True)
+            self._stop(scheduler)
             self.close()
         log.info("daemon %s stopped", self.options.owner)
         return 0
+
+    def _stop(self, scheduler: BackgroundScheduler) -> None:
+        """Wait for the tick in flight (it stops between batches and releases its leases),
+        interrupting its requests after STOP_GRACE; never longer than STOP_GRACE + STOP_LIMIT
+        for the wire (a run that is committing is waited for)."""
+        closer = threading.Thread(target=scheduler.shutdown, kwargs={"wait": True},
+                                  name="stop", daemon=True)
+        closer.start()
+        closer.join(STOP_GRACE)
+        if closer.is_alive():
+            log.info("stopping: interrupting the requests still on the wire (their deliveries "
+                     "stay pending)")
+            for client in list(self._clients.values()):
+                client.interrupt()
+            closer.join(STOP_LIMIT)
+        if closer.is_alive() and any(c.sending for c in list(self._clients.values())):
+            # Stuck on the wire (a connect to a silent host): exit without it. Its claim
+            # never committed, so what it was sending stays pending.
+            log.warning("stopping: a request did not end within %.0fs; exiting without it",
+                        STOP_GRACE + STOP_LIMIT)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(0)
+        # Not on the wire (a run committing): wait for it, as before.
+        closer.join()
 
     def _install_signals(self) -> None:
         def handle(signum: int, _frame: FrameType | None) -> None:

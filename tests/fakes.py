@@ -2,7 +2,9 @@
 
 They check auth, paths and body shapes, enforce limits (429 + Retry-After, sizes, 5,000
 items), answer 206 for end users they cannot match, and can be told to fail the next N
-requests (500, 429, timeout, dropped connection) or to hold a request until released.
+requests (500, 429, timeout, dropped connection, a stalled or trickled answer) or to hold a
+request until released. EchoServer answers every request with an error that quotes its
+headers, as a careless server does.
 A message is recorded only when the server acknowledges it, so "none twice after
 acknowledgement" is "no messageId recorded twice".
 """
@@ -30,6 +32,7 @@ class Answer:
     status: int
     body: Any = None
     headers: dict[str, str] | None = None
+    raw: bytes | None = None  # a body that is not JSON (HTML, text), sent as is
 
 
 class _Drop(Exception):
@@ -65,13 +68,15 @@ class FakeServer:
     """The machinery both fakes share; subclasses implement `route`."""
 
     def __init__(self, *, rate: float | None = None, burst: float = 1.0,
-                 retry_after: float | None = None, timeout_delay: float = 1.0) -> None:
+                 retry_after: float | None = None, timeout_delay: float = 1.0,
+                 trickle_interval: float = 0.2) -> None:
         self.rate = rate
+        self.trickle_interval = trickle_interval  # seconds between bytes of a trickled answer
         self.burst = burst
         self.retry_after = retry_after  # fixed Retry-After for rate-limit 429s, else computed
         self.timeout_delay = timeout_delay
         self.lock = threading.Lock()
-        self.faults: deque[tuple[str, float]] = deque()
+        self.faults: deque[tuple[str, float | str]] = deque()
         self.statuses: Counter[int] = Counter()
         # (monotonic arrival time, status answered), for rate and hold checks.
         self.answers: list[tuple[float, int]] = []
@@ -117,8 +122,10 @@ class FakeServer:
 
     # -- knobs -----------------------------------------------------------------------------
 
-    def fail_next(self, count: int, kind: str, retry_after: float = 0.01) -> None:
-        """kind: 500 | 429 | timeout | drop."""
+    def fail_next(self, count: int, kind: str, retry_after: float | str = 0.01) -> None:
+        """kind: 500 | 429 | timeout | drop | stall (accept, read, never answer) | trickle (a
+        200 answer sent a byte every `trickle_interval` seconds). A str retry_after is sent as
+        the Retry-After header verbatim."""
         with self.lock:
             self.faults.extend([(kind, retry_after)] * count)
 
@@ -144,6 +151,11 @@ class FakeServer:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             fault = self.faults.popleft() if self.faults else None
+        if fault is not None and fault[0] in ("stall", "trickle"):
+            self._hang(handler, fault[0])
+            with self.lock:
+                self.in_flight -= 1
+            return
         try:
             answer = self._answer(handler, method, body, fault)
         except _Drop:
@@ -155,24 +167,48 @@ class FakeServer:
         with self.lock:
             self.statuses[answer.status] += 1
             self.answers.append((arrived, answer.status))
-        payload = b"" if answer.body is None else json.dumps(answer.body).encode()
+        payload = answer.raw if answer.raw is not None else (
+            b"" if answer.body is None else json.dumps(answer.body).encode())
         handler.send_response(answer.status)
-        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Type", "application/json" if answer.raw is None
+                            else "text/html")
         handler.send_header("Content-Length", str(len(payload)))
         for name, value in (answer.headers or {}).items():
             handler.send_header(name, value)
         handler.end_headers()
         handler.wfile.write(payload)
 
+    def _hang(self, handler: _Handler, kind: str) -> None:
+        """Never answer (stall), or answer one byte at a time (trickle), until the fake stops
+        or MAX_WAIT passes; the client is expected to give up long before."""
+        with self.lock:
+            self.statuses[0] += 1  # 0: no complete answer
+        if kind == "stall":
+            self._closing.wait(MAX_WAIT)
+        else:
+            payload = b'{"ok": true}' + b" " * 4096
+            answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+            end = time.monotonic() + MAX_WAIT
+            for byte in answer:
+                if self._closing.wait(self.trickle_interval) or time.monotonic() > end:
+                    break
+                try:
+                    handler.wfile.write(bytes([byte]))
+                    handler.wfile.flush()
+                except OSError:
+                    break
+        handler.close_connection = True
+
     def _answer(self, handler: _Handler, method: str, body: bytes,
-                fault: tuple[str, float] | None) -> Answer:
+                fault: tuple[str, float | str] | None) -> Answer:
         if fault is not None:
             kind, retry_after = fault
             if kind == "500":
                 return Answer(500, {"message": "internal error (injected)"})
             if kind == "429":
-                return Answer(429, {"message": "Too many requests"},
-                              {"Retry-After": f"{retry_after:g}"})
+                header = retry_after if isinstance(retry_after, str) else f"{retry_after:g}"
+                return Answer(429, {"message": "Too many requests"}, {"Retry-After": header})
             if kind == "timeout":
                 self._closing.wait(self.timeout_delay)
                 raise _Drop
@@ -227,6 +263,9 @@ class FakePlanhat(FakeServer):
         self.endusers: dict[str, dict[str, Any]] = {}  # externalId -> merged end user
         self.bulk_requests: list[list[dict[str, Any]]] = []
         self.known_domains: set[str] = {"example.com"}
+        # Answers for the next bulk upserts, given as is and applying nothing (partial answers
+        # that name no item, say).
+        self.bulk_answers: deque[Answer] = deque()
 
     def route(self, method: str, path: str, auth: str, body: bytes) -> Answer:
         if path == "/dock/segment" and method == "POST":
@@ -261,6 +300,10 @@ class FakePlanhat(FakeServer):
         items = json.loads(body)
         if not isinstance(items, list):
             return Answer(400, {"message": "expected an array of end users"})
+        with self.lock:
+            if self.bulk_answers:
+                self.bulk_requests.append(items)
+                return self.bulk_answers.popleft()
         if len(items) > 5000:
             return Answer(400, {"message": f"at most 5000 items per request, got {len(items)}"})
         errors: list[dict[str, Any]] = []
@@ -329,3 +372,32 @@ class FakeSegment(FakeServer):
             self.messages.extend(batch)
             self.acked.extend(m["messageId"] for m in batch)
         return Answer(200, {"success": True})
+
+
+class EchoServer(FakeServer):
+    """Answers every request with an error quoting its request line and every header, in
+    JSON and as text: 400 and 500 in turn (a careless proxy or API that echoes what it got)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.echoed: list[str] = []  # what each answer quoted
+
+    def dispatch(self, handler: _Handler, method: str) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        if length:
+            handler.rfile.read(length)
+        with self.lock:
+            self.requests += 1
+            status = 400 if self.requests % 2 else 500
+            self.statuses[status] += 1
+        echoed = handler.requestline + "\n" + "".join(
+            f"{name}: {value}\n" for name, value in handler.headers.items())
+        with self.lock:
+            self.echoed.append(echoed)
+        payload = json.dumps({"message": f"rejected: {echoed}", "headers": echoed,
+                              "repr": repr(dict(handler.headers.items()))}).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)

@@ -61,12 +61,28 @@ def test_backoff_delay(attempt: int, jitter: float, retry_after: float | None,
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    (None, None), ("", None), ("3", 3.0), (" 0.25 ", 0.25), ("-4", 0.0), ("soon", None),
+    (None, None), ("", None), ("3", 3.0), (" 0.25 ", 0.25), ("soon", None),
     ("Sat, 28 Nov 2026 10:00:30 GMT", 30.0), ("Sat, 28 Nov 2026 09:59:00 GMT", 0.0),
+    ("3600", 3600.0), ("604800", 604800.0),
 ])
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:
     now = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
     assert parse_retry_after(value, now) == expected
+
+
+@pytest.mark.parametrize("value", [
+    "Fri, 31 Dec 9999 23:59:59 GMT", "1e10", "inf", "-inf", "nan", "-4", "604801",
+    "1e400", "Fri, 31 Dec 99999 23:59:59 GMT",
+])
+def test_retry_after_absurd_or_non_finite_is_absent(value: str) -> None:
+    now = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
+    assert parse_retry_after(value, now) is None
+
+
+def test_retry_after_never_stretches_a_backoff_past_its_cap() -> None:
+    for retry_after in (1e10, float("inf"), float("nan"), -5.0):
+        delay = backoff_delay(0, base=0.5, cap=30.0, retry_after=retry_after, jitter=0.0)
+        assert 0 < delay <= 30.0
 
 
 def test_redactor_removes_secrets_and_their_basic_auth_form() -> None:
@@ -127,19 +143,31 @@ def test_enduser_items_merge_one_user_across_audiences() -> None:
     assert [d.id for d in owners["u1"]] == [1, 3]
 
 
-@pytest.mark.parametrize(("document", "expected"), [
-    ({"createdErrors": [], "updatedErrors": []}, {}),
-    ({"createdErrors": [{"item": {"externalId": "u2"}, "error": "no company"}]},
-     {"u2": "no company"}),
-    ({"updatedErrors": [{"externalId": "u1", "message": "bad  field"}]}, {"u1": "bad field"}),
-    ({"permissionErrors": [{"index": 1}]}, {"u2": "listed in permissionErrors"}),
-    ({"createdErrors": ["something failed"]}, None),  # not attributable
-    ({"createdErrors": "oops"}, None),
-    ("not an object", {}),
+@pytest.mark.parametrize(("document", "partial", "named", "proven"), [
+    # 200: everything accepted unless an error entry says otherwise.
+    ({"createdErrors": [], "updatedErrors": []}, False, {}, True),
+    ("not an object", False, {}, True),
+    ({"createdErrors": [{"item": {"externalId": "u2"}, "error": "no company"}]}, True,
+     {"u2": "no company"}, True),
+    ({"updatedErrors": [{"externalId": "u1", "message": "bad  field"}]}, True,
+     {"u1": "bad  field"}, True),
+    ({"permissionErrors": [{"index": 1}]}, True, {"u2": "listed in permissionErrors"}, True),
+    # Errors that name no item of the request prove nothing about the others.
+    ({"createdErrors": ["something failed"]}, False, {}, False),
+    ({"createdErrors": "oops"}, False, {}, False),
+    ({"createdErrors": [{"externalId": "u2", "error": "x"}, {"externalId": "zz"}]}, True,
+     {"u2": "x"}, False),
+    # A 206 must name what failed: an HTML body, `{}`, empty lists or a stranger prove nothing.
+    ("<html>busy</html>", True, {}, False),
+    ({}, True, {}, False),
+    ({"createdErrors": [], "updatedErrors": [], "permissionErrors": []}, True, {}, False),
+    ({"createdErrors": [{"externalId": "not-sent", "error": "x"}]}, True, {}, False),
+    ({"createdErrors": [{"index": 7}]}, True, {}, False),
 ])
-def test_item_errors(document: object, expected: dict[str, str] | None) -> None:
+def test_item_errors_acknowledge_only_what_the_answer_proves(
+        document: object, partial: bool, named: dict[str, str], proven: bool) -> None:
     items = [{"externalId": "u1"}, {"externalId": "u2"}]
-    assert item_errors(document, items) == expected
+    assert item_errors(document, items, partial=partial) == (named, proven)
 
 
 def test_pack_respects_count_and_bytes() -> None:

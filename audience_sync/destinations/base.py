@@ -43,6 +43,11 @@ class Destination(Protocol):
         """Reach the destination without sending an identify; (ok, what was found)."""
         ...
 
+    def interrupt(self) -> None:
+        """End the requests on the wire now, from any thread (the process is stopping): the
+        send in flight returns with its deliveries left pending (halt), and sends nothing more."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -6,18 +6,17 @@ table-tested; `HttpSender.call` is the only loop that applies them.
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import enum
 import functools
 import json
 import logging
+import math
 import random
-import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -29,12 +28,22 @@ from audience_sync.config import PlanhatDestination as PlanhatConfig
 from audience_sync.config import RateLimit
 from audience_sync.config import SegmentDestination as SegmentConfig
 from audience_sync.destinations.base import Outcome
+from audience_sync.destinations.redact import Redactor, mask_url, url_secrets
+from audience_sync.destinations.wire import bound_requests, request_scope
+from audience_sync.errors import DestinationError
+
+__all__ = ["HttpSender", "Limiter", "Redactor", "Reply", "Verdict", "backoff_delay", "classify",
+           "make_sender", "mask_url", "outcome_of", "outcomes_of", "parse_retry_after", "probe"]
 
 log = logging.getLogger("audience_sync.delivery")
 
 USER_AGENT = f"audience-sync/{__version__}"
-# An error message quoted from a destination is cut to this many characters.
+# An error message quoted from a destination is cut to this many characters (after redaction).
 ERROR_SNIPPET = 240
+# A Retry-After beyond this is a server bug, not a rate limit window: treated as absent.
+ABSURD_RETRY_AFTER = 7 * 86400.0
+# What a request interrupted by shutdown says; its deliveries stay pending.
+INTERRUPTED = "interrupted: the process is stopping"
 
 
 @functools.cache
@@ -70,31 +79,38 @@ def backoff_delay(attempt: int, *, base: float, cap: float, retry_after: float |
     """Seconds to wait before attempt `attempt + 1` (attempt counts from 0).
 
     Exponential with "equal jitter" (half fixed, half random, `jitter` in [0, 1)), capped at
-    `cap`; a server's Retry-After wins when it asks for longer.
+    `cap`; a server's Retry-After wins when it asks for longer, up to `cap` too.
     """
     ceiling = min(cap, base * (2.0 ** min(attempt, 32)))
     delay = ceiling / 2 + ceiling / 2 * jitter
-    if retry_after is not None:
-        delay = max(delay, retry_after) if retry_after > 0 else delay
+    if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
+        delay = max(delay, min(retry_after, cap))
     return delay
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Retry-After as seconds: delta-seconds (fractions accepted) or an HTTP date."""
+    """Retry-After as seconds: delta-seconds (fractions accepted) or an HTTP date.
+
+    None when absent or unusable: not a number or date, negative, not finite, or beyond
+    ABSURD_RETRY_AFTER (`1e10`, year 9999): such a value would park deliveries for centuries.
+    A date in the past is 0 (come back now).
+    """
     if value is None or not value.strip():
         return None
     text = value.strip()
     try:
-        return max(0.0, float(text))
+        seconds = float(text)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            seconds = max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+        except (TypeError, ValueError, OverflowError, IndexError):
+            return None
+    if not math.isfinite(seconds) or seconds < 0 or seconds > ABSURD_RETRY_AFTER:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return seconds
 
 
 class Limiter(Protocol):
@@ -158,24 +174,6 @@ class LimiterRegistry:
 LIMITERS = LimiterRegistry()
 
 
-class Redactor:
-    """Removes secrets (and their Basic-auth encodings) from text before it is shown."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        found: set[str] = set()
-        for secret in secrets:
-            if not secret:
-                continue
-            found.add(secret)
-            found.add(base64.b64encode(f"{secret}:".encode()).decode())
-        self._pattern = re.compile("|".join(re.escape(s) for s in sorted(found, key=len,
-                                                                        reverse=True))) \
-            if found else None
-
-    def __call__(self, text: str) -> str:
-        return self._pattern.sub("***", text) if self._pattern else text
-
-
 @dataclass(frozen=True)
 class Reply:
     """The final answer of one call, after its retries."""
@@ -222,6 +220,21 @@ class Policy:
     max_retries: int
     backoff_base: float
     backoff_max: float
+    # The longest a Retry-After may defer a delivery past this drain (seconds).
+    max_defer: float = 3600.0
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    """One attempt on the wire: an answer (status), or why there is none (error)."""
+
+    status: int | None
+    body: bytes = b""
+    retry_after: str | None = None
+    error: str | None = None
+    # The request could not even be built (a header value httpx refuses): a configuration
+    # error that no retry fixes.
+    unusable: bool = False
 
 
 class HttpSender:
@@ -234,27 +247,69 @@ class HttpSender:
         self.policy = policy
         self.limiter = limiter
         self.redact = redactor
+        self.timeout = timeout
         self.stats = SendStats()
-        # Set on 401/403: every thread of this destination stops sending for this drain.
+        # Set on 401/403 or an unusable request: every thread of this destination stops
+        # sending for this drain.
         self.halted = threading.Event()
         self.halt_reason: str | None = None
+        # Set by interrupt(): the requests on the wire end now, their deliveries stay pending.
+        self.interrupted = threading.Event()
         self._rand = random.Random()
-        self.client = httpx.Client(
+        # `timeout` is each socket operation's bound in httpx; bound_requests makes it the
+        # whole request's (see wire.py).
+        self.client = bound_requests(httpx.Client(
             base_url=base_url, auth=auth, headers=headers, timeout=timeout,
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
-            follow_redirects=False, verify=tls_context())
+            follow_redirects=False, verify=tls_context()))
+
+    @property
+    def shown_url(self) -> str:
+        """The base URL as it may be shown: userinfo and query values masked."""
+        return mask_url(str(self.client.base_url))
+
+    def interrupt(self, reason: str = INTERRUPTED) -> None:
+        """End every request of this destination now (the process is stopping); what they
+        carried stays pending."""
+        self.halt_reason = reason
+        self.interrupted.set()
+        self.halted.set()
 
     def close(self) -> None:
         self.client.close()
 
+    def exchange(self, method: str, path: str, content: bytes | None = None) -> _Exchange:
+        """One attempt, within the request's total deadline; never raises for the wire."""
+        try:
+            with request_scope(self.timeout, self.interrupted):
+                response = self.client.request(
+                    method, path, content=content,
+                    headers={"Content-Type": "application/json"} if content is not None
+                    else None)
+        except httpx.TimeoutException as exc:
+            if self.interrupted.is_set():
+                return _Exchange(None, error=INTERRUPTED)
+            return _Exchange(None, error=f"timed out after {self.timeout:g}s "
+                                         f"({type(exc).__name__})")
+        except (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL,
+                UnicodeEncodeError) as exc:
+            # httpx refused to build the request, e.g. `Illegal header value b'Bearer ...\n'`:
+            # its message quotes the secret, so only a redacted line of it is kept.
+            return _Exchange(None, error=self.line(
+                f"the request cannot be sent ({type(exc).__name__}: {exc}); check the "
+                "destination's token and base_url for stray characters"), unusable=True)
+        except httpx.TransportError as exc:
+            return _Exchange(None, error=self.line(
+                f"network error: {str(exc) or type(exc).__name__}"))
+        return _Exchange(response.status_code, response.content,
+                         response.headers.get("Retry-After"))
+
     def call(self, method: str, path: str, *, content: bytes | None = None,
-             rate_limited: bool = True,
-             describe: Callable[[int, bytes], str] | None = None) -> Reply:
+             rate_limited: bool = True) -> Reply:
         """Send one request under the failure policy; retries happen here and only here."""
         attempts = 0
         last_error = "not sent"
         last_status: int | None = None
-        retry_after: float | None = None
         while True:
             if self.halted.is_set():
                 return Reply(Verdict.HALT, None, b"", self.halt_reason, attempts)
@@ -262,43 +317,41 @@ class HttpSender:
                 return Reply(Verdict.HALT, None, b"", self.halt_reason, attempts)
             attempts += 1
             self.stats.add(requests=1)
-            retry_after = None
-            try:
-                response = self.client.request(
-                    method, path, content=content,
-                    headers={"Content-Type": "application/json"} if content is not None
-                    else None)
-                body = response.read()
-                status: int | None = response.status_code
-            except httpx.TimeoutException as exc:
-                status, body = None, b""
-                last_error = f"timed out ({type(exc).__name__})"
-            except httpx.TransportError as exc:
-                status, body = None, b""
-                detail = _one_line(str(exc)) or type(exc).__name__
-                last_error = self.redact(f"network error: {detail}")
-            verdict = classify(status)
+            retry_after: float | None = None
+            wire = self.exchange(method, path, content)
+            status, body = wire.status, wire.body
+            if status is None:
+                if self.interrupted.is_set():
+                    return Reply(Verdict.HALT, None, b"", self.halt_reason, attempts)
+                last_error = wire.error or "no answer"
+            verdict = Verdict.HALT if wire.unusable else classify(status)
             if status is not None:
                 last_status = status
                 if verdict is Verdict.OK:
                     return Reply(verdict, status, body, None, attempts)
-                last_error = self._describe(status, body, describe)
+                last_error = self.describe(status, body)
                 if status == 429:
                     self.stats.add(throttled=1)
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                    retry_after = parse_retry_after(wire.retry_after)
             if verdict is Verdict.HALT:
                 if not self.halted.is_set():
-                    self.halt_reason = (f"destination {self.name!r} refused the credentials "
-                                        f"({last_error}); stopped for this run")
+                    self.halt_reason = (
+                        f"destination {self.name!r}: {last_error}; stopped for this run"
+                        if wire.unusable else
+                        f"destination {self.name!r} refused the credentials "
+                        f"({last_error}); stopped for this run")
                     self.halted.set()
                 return Reply(verdict, status, body, self.halt_reason, attempts)
             if verdict is Verdict.PERMANENT:
                 return Reply(verdict, status, body, last_error, attempts)
-            # Transient.
+            # Transient. A Retry-After longer than this drain's backoff defers the deliveries,
+            # for at most max_defer.
             if attempts > self.policy.max_retries or (
                     retry_after is not None and retry_after > self.policy.backoff_max):
+                deferral = None if retry_after is None else min(retry_after,
+                                                                self.policy.max_defer)
                 return Reply(Verdict.RETRY, last_status, b"", last_error, attempts,
-                             retry_after=retry_after)
+                             retry_after=deferral)
             delay = backoff_delay(attempts - 1, base=self.policy.backoff_base,
                                   cap=self.policy.backoff_max, retry_after=retry_after,
                                   jitter=self._rand.random())
@@ -311,16 +364,21 @@ class HttpSender:
             if self.halted.wait(delay):
                 return Reply(Verdict.HALT, None, b"", self.halt_reason, attempts)
 
-    def _describe(self, status: int, body: bytes,
-                  describe: Callable[[int, bytes], str] | None) -> str:
-        text = describe(status, body) if describe else destination_message(body)
+    def describe(self, status: int, body: bytes) -> str:
+        """`HTTP 400 Bad Request: <the destination's words>`, secrets removed, one short line."""
         reason = httpx.codes.get_reason_phrase(status)
         prefix = f"HTTP {status}" + (f" {reason}" if reason else "")
-        return self.redact(f"{prefix}: {text}" if text else prefix)
+        text = destination_message(body)
+        return self.line(f"{prefix}: {text}" if text else prefix)
+
+    def line(self, text: str) -> str:
+        """Text as it may be shown: redacted first, then one line, then cut (cutting first
+        could leave a prefix of a secret that redaction no longer recognises)."""
+        return _one_line(self.redact(text))
 
 
 def destination_message(body: bytes) -> str:
-    """The destination's own words: a JSON `message`/`error` field, or the start of the body."""
+    """The destination's own words, whole: a JSON `message`/`error` field, or the body."""
     try:
         document = json.loads(body)
     except ValueError:
@@ -329,8 +387,8 @@ def destination_message(body: bytes) -> str:
         for key in ("message", "error", "detail", "reason"):
             value = document.get(key)
             if isinstance(value, str) and value:
-                return _one_line(value)
-    return _one_line(body.decode("utf-8", errors="replace"))
+                return value
+    return body.decode("utf-8", errors="replace")
 
 
 def _one_line(text: str) -> str:
@@ -342,13 +400,25 @@ def make_sender(name: str, config: PlanhatConfig | SegmentConfig, *, base_url: s
                 auth: httpx.Auth | None, headers: dict[str, str], secrets: Iterable[str],
                 rate: RateLimit, limiter: Limiter | None = None) -> HttpSender:
     """limiter: the destination's budget when it is shared beyond this process; else the
-    process-wide limiter of this destination and rate."""
+    process-wide limiter of this destination and rate. secrets: the destination's tokens;
+    what its base_url carries (userinfo, query values) is added here.
+
+    :raises DestinationError: a header value (a token) holds a character no HTTP header can
+        carry; the message does not quote it.
+    """
+    for header, value in headers.items():
+        if not value.isascii() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise DestinationError(
+                f"destination {name!r}: the {header} header (its token) holds a character an "
+                "HTTP header cannot carry (a control character or non-ASCII); check the "
+                "secret's value")
     return HttpSender(
         name, base_url=base_url, auth=auth, headers={"User-Agent": USER_AGENT, **headers},
         timeout=config.timeout.total_seconds(),
-        policy=Policy(config.max_retries, config.backoff_base, config.backoff_max),
+        policy=Policy(config.max_retries, config.backoff_base, config.backoff_max,
+                      config.max_defer.total_seconds()),
         limiter=limiter if limiter is not None else LIMITERS.get(name, rate),
-        redactor=Redactor(secrets),
+        redactor=Redactor([*secrets, *url_secrets(base_url)]),
         pool=config.concurrency)
 
 
@@ -373,11 +443,9 @@ def outcome_of(delivery_id: int, reply: Reply) -> Outcome:
 def probe(sender: HttpSender, method: str, path: str, *,
           content: bytes | None = None) -> tuple[int | None, str]:
     """One request without retries (for `check`): (status or None, what happened)."""
-    try:
-        response = sender.client.request(
-            method, path, content=content,
-            headers={"Content-Type": "application/json"} if content is not None else None)
-    except httpx.TransportError as exc:
-        return None, sender.redact(f"cannot reach {sender.client.base_url}: "
-                                   f"{_one_line(str(exc)) or type(exc).__name__}")
-    return response.status_code, sender._describe(response.status_code, response.read(), None)
+    wire = sender.exchange(method, path, content)
+    if wire.status is None:
+        if wire.unusable:
+            return None, wire.error or "the request cannot be sent"
+        return None, sender.line(f"cannot reach {sender.shown_url}: {wire.error}")
+    return wire.status, sender.describe(wire.status, wire.body)

@@ -41,5 +41,8 @@ class JsonlDestination:
             return False, f"{directory} is not writable"
         return True, f"ok (appends to {self.path})"
 
+    def interrupt(self) -> None:
+        return None  # a local write finishes within the shutdown's grace anyway
+
     def close(self) -> None:
         return None

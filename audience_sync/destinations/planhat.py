@@ -72,8 +72,11 @@ class PlanhatSegmentDestination:
         status, text = probe(self.sender, "GET", SEGMENT_PATH)
         if status is None:
             return False, text
-        return True, (f"reachable at {self.sender.client.base_url}; Planhat offers no way to "
+        return True, (f"reachable at {self.sender.shown_url}; Planhat offers no way to "
                       "verify the tenant token without sending an identify")
+
+    def interrupt(self) -> None:
+        self.sender.interrupt()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -107,21 +110,22 @@ class PlanhatApiDestination:
             if reply.verdict is not Verdict.OK:
                 outcomes += outcomes_of(chunk_ids, reply)
                 continue
-            errors = item_errors(reply.json(), chunk)
-            if errors is None:
-                reason = (f"HTTP {reply.status}: Planhat reported a partial failure without "
-                          "saying which end users failed")
-                outcomes += [Outcome(i, ok=False, permanent=True, error=reason,
-                                     attempts=reply.attempts) for i in chunk_ids]
-                continue
+            named, proven = item_errors(reply.json(), chunk, partial=reply.status == 206)
+            unproven = (f"HTTP {reply.status}: Planhat reported a partial failure it did not "
+                        "attribute to these end users; will retry")
             for item in chunk:
-                error = errors.get(item["externalId"])
+                error = named.get(item["externalId"])
                 for delivery in owners[item["externalId"]]:
-                    outcomes.append(
-                        Outcome(delivery.id, ok=True, attempts=reply.attempts) if error is None
-                        else Outcome(delivery.id, ok=False, permanent=True,
-                                     error=self.sender.redact(f"HTTP {reply.status}: {error}"),
-                                     attempts=reply.attempts))
+                    if error is not None:
+                        outcomes.append(Outcome(
+                            delivery.id, ok=False, permanent=True, attempts=reply.attempts,
+                            error=self.sender.line(f"HTTP {reply.status}: {error}")))
+                    elif proven:
+                        outcomes.append(Outcome(delivery.id, ok=True, attempts=reply.attempts))
+                    else:
+                        # Not named, and the answer does not prove it was accepted: try again.
+                        outcomes.append(Outcome(delivery.id, ok=False, error=unproven,
+                                                attempts=reply.attempts))
         return outcomes
 
     def check(self) -> tuple[bool, str]:
@@ -131,8 +135,11 @@ class PlanhatApiDestination:
         if status in (401, 403):
             return False, f"the API token was refused ({text})"
         if 200 <= status < 300:
-            return True, f"ok (API token accepted by {self.sender.client.base_url})"
+            return True, f"ok (API token accepted by {self.sender.shown_url})"
         return False, text
+
+    def interrupt(self) -> None:
+        self.sender.interrupt()
 
     def close(self) -> None:
         self.sender.close()
@@ -154,25 +161,33 @@ def enduser_items(batch: Sequence[Delivery]) -> tuple[list[dict[str, Any]],
     return list(items.values()), owners
 
 
-def item_errors(document: object, items: Sequence[dict[str, Any]]) -> dict[str, str] | None:
-    """externalId -> reason for the items a bulk answer says failed.
+def item_errors(document: object, items: Sequence[dict[str, Any]], *,
+                partial: bool = False) -> tuple[dict[str, str], bool]:
+    """(externalId -> reason for the items of the request a bulk answer names as failed,
+    whether it proves every other item was accepted).
 
-    None when the answer reports errors it does not attribute to an item. Entries may name
-    the item (`externalId`, or the item itself under `item`) or its position (`index`).
+    Entries may name the item (`externalId`, or the item itself under `item`) or its position
+    (`index`). The rest is proven accepted only when every error entry was attributed to an
+    item of the request and, for a 206 (partial), at least one was: an HTML body, `{}`, empty
+    error lists or an unknown externalId on a 206 prove nothing.
     """
     if not isinstance(document, dict):
-        return {}
+        return {}, not partial
+    requested = {str(item["externalId"]) for item in items}
     found: dict[str, str] = {}
+    attributed = True
     for key in _ERROR_LISTS:
         entries = document.get(key) or []
         if not isinstance(entries, list):
-            return None
+            attributed = False
+            continue
         for entry in entries:
             external_id = _entry_id(entry, items)
-            if external_id is None:
-                return None
+            if external_id is None or external_id not in requested:
+                attributed = False
+                continue
             found[external_id] = _entry_reason(entry, key)
-    return found
+    return found, attributed and (bool(found) or not partial)
 
 
 def _entry_id(entry: object, items: Sequence[dict[str, Any]]) -> str | None:
@@ -192,5 +207,5 @@ def _entry_reason(entry: object, key: str) -> str:
         for field in ("error", "message", "reason"):
             value = entry.get(field)
             if isinstance(value, str) and value:
-                return " ".join(value.split())[:200]
+                return value  # whole: the caller redacts, then shortens
     return f"listed in {key}"

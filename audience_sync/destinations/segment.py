@@ -176,9 +176,12 @@ class SegmentDestination:
         if status in (401, 403):
             return False, f"the write key was refused ({text})"
         if 200 <= status < 300:
-            return True, (f"ok (reached {self.sender.client.base_url}; Segment itself accepts "
+            return True, (f"ok (reached {self.sender.shown_url}; Segment itself accepts "
                           "any write key, so only a refusal proves a bad one)")
         return False, text
+
+    def interrupt(self) -> None:
+        self.sender.interrupt()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
