@@ -17,19 +17,17 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]*[^\s'\"<>:;,.)
 
 
 def mask_url(url: str) -> str:
-    """`http://user:***@host/path?key=***`: the password, every query value and any fragment.
+    """`http://***@host/path?key=***`: the whole userinfo, every query value, any fragment.
 
-    A username followed by a password is kept (it says who connects). A username alone is
-    masked: it is how Basic-auth keys travel in URLs (`https://WRITE_KEY@api.segment.io`).
+    The userinfo goes whole: a username alone is how Basic-auth keys travel in URLs
+    (`https://WRITE_KEY@api.segment.io`), and a password needs no partial showing.
     Works on any text (never raises): what it cannot parse it masks rather than prints.
     """
     head, hash_mark, fragment = url.partition("#")
     head, question, query = head.partition("?")
     match = _USERINFO.match(head)
     if match:
-        user, password = match.group("user"), match.group("password")
-        kept = f"{user}:{MASK}" if password and user else MASK
-        head = f"{match.group('scheme')}{kept}@{head[match.end():]}"
+        head = f"{match.group('scheme')}{MASK}@{head[match.end():]}"
     if question:
         head += "?" + "&".join(_mask_parameter(p) for p in query.split("&"))
     if hash_mark:

@@ -12,14 +12,14 @@ import base64
 import json
 import re
 from collections.abc import Iterable
-from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
-MASK = "***"
+from audience_sync.urls import MASK, mask_url, mask_urls_in
+
+__all__ = ["MASK", "Redactor", "mask_url", "secret_forms", "url_secrets"]
 # Shortest userinfo part or query value treated as a secret (see url_secrets).
 _MIN_URL_SECRET = 4
 
-# A URL inside a message (an httpx error, a `check` line): scheme, then up to a space or quote.
-_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 
 
 def _b64_forms(raw: bytes) -> set[str]:
@@ -72,27 +72,6 @@ def url_secrets(url: str) -> list[str]:
     return [value for value in found if len(value) >= _MIN_URL_SECRET]
 
 
-def mask_url(url: str) -> str:
-    """`url` with its userinfo and every query value replaced by ***; the rest as it was."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        # Not parseable (a bad port, say): keep only what precedes any userinfo or query.
-        return re.sub(r"//[^/@]*@", f"//{MASK}@", url.split("?", 1)[0]) + (
-            f"?{MASK}" if "?" in url else "")
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"{MASK}@" + (f"[{host}]" if ":" in host else host) + (
-            f":{port}" if port is not None else "")
-    query = "&".join(
-        f"{piece.partition('=')[0]}={MASK}" if "=" in piece else piece
-        for piece in parts.query.split("&")) if parts.query else ""
-    fragment = MASK if parts.fragment else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
-
-
 class Redactor:
     """Removes every form of the given secrets, and masks URLs, in text before it is shown."""
 
@@ -108,11 +87,4 @@ class Redactor:
     def __call__(self, text: str) -> str:
         if self._pattern is not None:
             text = self._pattern.sub(MASK, text)
-        return _URL.sub(_mask_match, text)
-
-
-def _mask_match(match: re.Match[str]) -> str:
-    # Punctuation closing a sentence or a parenthesis is not part of the URL.
-    url = match.group()
-    core = url.rstrip(".,;:!?)]}")
-    return mask_url(core) + url[len(core):]
+        return mask_urls_in(text)
