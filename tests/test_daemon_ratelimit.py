@@ -40,6 +40,7 @@ def test_three_processes_sharing_a_budget_stay_within_its_rate_in_total(
         store.dispose()
 
     threads = [threading.Thread(target=worker) for _ in range(3)]
+    started = time.time()
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -48,10 +49,12 @@ def test_three_processes_sharing_a_budget_stay_within_its_rate_in_total(
     assert len(stamps) == 60
     # 60 requests at 50/s take at least 59 intervals, whoever sends them.
     assert stamps[-1] - stamps[0] >= 59 / RATE - 0.05
-    # No one-second window holds more than the rate (plus the one at its edge).
-    for i, start in enumerate(stamps):
-        in_window = sum(1 for s in stamps[i:] if s < start + 1.0)
-        assert in_window <= RATE + 1
+    # The k-th request, whoever sends it, is never earlier than k intervals after the start:
+    # in total no more than the rate. (A stamp is taken when its thread gets the CPU back,
+    # which on a loaded machine is late, never early; counting requests per one-second window
+    # instead failed when late stamps bunched up, with the slots themselves evenly spaced.)
+    for k, stamp in enumerate(stamps):
+        assert stamp >= started + k / RATE - 0.05, (k, stamp - started)
 
 
 def test_stop_ends_the_wait(state_url: str) -> None:
