@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, select
+from sqlalchemy import Connection, Row, func, select, text
 
 from audience_sync import schema as t
 
@@ -178,18 +178,27 @@ def _delivery(row: Row[Any]) -> DeliveryRow:
     return DeliveryRow(**values)
 
 
+def _indexed(conn: Connection, index: str) -> str:
+    """`INDEXED BY index` on SQLite, nothing elsewhere. Spelled out in the SQL text: SQLAlchemy
+    renders no table hint for SQLite. Without it SQLite, given an audience, walks its every
+    delivery by the (computation_id, user_id) index, or the whole table, rather than the few
+    unsent ones along their partial index (150 ms for a 1M-member audience, not 1 ms)."""
+    return f"INDEXED BY {index}" if conn.dialect.name == "sqlite" else ""
+
+
 def _unsent_counts(conn: Connection,
                    computation_id: int | None = None) -> dict[tuple[int, str, str], int]:
     """(computation id, destination, status) -> count of pending and failed deliveries, one
     query per status along its partial index (a status IN (...) uses neither)."""
-    d = t.deliveries
     out: dict[tuple[int, str, str], int] = {}
     for status in ("pending", "failed"):
-        query = (select(d.c.computation_id, d.c.destination, func.count())
-                 .where(t.status_is(status)).group_by(d.c.computation_id, d.c.destination))
-        if computation_id is not None:
-            query = query.where(d.c.computation_id == computation_id)
-        for cid, destination, count in conn.execute(query):
+        index = "ix_deliveries_pending" if status == "pending" and computation_id is not None \
+            else t.UNSENT_INDEX[status]
+        where = "" if computation_id is None else "AND computation_id = :cid"
+        query = text(f"SELECT computation_id, destination, count(*) FROM deliveries "
+                     f"{_indexed(conn, index)} WHERE status = '{status}' {where} "
+                     "GROUP BY computation_id, destination")
+        for cid, destination, count in conn.execute(query, {"cid": computation_id}):
             out[(cid, destination, status)] = int(count)
     return out
 
@@ -227,10 +236,10 @@ def _progress(conn: Connection, computation_id: int, pending: dict[str, int], fa
     # The drain sends each destination's queue in id order: the newest acknowledged rows lie
     # just below the head of the queue (one index seek per destination), or below the run's
     # last row once nothing waits.
-    heads = [conn.execute(select(func.min(d.c.id))
-                          .where(t.status_is("pending"), d.c.destination == destination)
-                          .with_hint(d, f"INDEXED BY {t.UNSENT_INDEX['pending']}", "sqlite"))
-             .scalar() for destination in pending]
+    head = text(f"SELECT min(id) FROM deliveries {_indexed(conn, t.UNSENT_INDEX['pending'])} "
+                "WHERE status = 'pending' AND destination = :destination")
+    heads = [conn.execute(head, {"destination": destination}).scalar()
+             for destination in pending]
     last = conn.execute(select(func.max(d.c.id)).where(d.c.run_id == run_id)).scalar()
     candidates = [h for h in heads if h is not None] + ([last + 1] if last is not None else [])
     rate: float | None = None
@@ -289,15 +298,14 @@ def audience(conn: Connection, key: str, at: datetime, *,
     page = page[:RUNS_PAGE]
     queued = conn.execute(select(func.coalesce(func.sum(t.runs.c.queued), 0))
                           .where(t.runs.c.computation_id == row.id)).scalar_one()
-    d = t.deliveries
-    failed = (select(*_DELIVERY_COLUMNS)
-              .where(t.status_is("failed"), d.c.computation_id == row.id)
-              .with_hint(d, f"INDEXED BY {t.UNSENT_INDEX['failed']}", "sqlite")
-              .order_by(d.c.id.desc()).limit(RECENT_FAILED))
+    columns = ", ".join(c.name for c in _DELIVERY_COLUMNS)
+    failed = text(f"SELECT {columns} FROM deliveries {_indexed(conn, t.UNSENT_INDEX['failed'])}"
+                  " WHERE status = 'failed' AND computation_id = :cid ORDER BY id DESC "
+                  f"LIMIT {RECENT_FAILED}").columns(*_DELIVERY_COLUMNS)
     return AudienceDetail(
         summary=summary, series=series, runs=tuple(page),
         older_than=page[-1].id if more and page else None, queued_total=int(queued),
-        recent_failed=tuple(_delivery(r) for r in conn.execute(failed)))
+        recent_failed=tuple(_delivery(r) for r in conn.execute(failed, {"cid": row.id})))
 
 
 @dataclass(frozen=True)
