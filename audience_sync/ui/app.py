@@ -139,7 +139,8 @@ class Dashboard:
         succeeded = [r for r in detail.series if r.status == "succeeded"]
         line = charts.line_chart([(r.clock, r.members, f"run #{r.id}: {r.members:,} members")
                                   for r in succeeded])
-        bars = charts.bar_chart([(r.entered, r.exited, f"run #{r.id}") for r in succeeded])
+        bars = charts.bar_chart([(r.entered, r.exited, f"run #{r.id}", r.kind == "initial")
+                                 for r in succeeded])
         return self._page("audience.html", "200 OK", detail=detail, a=detail.summary,
                           marks=self._marks(detail.summary), line=line, bars=bars, now=now,
                           destinations=self.configured.get(key, ()))

@@ -5,6 +5,7 @@ The templates only place what these return, so a chart is tested as numbers, not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,7 @@ class Bar:
     width: float
     height: float
     label: str
+    clipped: bool = False  # taller than the scale (an initial run's every member)
 
 
 @dataclass(frozen=True)
@@ -71,26 +73,43 @@ def sparkline(values: Sequence[int], width: float = 120, height: float = 24) -> 
         for i, v in enumerate(values))
 
 
-def _nice_max(value: float) -> float:
-    """The smallest of 1, 2, 5 times a power of ten at or above `value` (axis tops)."""
-    if value <= 0:
+def _nice_step(raw: float) -> float:
+    """The smallest of 1, 2, 5 times a power of ten at or above `raw`, and at least 1
+    (the figures are counts)."""
+    if raw <= 1:
         return 1.0
-    magnitude = 10 ** (len(str(int(value))) - 1)
+    base = 10.0 ** math.floor(math.log10(raw))
     for factor in (1, 2, 5, 10):
-        if factor * magnitude >= value:
-            return float(factor * magnitude)
-    return float(10 * magnitude)  # pragma: no cover - the loop's last factor always fits
+        if factor * base >= raw:
+            return factor * base
+    return 10 * base  # pragma: no cover - factor 10 always fits
 
 
-def _y_ticks(top: float, y_of: Callable[[float], float]) -> tuple[Tick, ...]:
-    return tuple(Tick(y_of(top * i / 4), f"{round(top * i / 4):,}") for i in range(5))
+def axis(low: float, high: float, ticks: int = 4) -> tuple[float, float]:
+    """(bottom, step) of a y axis with `ticks` nice steps covering [low, high]. It starts at
+    zero unless the values sit far from it: a 1,000,000-member audience moving by 1% per run
+    would otherwise draw a flat line."""
+    start = low if low > (high - low) else 0.0
+    step = _nice_step(max(high - start, 1) / ticks)
+    bottom = math.floor(start / step) * step
+    while bottom + ticks * step < high:
+        step = _nice_step(step * 1.001)
+        bottom = math.floor(start / step) * step
+    return bottom, step
+
+
+def _ticks(bottom: float, step: float, y_of: Callable[[float], float],
+           ticks: int = 4) -> tuple[Tick, ...]:
+    return tuple(Tick(y_of(bottom + step * i), f"{round(bottom + step * i):,}")
+                 for i in range(ticks + 1))
 
 
 def line_chart(series: Sequence[tuple[datetime, int, str]], width: float = 600,
                height: float = 220) -> LineChart:
     """One point per (time, value, label), time on the x axis (runs are not evenly spaced)."""
     inner_w, inner_h = width - LEFT - RIGHT, height - TOP - BOTTOM
-    top = _nice_max(max((v for _, v, _ in series), default=0))
+    values = [v for _, v, _ in series] or [0]
+    bottom, step = axis(min(values), max(values))
     first = series[0][0] if series else None
     last = series[-1][0] if series else None
     span = (last - first).total_seconds() if first and last else 0.0
@@ -101,7 +120,7 @@ def line_chart(series: Sequence[tuple[datetime, int, str]], width: float = 600,
         return LEFT + inner_w * (at - first).total_seconds() / span
 
     def y_of(value: float) -> float:
-        return TOP + inner_h * (1 - value / top)
+        return TOP + inner_h * (1 - (value - bottom) / (4 * step))
 
     points = tuple(Point(x_of(at), y_of(v), label) for at, v, label in series)
     x_ticks: tuple[Tick, ...] = ()
@@ -109,24 +128,32 @@ def line_chart(series: Sequence[tuple[datetime, int, str]], width: float = 600,
         x_ticks = (Tick(x_of(first), first.strftime("%Y-%m-%d %H:%M")),) if not span else (
             Tick(LEFT, first.strftime("%Y-%m-%d %H:%M")),
             Tick(LEFT + inner_w, last.strftime("%Y-%m-%d %H:%M")))
-    return LineChart(width, height, points, _y_ticks(top, y_of), x_ticks)
+    return LineChart(width, height, points, _ticks(bottom, step, y_of), x_ticks)
 
 
-def bar_chart(series: Sequence[tuple[int, int, str]], width: float = 600,
+def bar_chart(series: Sequence[tuple[int, int, str, bool]], width: float = 600,
               height: float = 220) -> BarChart:
-    """Entered above and exited below a middle baseline, one slot per run, oldest left."""
+    """Entered above and exited below a middle baseline, one slot per run, oldest left.
+
+    Each item is (entered, exited, label, outlier); outliers (initial runs, which enter every
+    member) do not set the scale when other runs exist: their bars are clipped and say so.
+    """
     inner_w, inner_h = width - LEFT - RIGHT, height - TOP - BOTTOM
-    top = _nice_max(max((max(e, x) for e, x, _ in series), default=0))
+    usual = [max(e, x) for e, x, _, outlier in series if not outlier]
+    scale = usual if any(usual) else [max(e, x) for e, x, _, _ in series]
+    top = _nice_step(max(scale, default=0) / 4) * 4
     baseline = TOP + inner_h / 2
     slot = inner_w / max(len(series), 1)
     bar_w = min(max(slot * 0.7, 0.5), 24.0)
     half = inner_h / 2
     entered, exited = [], []
-    for i, (n_in, n_out, label) in enumerate(series):
+    for i, (n_in, n_out, label, _) in enumerate(series):
         x = LEFT + i * slot + (slot - bar_w) / 2
-        h_in, h_out = half * n_in / top, half * n_out / top
-        entered.append(Bar(x, baseline - h_in, bar_w, h_in, f"{label}: +{n_in:,}"))
-        exited.append(Bar(x, baseline, bar_w, h_out, f"{label}: -{n_out:,}"))
+        h_in, h_out = min(half, half * n_in / top), min(half, half * n_out / top)
+        entered.append(Bar(x, baseline - h_in, bar_w, h_in, f"{label}: +{n_in:,}",
+                           clipped=n_in > top))
+        exited.append(Bar(x, baseline, bar_w, h_out, f"{label}: -{n_out:,}",
+                          clipped=n_out > top))
     ticks = (Tick(TOP, f"+{int(top):,}"), Tick(baseline, "0"),
              Tick(TOP + inner_h, f"-{int(top):,}"))
     return BarChart(width, height, baseline, tuple(entered), tuple(exited), ticks)
