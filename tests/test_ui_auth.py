@@ -4,7 +4,11 @@ daemon's health port; the token never shows in a page, a cookie or a log."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+import select
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
@@ -15,6 +19,7 @@ from audience_sync.cli.daemon import _dashboard
 from audience_sync.config import load_config
 from audience_sync.health import HealthServer, Metrics
 from audience_sync.store import Store
+from tests.daemon_harness import AUDIENCE_SYNC
 from tests.helpers import cli
 from tests.ui_setup import UIProject, built_project, request, serving
 
@@ -126,3 +131,29 @@ def test_ui_token_comes_from_config_as_a_secret(tmp_path: Path) -> None:
     config = load_config(path, env={"UI_TOKEN": f"  {TOKEN}\n"})
     assert config.ui_token == TOKEN  # a file-mounted secret's newline is stripped
     assert TOKEN not in repr(config.model) and TOKEN not in str(config.model.model_dump())
+
+
+def test_ui_command_serves_with_a_token_and_stops_on_ctrl_c(ui_project: UIProject) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "AUDIENCE_SYNC_CONFIG"}
+    env["AUDIENCE_SYNC_UI_TOKEN"] = TOKEN
+    proc = subprocess.Popen([AUDIENCE_SYNC, "--config", str(ui_project.path), "ui", "--host",
+                             "0.0.0.0", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready and proc.stdout is not None, "the ui command printed nothing"
+        line = proc.stdout.readline()
+        match = re.search(r"http://0\.0\.0\.0:(\d+)/ \(token required\)", line)
+        assert match, line
+        base = f"http://127.0.0.1:{match.group(1)}"
+        assert request(base + "/")[0] == 401
+        code, body, _ = request(base + "/", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert code == 200 and "high_scorers" in body
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        _out, err = proc.communicate(timeout=30)
+        assert TOKEN not in line + _out + err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
