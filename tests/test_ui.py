@@ -17,7 +17,7 @@ from audience_sync.config import load_config
 from audience_sync.runner import run_computation
 from audience_sync.state import dashboard
 from audience_sync.store import Store
-from tests.helpers import cli, make_warehouse, write_config
+from tests.helpers import cli, make_warehouse, set_users, write_config
 from tests.ui_setup import (
     CHURN,
     MEMBERS,
@@ -199,3 +199,36 @@ def test_initial_sync_progress_counts_sent_and_rate(tmp_path: Path, state_url: s
         assert progress.eta_seconds == pytest.approx(120)
     finally:
         store.dispose()
+
+
+def test_held_and_orphaned_audiences_are_marked(tmp_path: Path, state_url: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    warehouse = tmp_path / "w.db"
+    make_warehouse(warehouse, users=[(f"u{i}", None, None, None, None, 20) for i in range(6)])
+    audience = {"source": "w", "destinations": ["file"],
+                "query": "SELECT id AS user_id FROM users WHERE score > 10"}
+    document = {
+        "state_db": state_url,
+        "sources": {"w": {"url": f"sqlite:///{warehouse}"}},
+        "destinations": {"file": {"type": "jsonl", "path": "o.jsonl"}},
+        "audiences": [{"name": "Kept", **audience}, {"name": "Dropped", **audience}],
+    }
+    path = write_config(tmp_path / "config.yaml", document)
+    assert cli(capsys, "--config", str(path), "sync")[0] == 0
+    set_users(warehouse, [("u0", None, None, None, None, 20)])
+    code, _, err = cli(capsys, "--config", str(path), "sync", "kept")
+    assert code != 0 and "held" in err  # 5 of 6 would leave: held by the removal guard
+    document["audiences"] = [{"name": "Kept", **audience}]
+    write_config(path, document)
+    project = UIProject(path, warehouse, state_url)
+    with serving(project) as base:
+        index = request(base + "/")[1]
+        rows = dict(re.findall(r'<tr data-key="([^"]+)">(.*?)</tr>', index, re.S))
+        assert '<span class="mark held">held</span>' in rows["kept"]
+        assert '<span class="mark orphaned">orphaned</span>' in rows["dropped"]
+        assert "orphaned" not in rows["kept"] and "held" not in rows["dropped"]
+        page = request(base + "/audiences/kept")[1]
+        assert '<td class="status-held">held</td>' in page
+        status = json.loads(request(base + "/api/status")[1])
+        assert {c["key"]: c["orphaned"] for c in status["computations"]} == {
+            "kept": False, "dropped": True}
