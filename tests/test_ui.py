@@ -232,3 +232,20 @@ def test_held_and_orphaned_audiences_are_marked(tmp_path: Path, state_url: str,
         status = json.loads(request(base + "/api/status")[1])
         assert {c["key"]: c["orphaned"] for c in status["computations"]} == {
             "kept": False, "dropped": True}
+
+
+def test_state_database_down_is_a_503_page(tmp_path: Path) -> None:
+    make_warehouse(tmp_path / "w.db")
+    down = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
+    path = write_config(tmp_path / "config.yaml", {
+        "state_db": down,
+        "sources": {"w": {"url": f"sqlite:///{tmp_path / 'w.db'}"}},
+        "destinations": {"file": {"type": "jsonl", "path": "o.jsonl"}},
+        "audiences": [{"name": "A", "source": "w", "destinations": ["file"],
+                       "query": "SELECT id AS user_id FROM users"}],
+    })
+    with serving(UIProject(path, tmp_path / "w.db", down)) as base:
+        code, body, _ = request(base + "/")
+        assert code == 503 and "State database unavailable" in body
+        code, body, _ = request(base + "/api/status")
+        assert code == 503 and "did not answer" in json.loads(body)["error"]

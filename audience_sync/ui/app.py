@@ -78,8 +78,12 @@ class Dashboard:
             response = self.respond(environ)
         except StoreError as exc:
             log.warning("ui: %s", exc.message)
-            response = self._page("error.html", "503 Service Unavailable",
-                                  message=f"The state database did not answer: {exc.message}")
+            message = f"The state database did not answer: {exc.message}"
+            if str(environ.get("PATH_INFO", "")).startswith("/api/"):
+                response = _json({"error": message}, "503 Service Unavailable")
+            else:
+                response = self._page("error.html", "503 Service Unavailable",
+                                      heading="State database unavailable", message=message)
         headers = [("Content-Type", response.content_type),
                    ("Content-Length", str(len(response.body))), *SECURITY_HEADERS,
                    *response.headers]
@@ -212,11 +216,12 @@ class Dashboard:
     def _not_found(self, api: bool, message: str) -> Response:
         if api:
             return _json({"error": message}, "404 Not Found")
-        return self._page("error.html", "404 Not Found", message=message)
+        return self._page("error.html", "404 Not Found", heading="Not found", message=message)
 
     def _page(self, template: str, status: str, **context: Any) -> Response:
         context.setdefault("now", self.clock())
-        context["signed_in"] = self.token is not None
+        # A sign-out button wherever a signed-in reader can be (not on the sign-in form).
+        context["signed_in"] = self.token is not None and template != "login.html"
         body = self.templates.get_template(template).render(**context).encode()
         return Response(status, body)
 
