@@ -360,6 +360,9 @@ class ConfigModel(_Frozen):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     audiences: list[AudienceModel] = Field(default_factory=list)
     computed_traits: list[TraitModel] = Field(default_factory=list)
+    # The dashboard's token (`audience-sync ui`, the daemon's health port): required to bind
+    # it to a non-loopback address.
+    ui_token: Secret | None = None
 
     @field_validator("state_db")
     @classmethod
@@ -417,6 +420,11 @@ class Config:
     @property
     def sources(self) -> Mapping[str, Source]:
         return self.model.sources
+
+    @property
+    def ui_token(self) -> str | None:
+        token = self.model.ui_token
+        return token.get_secret_value() if token is not None else None
 
     def find(self, name_or_key: str) -> Computation:
         wanted = name_or_key.strip()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from wsgiref.types import WSGIApplication
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -26,6 +27,7 @@ from audience_sync.outbox import DrainReport
 from audience_sync.runner import RunResult
 from audience_sync.scheduler import Observer
 from audience_sync.store import Store
+from audience_sync.ui.server import run_wsgi
 
 log = logging.getLogger("audience_sync.health")
 
@@ -148,10 +150,12 @@ class StoreCollector(Collector):
 
 
 class HealthServer:
-    """A small threaded HTTP server for probes and scrapes."""
+    """A small threaded HTTP server for probes and scrapes, and the dashboard (`ui`) beside
+    them when given."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        handler = _handler(metrics)
+    def __init__(self, metrics: Metrics, host: str, port: int,
+                 ui: WSGIApplication | None = None) -> None:
+        handler = _handler(metrics, ui)
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
@@ -167,7 +171,7 @@ class HealthServer:
         self.server.server_close()
 
 
-def _handler(metrics: Metrics) -> type[BaseHTTPRequestHandler]:
+def _handler(metrics: Metrics, ui: WSGIApplication | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
@@ -177,6 +181,12 @@ def _handler(metrics: Metrics) -> type[BaseHTTPRequestHandler]:
                             (text + "\n").encode())
             elif path == "/metrics":
                 self._reply(200, CONTENT_TYPE_LATEST, metrics.exposition())
+            else:
+                self.do_POST()
+
+        def do_POST(self) -> None:
+            if ui is not None:
+                run_wsgi(self, ui)  # the dashboard checks its own token
             else:
                 self._reply(404, "text/plain; charset=utf-8", b"not found\n")
 

@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import typer
 
 from audience_sync.cli.common import StderrHandler, app, globals_of, open_config, open_store
-from audience_sync.config import parse_duration
+from audience_sync.cli.ui import resolve_token
+from audience_sync.config import Config, parse_duration
 from audience_sync.errors import UsageError
 from audience_sync.health import HealthServer, Metrics
 from audience_sync.leases import DEFAULT_TTL, default_owner
 from audience_sync.scheduler import Daemon, DaemonOptions
+from audience_sync.store import Store
+from audience_sync.ui.auth import is_loopback
+
+if TYPE_CHECKING:
+    from audience_sync.ui.app import Dashboard
 
 
 class JsonFormatter(logging.Formatter):
@@ -76,6 +83,10 @@ def run(
                               "(default host:pid:random)."),
     lease_ttl: str = typer.Option(f"{int(DEFAULT_TTL.total_seconds())}s", "--lease-ttl",
                                   help="How long a lease lasts unless renewed."),
+    ui_token: str = typer.Option(None, "--ui-token", envvar="AUDIENCE_SYNC_UI_TOKEN",
+                                 show_default=False, show_envvar=True,
+                                 help="Token for the dashboard on the health port (default: "
+                                 "ui_token in the config)."),
 ) -> None:
     """The daemon: run each audience on its cadence and deliver its changes, until stopped."""
     if log_format not in ("plain", "json"):
@@ -87,9 +98,11 @@ def run(
     metrics = Metrics(store, config)
     server: HealthServer | None = None
     if health_port is not None:
-        server = HealthServer(metrics, health_host, health_port).start()
+        ui = _dashboard(store, config, health_host, resolve_token(ui_token, config.ui_token))
+        server = HealthServer(metrics, health_host, health_port, ui=ui).start()
         logging.getLogger("audience_sync.health").info(
-            "health: serving /healthz and /metrics on %s:%d", health_host, server.port,
+            "health: serving /healthz and /metrics%s on %s:%d",
+            " and the dashboard" if ui else "", health_host, server.port,
             extra={"fields": {"health_port": server.port}})
     daemon = Daemon(store, config, DaemonOptions(owner=owner or default_owner(), lease_ttl=ttl),
                     observer=metrics)
@@ -100,6 +113,20 @@ def run(
             server.stop()
         store.dispose()
     raise typer.Exit(code)
+
+
+def _dashboard(store: Store, config: Config, host: str, token: str | None) -> Dashboard | None:
+    """The dashboard beside the probes: with a token, or without one on a loopback address.
+    A probe port bound to every address without a token keeps serving probes and scrapes
+    (refusing to start would take the daemon down), and shows no page."""
+    if token is None and not is_loopback(host):
+        logging.getLogger("audience_sync.health").warning(
+            "health: the dashboard is off on %s: a non-loopback address needs ui_token in the "
+            "config (or --ui-token)", host)
+        return None
+    from audience_sync.ui.app import Dashboard  # the template engine only when it serves
+
+    return Dashboard(store, config, token)
 
 
 def _duration(value: str, option: str) -> timedelta:
