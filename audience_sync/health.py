@@ -25,6 +25,7 @@ from audience_sync.errors import AudienceSyncError
 from audience_sync.outbox import DrainReport
 from audience_sync.runner import RunResult
 from audience_sync.scheduler import Observer
+from audience_sync.states import RunStatus
 from audience_sync.store import Store
 
 log = logging.getLogger("audience_sync.health")
@@ -78,7 +79,7 @@ class Metrics(Observer):
     def run_finished(self, result: RunResult) -> None:
         self.runs.labels(result.key, result.kind, result.status).inc()
         self.run_seconds.labels(result.key).inc(result.seconds)
-        if result.status == "succeeded":
+        if result.status == RunStatus.SUCCEEDED:
             for change, count in (("entered", result.entered), ("exited", result.exited),
                                   ("changed", result.changed)):
                 self.changes.labels(result.key, change).inc(count)

@@ -52,6 +52,7 @@ from audience_sync.errors import AudienceSyncError, LeaseLost
 from audience_sync.leases import Lease
 from audience_sync.messages import Delivery
 from audience_sync.ratelimit import shared_limiter
+from audience_sync.states import DeliveryStatus, InitialState
 from audience_sync.store import Store
 
 log = logging.getLogger("audience_sync.delivery")
@@ -119,7 +120,7 @@ def _batch_query(claim: bool, filtered: bool) -> Select[Any]:
     query = (
         select(*_COLUMNS)
         .join(c, c.c.id == d.c.computation_id)
-        .where(d.c.destination == bindparam("destination"), t.status_is("pending"),
+        .where(d.c.destination == bindparam("destination"), t.status_is(DeliveryStatus.PENDING),
                d.c.id > bindparam("after"),
                or_(d.c.next_attempt_at.is_(None),
                    d.c.next_attempt_at <= bindparam("now", type_=t.UTCDateTime)))
@@ -174,8 +175,8 @@ def _ids_value(dialect: str, ids: list[int]) -> object:
 @functools.cache
 def _mark_sent(dialect: str) -> Update:
     d = t.deliveries
-    return update(d).where(_ids(dialect), t.status_is("pending")).values(
-        status="sent", sent_at=bindparam("now", type_=t.UTCDateTime),
+    return update(d).where(_ids(dialect), t.status_is(DeliveryStatus.PENDING)).values(
+        status=DeliveryStatus.SENT, sent_at=bindparam("now", type_=t.UTCDateTime),
         attempts=d.c.attempts + bindparam("attempts", type_=Integer), last_error=None,
         next_attempt_at=None)
 
@@ -183,7 +184,7 @@ def _mark_sent(dialect: str) -> Update:
 @functools.cache
 def _mark_unsent(dialect: str) -> Update:
     d = t.deliveries
-    return update(d).where(_ids(dialect), t.status_is("pending")).values(
+    return update(d).where(_ids(dialect), t.status_is(DeliveryStatus.PENDING)).values(
         status=bindparam("status", type_=String), last_error=bindparam("error", type_=Text),
         attempts=d.c.attempts + bindparam("attempts", type_=Integer),
         next_attempt_at=bindparam("next_at", type_=t.UTCDateTime))
@@ -202,13 +203,13 @@ def record_outcomes(conn: Connection, outcomes: list[Outcome], now: datetime,
             sent.setdefault(o.attempts, []).append(o.delivery_id)
             continue
         if o.permanent:
-            key = ("failed", o.error, None, o.attempts)
+            key = (DeliveryStatus.FAILED, o.error, None, o.attempts)
         elif o.halt:
             # Bad credentials: nothing was wrong with the delivery; it waits for a fixed token.
-            key = ("pending", o.error, None, o.attempts)
+            key = (DeliveryStatus.PENDING, o.error, None, o.attempts)
         else:
             wait = timedelta(seconds=o.retry_after) if o.retry_after is not None else retry_later
-            key = ("pending", o.error, now + max(wait, retry_later), o.attempts)
+            key = (DeliveryStatus.PENDING, o.error, now + max(wait, retry_later), o.attempts)
         groups.setdefault(key, []).append(o.delivery_id)
     for attempts, ids in sorted(sent.items()):
         conn.execute(_mark_sent(dialect), {"ids": _ids_value(dialect, ids), "now": now,
@@ -222,9 +223,10 @@ def record_outcomes(conn: Connection, outcomes: list[Outcome], now: datetime,
 def mark_initial_syncs_complete(conn: Connection) -> None:
     """An initial sync is complete once none of its deliveries is pending any more."""
     c, d = t.computations, t.deliveries
-    pending = select(d.c.id).where(d.c.computation_id == c.c.id, t.status_is("pending"))
-    conn.execute(update(c).where(c.c.initial_state == "delivering", ~pending.exists())
-                 .values(initial_state="complete"))
+    pending = select(d.c.id).where(d.c.computation_id == c.c.id,
+                                  t.status_is(DeliveryStatus.PENDING))
+    conn.execute(update(c).where(c.c.initial_state == InitialState.DELIVERING, ~pending.exists())
+                 .values(initial_state=InitialState.COMPLETE))
 
 
 def requeue_failed(conn: Connection, computation_ids: Collection[int] | None = None,
@@ -236,7 +238,7 @@ def requeue_failed(conn: Connection, computation_ids: Collection[int] | None = N
     """
     d = t.deliveries
     newer = d.alias("newer")
-    condition = [t.status_is("failed")]
+    condition = [t.status_is(DeliveryStatus.FAILED)]
     if computation_ids is not None:
         condition.append(d.c.computation_id.in_(computation_ids))
     if destination is not None:
@@ -244,18 +246,19 @@ def requeue_failed(conn: Connection, computation_ids: Collection[int] | None = N
     has_newer = select(newer.c.id).where(
         newer.c.computation_id == d.c.computation_id, newer.c.user_id == d.c.user_id,
         newer.c.destination == d.c.destination, newer.c.id > d.c.id,
-        newer.c.status != "superseded").exists()
+        newer.c.status != DeliveryStatus.SUPERSEDED).exists()
     superseded = conn.execute(update(d).where(and_(*condition), has_newer)
-                              .values(status="superseded")).rowcount
+                              .values(status=DeliveryStatus.SUPERSEDED)).rowcount
     requeued = conn.execute(update(d).where(and_(*condition))
-                            .values(status="pending", next_attempt_at=None)).rowcount
+                            .values(status=DeliveryStatus.PENDING, next_attempt_at=None)).rowcount
     return int(requeued), int(superseded)
 
 
 def count_pending(conn: Connection, destination: str,
                   computation_ids: Collection[int] | None) -> int:
     d = t.deliveries
-    query = select(func.count()).where(d.c.destination == destination, t.status_is("pending"))
+    query = select(func.count()).where(d.c.destination == destination,
+                                       t.status_is(DeliveryStatus.PENDING))
     if computation_ids is not None:
         query = query.where(d.c.computation_id.in_(computation_ids))
     return int(conn.execute(query).scalar_one())

@@ -50,6 +50,7 @@ from audience_sync.sources import (
     create_source_engine,
     describe_db_error,
 )
+from audience_sync.states import DeliveryStatus, InitialState, RunKind, RunStatus
 from audience_sync.store import Store
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     key: str
-    kind: str  # initial | incremental | resync
-    status: str  # succeeded | failed | held | planned (dry run)
+    kind: RunKind
+    status: RunStatus
     run_id: int | None = None
     members: int = 0
     previous_members: int = 0
@@ -75,7 +76,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("succeeded", "planned")
+        return self.status in (RunStatus.SUCCEEDED, RunStatus.PLANNED)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -114,11 +115,11 @@ def run_computation(
         raise StoreError(f"{comp.key}: not registered in the state database")
     # A dry run of an audience the store has never seen plans an initial run against nothing.
     cid = row.id if row else -1
-    if row is None or row.initial_state == "pending":
-        kind = "initial"
+    if row is None or row.initial_state == InitialState.PENDING:
+        kind = RunKind.INITIAL
     else:
-        kind = "resync" if resync else "incremental"
-    result = RunResult(key=comp.key, kind=kind, status="planned",
+        kind = RunKind.RESYNC if resync else RunKind.INCREMENTAL
+    result = RunResult(key=comp.key, kind=kind, status=RunStatus.PLANNED,
                        previous_members=row.member_count if row else 0)
     same_db = comp.source.url == config.state_db
     log.info("%s: %s run started (loading snapshot from source %r)", comp.key, kind,
@@ -136,7 +137,7 @@ def run_computation(
                     compare = carry = not (columns == (IDS_ONLY,) and members_ids_only)
                 conn.execution_options(sqlite_immediate=True)
                 with conn.begin() as tx:
-                    diff = compute_diff(conn, cid, resync=kind == "resync",
+                    diff = compute_diff(conn, cid, resync=kind == RunKind.RESYNC,
                                         staged=result.members,
                                         previous=result.previous_members,
                                         skipped=result.skipped,
@@ -148,24 +149,24 @@ def run_computation(
                     if held or dry_run:
                         tx.rollback()
                         if held:
-                            result.status = "held"
+                            result.status = RunStatus.HELD
                             result.error = held
                             result.queued = 0  # as its run record says: nothing was queued
                     else:
                         _apply(conn, comp, cid, kind, now, result, force, fencing_token, clock,
                                _held_columns(kind, columns, row.applied_columns if row
                                              else None))
-                        result.status = "succeeded"
+                        result.status = RunStatus.SUCCEEDED
             finally:
                 if not conn.closed and not conn.invalidated:
                     if conn.in_transaction():
                         conn.rollback()
                     drop_temp_tables(conn)
                     conn.commit()
-        if result.status == "succeeded":
+        if result.status == RunStatus.SUCCEEDED:
             _refresh_statistics(store, comp, result)
     except SourceError as exc:
-        result.status = "failed"
+        result.status = RunStatus.FAILED
         result.error = exc.message
     except (LeaseLost, AudienceSyncError):
         raise
@@ -176,7 +177,7 @@ def run_computation(
              comp.key, kind, result.status, result.members, result.entered, result.exited,
              result.changed, result.queued, result.skipped.total, result.seconds,
              f" ({result.error})" if result.error else "")
-    if result.status in ("failed", "held") and not dry_run:
+    if result.status in (RunStatus.FAILED, RunStatus.HELD) and not dry_run:
         _record_unapplied(store, comp, cid, kind, now, result, fencing_token, clock)
     return result
 
@@ -204,7 +205,7 @@ def _held_columns(kind: str, columns: tuple[str, ...] | None,
     """
     if columns is None:
         return None
-    if columns == (IDS_ONLY,) and kind == "incremental" and previous != IDS_ONLY:
+    if columns == (IDS_ONLY,) and kind == RunKind.INCREMENTAL and previous != IDS_ONLY:
         return previous
     return ",".join(columns)
 
@@ -246,7 +247,7 @@ def _refresh_statistics(store: Store, comp: Computation, result: RunResult) -> N
     if store.dialect != "postgresql":
         return
     changes = result.entered + result.exited + result.changed
-    if result.kind != "initial" and changes <= STATISTICS_CHANGE_FRACTION * max(
+    if result.kind != RunKind.INITIAL and changes <= STATISTICS_CHANGE_FRACTION * max(
             result.previous_members, 1):
         return
     history = "membership_history" if comp.kind == "audience" else "trait_history"
@@ -284,7 +285,7 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
            held_columns: str | None) -> None:
     m, h = t.members, t.membership_history
     run_id = int(conn.execute(insert(t.runs).values(
-        computation_id=cid, kind=kind, status="succeeded", clock=now, started_at=now,
+        computation_id=cid, kind=kind, status=RunStatus.SUCCEEDED, clock=now, started_at=now,
         forced=force, fencing_token=fencing_token or 0,
     ).returning(t.runs.c.id)).scalar_one())
     result.run_id = run_id
@@ -323,14 +324,14 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
                    literal(run_id)).where(new | (delta.c.value_changed == true()))))
     # Outbox: a newer change supersedes a pending older one for the same user.
     d = t.deliveries
-    pending = and_(d.c.computation_id == cid, t.status_is("pending"))
+    pending = and_(d.c.computation_id == cid, t.status_is(DeliveryStatus.PENDING))
     if _any_pending(conn, cid):
-        if conn.dialect.name == "postgresql" and kind != "resync":
+        if conn.dialect.name == "postgresql" and kind != RunKind.RESYNC:
             conn.execute(_SUPERSEDE_BY_PROBES, {"cid": cid})
         else:
             conn.execute(update(d).where(
                 pending, d.c.user_id.in_(union(select(delta.c.user_id), gone)),
-            ).values(status="superseded"))
+            ).values(status=DeliveryStatus.SUPERSEDED))
     stay_value = literal("true") if comp.kind == "audience" else delta.c.value
     leave_value = literal("false") if comp.kind == "audience" else literal("null")
     outbox_columns = ["computation_id", "run_id", "destination", "user_id", "value",
@@ -340,7 +341,7 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
             conn.execute(insert(d).from_select(outbox_columns, select(
                 literal(cid), literal(run_id), literal(destination), table.c.user_id, value,
                 *(table.c[n] for n in t.CONTACT_TRAITS), literal(now, t.UTCDateTime),
-                literal("pending"))))
+                literal(DeliveryStatus.PENDING.value))))
     result.queued *= len(comp.destinations)
     # The run record and the audience row; the fencing check makes a lost lease fatal.
     finished = clock()
@@ -353,8 +354,9 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
         applied_columns=held_columns,
         last_success_at=finished, consecutive_failures=0,
         next_due_at=next_due_after_success(comp.key, finished, comp.every, comp.jitter))
-    if kind == "initial":
-        values["initial_state"] = "delivering" if result.queued else "complete"
+    if kind == RunKind.INITIAL:
+        values["initial_state"] = (InitialState.DELIVERING if result.queued
+                                   else InitialState.COMPLETE)
     _update_computation(conn, cid, fencing_token, values)
 
 
@@ -363,11 +365,12 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: str, now: dateti
 # which an initial sync still being delivered makes millions (5 s for 10M, where the probes
 # take 0.2 s). OFFSET 0 keeps the probe a nested loop; ARRAY() keeps the update on the key.
 _SUPERSEDE_BY_PROBES = text(
-    "UPDATE deliveries SET status = 'superseded' WHERE status = 'pending' AND id = ANY(ARRAY("
+    f"UPDATE deliveries SET status = '{DeliveryStatus.SUPERSEDED}' "
+    f"WHERE status = '{DeliveryStatus.PENDING}' AND id = ANY(ARRAY("
     f"SELECT p.id FROM (SELECT user_id FROM {delta.name} UNION ALL SELECT user_id FROM "
     f"{exited.name})"
     " AS c CROSS JOIN LATERAL (SELECT d.id FROM deliveries AS d WHERE d.computation_id = :cid"
-    " AND d.status = 'pending' AND d.user_id = c.user_id OFFSET 0) AS p))")
+    f" AND d.status = '{DeliveryStatus.PENDING}' AND d.user_id = c.user_id OFFSET 0) AS p))")
 
 
 def _any_pending(conn: Connection, cid: int) -> bool:
@@ -376,7 +379,8 @@ def _any_pending(conn: Connection, cid: int) -> bool:
     # later) and then scans every delivery the audience ever had. The ORDER BY is the index's.
     hint = "INDEXED BY ix_deliveries_pending" if conn.dialect.name == "sqlite" else ""
     return conn.execute(text(
-        f"SELECT 1 FROM deliveries {hint} WHERE computation_id = :cid AND status = 'pending' "
+        f"SELECT 1 FROM deliveries {hint} WHERE computation_id = :cid "
+        f"AND status = '{DeliveryStatus.PENDING}' "
         "ORDER BY computation_id, user_id LIMIT 1"), {"cid": cid}).first() is not None
 
 
@@ -411,7 +415,7 @@ def _record_unapplied(store: Store, comp: Computation, cid: int, kind: str, now:
             **_skip_values(result.skipped),
         ).returning(t.runs.c.id)).scalar_one())
         values: dict[str, Any] = dict(last_run_id=result.run_id, last_run_at=now)
-        if result.status == "failed":
+        if result.status == RunStatus.FAILED:
             values.update(consecutive_failures=failures,
                           next_due_at=next_due_after_failure(finished, failures, comp.every))
         else:

@@ -35,6 +35,7 @@ from audience_sync.messages import Delivery
 from audience_sync.outbox import DrainReport, drain
 from audience_sync.ratelimit import shared_limiter
 from audience_sync.runner import RunResult, run_computation
+from audience_sync.states import DeliveryStatus
 from audience_sync.store import Store
 
 log = logging.getLogger("audience_sync.daemon")
@@ -250,7 +251,7 @@ class Daemon:
         d, c = t.deliveries, t.computations
         now = self.clock()
         query = (select(distinct(c.c.key)).join(d, d.c.computation_id == c.c.id)
-                 .where(t.status_is("pending"),
+                 .where(t.status_is(DeliveryStatus.PENDING),
                         or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now)))
         with self.store.read() as conn:
             keys = set(conn.execute(query).scalars())

@@ -35,6 +35,7 @@ from sqlalchemy.pool import QueuePool
 from audience_sync import schema as t
 from audience_sync.config import Computation
 from audience_sync.errors import StoreError
+from audience_sync.states import DeliveryStatus, InitialState
 from audience_sync.urls import mask_url
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
@@ -199,7 +200,7 @@ class Store:
                     conn.execute(_insert_ignore(self.dialect, t.computations).values(
                         key=comp.key, name=comp.name, kind=comp.kind,
                         definition_hash=comp.definition_hash, created_at=at,
-                        initial_state="pending", next_due_at=at))
+                        initial_state=InitialState.PENDING, next_due_at=at))
                 elif (row.name, row.definition_hash) != (comp.name, comp.definition_hash):
                     conn.execute(update(t.computations)
                                  .where(t.computations.c.key == comp.key)
@@ -226,7 +227,7 @@ class Store:
         query = union_all(*(
             select(d.c.computation_id, d.c.destination, d.c.status, func.count())
             .where(t.status_is(status)).group_by(d.c.computation_id, d.c.destination, d.c.status)
-            for status in ("pending", "failed")))
+            for status in (DeliveryStatus.PENDING, DeliveryStatus.FAILED)))
         with self.read() as conn:
             return {(r[0], r[1], r[2]): int(r[3]) for r in conn.execute(query)}
 

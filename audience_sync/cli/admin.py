@@ -11,6 +11,7 @@ from audience_sync.cli.common import app, console, iso, open_config, open_store,
 from audience_sync.destinations import check_destination
 from audience_sync.errors import AudienceSyncError
 from audience_sync.sources import ping_source, read_only_note
+from audience_sync.states import DeliveryStatus
 from audience_sync.store import Store, open_without_writing
 from audience_sync.urls import mask_urls_in
 
@@ -81,9 +82,9 @@ def status(
         comp = next((c for c in config.computations if c.key == key), None)
         last_run = store.run_row(row.last_run_id) if row.last_run_id else None
         pending = {dest: n for (cid, dest, st), n in counts.items()
-                   if cid == row.id and st == "pending"}
+                   if cid == row.id and st == DeliveryStatus.PENDING}
         failed = {dest: n for (cid, dest, st), n in counts.items()
-                  if cid == row.id and st == "failed"}
+                  if cid == row.id and st == DeliveryStatus.FAILED}
         items.append({
             "key": key,
             "name": row.name,

@@ -24,6 +24,7 @@ from audience_sync.cli.engine import NO_WAIT_OPTION, report_drain, take_leases
 from audience_sync.config import Config
 from audience_sync.errors import UsageError
 from audience_sync.outbox import drain, requeue_failed
+from audience_sync.states import DeliveryStatus
 
 
 def _find(config: Config, name: str | None) -> str | None:
@@ -56,7 +57,8 @@ def deliveries(
     rows: list[Row[Any]] = []
     with store.read() as conn:
         # One query per status, each along its partial index; merged oldest first.
-        for status in ("failed",) if failed else ("pending", "failed"):
+        for status in ((DeliveryStatus.FAILED,) if failed
+                       else (DeliveryStatus.PENDING, DeliveryStatus.FAILED)):
             query = (select(d.c.id, c.c.key, d.c.destination, d.c.user_id, d.c.value,
                             d.c.status, d.c.attempts, d.c.next_attempt_at, d.c.last_error,
                             d.c.run_id, d.c.observed_at)
@@ -83,7 +85,7 @@ def deliveries(
     for item in items:
         line = (f"#{item['id']} {item['key']} -> {item['destination']} {item['user_id']}="
                 f"{json.dumps(item['value'])} {item['status']}, {item['attempts']} attempts")
-        if item["next_attempt_at"] and item["status"] == "pending":
+        if item["next_attempt_at"] and item["status"] == DeliveryStatus.PENDING:
             line += f", next at {item['next_attempt_at']}"
         if item["last_error"]:
             line += f": {item['last_error']}"
