@@ -25,8 +25,8 @@ from audience_sync.errors import AudienceSyncError
 from audience_sync.outbox import DrainReport
 from audience_sync.runner import RunResult
 from audience_sync.scheduler import Observer
+from audience_sync.state.store import Store
 from audience_sync.states import RunStatus
-from audience_sync.store import Store
 
 log = logging.getLogger("audience_sync.health")
 

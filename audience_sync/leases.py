@@ -24,10 +24,10 @@ from types import TracebackType
 
 from sqlalchemy import or_, select, update
 
-from audience_sync import schema as t
 from audience_sync.clock import Clock, utcnow
 from audience_sync.errors import LeaseBusy, LeaseLost, StoreError
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 
 log = logging.getLogger(__name__)
 

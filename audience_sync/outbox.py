@@ -44,7 +44,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from audience_sync import schema as t
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Config, JsonlDestination
 from audience_sync.destinations import Destination, Outcome, make_destination, wire_stats
@@ -52,8 +51,9 @@ from audience_sync.errors import AudienceSyncError, LeaseLost
 from audience_sync.leases import Lease
 from audience_sync.messages import Delivery
 from audience_sync.ratelimit import shared_limiter
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from audience_sync.states import DeliveryStatus, InitialState
-from audience_sync.store import Store
 
 log = logging.getLogger("audience_sync.delivery")
 

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from sqlalchemy import Float, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
-from audience_sync import schema as t
 from audience_sync.config import PlanhatDestination, RateLimit, SegmentDestination
 from audience_sync.errors import StoreError
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 
 # Slots taken per round trip: about this many seconds of the rate, at least one. Small enough
 # that an idle process wastes little of the budget, large enough that a busy one does not make

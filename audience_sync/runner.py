@@ -27,12 +27,19 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from audience_sync import schema as t
 from audience_sync.cadence import next_due_after_failure, next_due_after_success
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Computation, Config
 from audience_sync.errors import AudienceSyncError, LeaseLost, SourceError, StoreError
-from audience_sync.snapshot import (
+from audience_sync.sources import (
+    SkipCounts,
+    Snapshot,
+    computation_statement,
+    create_source_engine,
+    describe_db_error,
+)
+from audience_sync.state import schema as t
+from audience_sync.state.staging import (
     SENT_COLUMNS,
     Diff,
     compute_diff,
@@ -43,15 +50,8 @@ from audience_sync.snapshot import (
     insert_select,
     load_rows,
 )
-from audience_sync.sources import (
-    SkipCounts,
-    Snapshot,
-    computation_statement,
-    create_source_engine,
-    describe_db_error,
-)
+from audience_sync.state.store import Store
 from audience_sync.states import DeliveryStatus, InitialState, RunKind, RunStatus
-from audience_sync.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import distinct, or_, select
 
-from audience_sync import schema as t
 from audience_sync.cadence import Cadence, due_keys, is_due
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Computation, Config
@@ -35,8 +34,9 @@ from audience_sync.messages import Delivery
 from audience_sync.outbox import DrainReport, drain
 from audience_sync.ratelimit import shared_limiter
 from audience_sync.runner import RunResult, run_computation
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from audience_sync.states import DeliveryStatus
-from audience_sync.store import Store
 
 log = logging.getLogger("audience_sync.daemon")
 

@@ -42,7 +42,7 @@ from sqlalchemy.sql.expression import TableClause, column
 
 from audience_sync.config import Computation, Rule, Source
 from audience_sync.errors import SourceError
-from audience_sync.schema import CONTACT_TRAITS, USER_ID_MAX
+from audience_sync.state.schema import CONTACT_TRAITS, USER_ID_MAX
 
 CHUNK_ROWS = 10_000
 

@@ -40,7 +40,7 @@ from audience_sync.leases import hold_all
 from audience_sync.outbox import drain
 from audience_sync.process import tune_garbage_collector
 from audience_sync.runner import run_computation
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 BATCH = 10_000

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import select
 
-from audience_sync import schema as t
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 
 AUDIENCE_SYNC = str(Path(sys.executable).with_name("audience-sync"))
 POLL_SECONDS = 0.05

@@ -21,7 +21,7 @@ from audience_sync.config import (
     parse_rate,
 )
 from audience_sync.errors import ConfigError
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 from audience_sync.urls import mask_url, mask_urls_in
 from tests.delivery_setup import API_TOKEN, TENANT_TOKEN, WRITE_KEY, delivery_config, set_env
 from tests.fakes import FakePlanhat, FakeSegment

@@ -13,7 +13,7 @@ from audience_sync.config import RateLimit
 from audience_sync.destinations import Outcome, make_destination
 from audience_sync.messages import Delivery
 from audience_sync.ratelimit import BLOCK_SECONDS, SharedRateLimiter
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 from tests.fakes import FakePlanhat
 
 TENANT = "tenant-shared-budget"

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from audience_sync import schema as t
 from audience_sync.config import PlanhatDestination
 from audience_sync.destinations.planhat import PlanhatSegmentDestination
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.daemon_harness import DaemonProcess, delivery_statuses, stop_all, wait_until
 from tests.delivery_setup import TENANT_TOKEN, delivery_config, set_env
 from tests.fakes import FakePlanhat

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from audience_sync import schema as t
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Config, load_config
 from audience_sync.destinations import Destination, Outcome
@@ -22,7 +21,8 @@ from audience_sync.leases import hold_all, try_acquire
 from audience_sync.messages import Delivery
 from audience_sync.outbox import DrainReport, drain, requeue_failed
 from audience_sync.runner import run_computation
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.helpers import make_warehouse, set_users, write_config
 
 WAIT = 10.0

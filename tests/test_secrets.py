@@ -20,7 +20,6 @@ from urllib.parse import quote, quote_plus, unquote
 import pytest
 from sqlalchemy import create_engine, select
 
-from audience_sync import schema as t
 from audience_sync.config import PlanhatDestination, RateLimit
 from audience_sync.destinations import check_destination
 from audience_sync.destinations.http import (
@@ -35,6 +34,7 @@ from audience_sync.destinations.http import (
 )
 from audience_sync.destinations.planhat import PlanhatApiDestination
 from audience_sync.destinations.redact import url_secrets
+from audience_sync.state import schema as t
 from tests.daemon_harness import DaemonProcess, http_get, stop_all, wait_until
 from tests.fakes import EchoServer, FakePlanhat
 from tests.helpers import cli, make_warehouse, write_config

@@ -12,8 +12,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 from audience_sync.config import load_config
-from audience_sync.schema import metadata
-from audience_sync.store import Store
+from audience_sync.state.schema import metadata
+from audience_sync.state.store import Store
 from tests.helpers import write_config
 
 
@@ -35,7 +35,7 @@ def test_upgrade_head_equals_metadata(state_url: str) -> None:
 
 def test_concurrent_upgrades_are_safe(state_url: str) -> None:
     """Several processes starting at once on an empty database (alembic is per process)."""
-    code = "import sys; from audience_sync.store import Store; Store(sys.argv[1]).upgrade()"
+    code = "import sys; from audience_sync.state.store import Store; Store(sys.argv[1]).upgrade()"
     procs = [subprocess.Popen([sys.executable, "-c", code, state_url], stderr=subprocess.PIPE,
                               text=True) for _ in range(3)]
     for proc in procs:

@@ -11,8 +11,8 @@ from audience_sync.cli.common import app, console, iso, open_config, open_store,
 from audience_sync.destinations import check_destination
 from audience_sync.errors import AudienceSyncError
 from audience_sync.sources import ping_source, read_only_note
+from audience_sync.state.store import Store, open_without_writing
 from audience_sync.states import DeliveryStatus
-from audience_sync.store import Store, open_without_writing
 from audience_sync.urls import mask_urls_in
 
 db_app = typer.Typer(help="State database maintenance.", no_args_is_help=True)

@@ -10,7 +10,6 @@ from typing import Any
 import typer
 from sqlalchemy import Row, select
 
-from audience_sync import schema as t
 from audience_sync.cli.common import (
     JSON_OPTION,
     app,
@@ -24,6 +23,7 @@ from audience_sync.cli.engine import NO_WAIT_OPTION, report_drain, take_leases
 from audience_sync.config import Config
 from audience_sync.errors import UsageError
 from audience_sync.outbox import drain, requeue_failed
+from audience_sync.state import schema as t
 from audience_sync.states import DeliveryStatus
 
 

@@ -12,7 +12,6 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from sqlalchemy import and_, desc, literal, or_, select, union_all
 
-from audience_sync import schema as t
 from audience_sync.cli.common import (
     JSON_OPTION,
     app,
@@ -31,7 +30,8 @@ from audience_sync.errors import StoreError, UsageError
 from audience_sync.leases import Holder, Lease, default_owner, hold_all
 from audience_sync.outbox import DrainReport, drain
 from audience_sync.runner import RunResult, run_computation
-from audience_sync.store import Store, open_without_writing
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store, open_without_writing
 
 NO_WAIT_OPTION = typer.Option(False, "--no-wait", help="Exit 1 when another process (a daemon) "
                               "holds an audience's lease, instead of waiting for it.")

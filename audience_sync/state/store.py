@@ -32,9 +32,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
-from audience_sync import schema as t
 from audience_sync.config import Computation
 from audience_sync.errors import StoreError
+from audience_sync.state import schema as t
 from audience_sync.states import DeliveryStatus, InitialState
 from audience_sync.urls import mask_url
 
@@ -50,8 +50,8 @@ SQLITE_POOL_SIZE = 2
 
 def migrations_dir() -> Path:
     """Inside the installed package (wheel), or at the repository root (editable checkout)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "migrations", here.parent / "migrations"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "migrations", package.parent / "migrations"):
         if (candidate / "env.py").is_file():
             return candidate
     raise StoreError("the migrations folder is missing from this installation")
