@@ -41,7 +41,7 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.expression import TableClause, column
 
 from audience_sync.config import Computation, Rule, Source
-from audience_sync.errors import SourceError
+from audience_sync.errors import SourceError, describe_db_error
 from audience_sync.state.schema import CONTACT_TRAITS, USER_ID_MAX
 
 CHUNK_ROWS = 10_000
@@ -86,9 +86,6 @@ def _create_source_engine(url: str) -> Engine:
         return engine
     return create_engine(parsed, poolclass=NullPool)
 
-
-READ_ONLY_REFUSAL = "the source is read-only: the statement was refused (it would write " \
-    "or attach a database)"
 
 # What a read-only source may do: read tables, call functions, recurse, begin/end the
 # implicit read transaction, and the introspection PRAGMAs that reflection issues.
@@ -180,17 +177,6 @@ def ping_source(source: Source) -> str | None:
     except SQLAlchemyError as exc:
         return describe_db_error(exc)
     return None
-
-
-def describe_db_error(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None)
-    # What sqlite3 says when the source's authorizer refused a statement (ATTACH, or a
-    # statement that runs one, like VACUUM INTO).
-    if isinstance(orig if orig is not None else exc, sqlite3.DatabaseError) and str(
-            orig if orig is not None else exc) in ("not authorized", "authorization denied"):
-        return READ_ONLY_REFUSAL
-    lines = str(orig if orig is not None else exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -325,7 +311,7 @@ def computation_statement(comp: Computation, engine: Engine, now: datetime) \
         raise SourceError(f"{comp.path} ({comp.key}): {exc.message}") from exc
 
 
-class Snapshot:
+class SourceRows:
     """The rows of one evaluation, streamed from the source in chunks of plain tuples.
 
     `columns` names what each tuple holds: user_id first, then only the contact traits the

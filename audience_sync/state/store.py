@@ -10,12 +10,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
     Engine,
@@ -23,17 +19,19 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
     union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
 from audience_sync.config import Computation
-from audience_sync.errors import StoreError
+from audience_sync.errors import StoreError, describe_db_error
 from audience_sync.state import schema as t
 from audience_sync.states import DeliveryStatus, InitialState
 from audience_sync.urls import mask_url
@@ -46,6 +44,14 @@ SQLITE_CACHE_KIB = 32_000
 # closed a connection per claim spent a third of its time doing that. Not many: each idle
 # connection keeps its page cache. Busy threads get extra connections, closed on return.
 SQLITE_POOL_SIZE = 2
+
+# The newest migration (migrations/versions). A store already there is opened with one SELECT on
+# alembic_version, and alembic, a tenth of a command's start-up, is not even imported;
+# test_head_revision_is_the_newest_migration keeps this in step with the migrations.
+HEAD_REVISION = "0006"
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 
 def migrations_dir() -> Path:
@@ -99,6 +105,8 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(migrations_dir()))
     if connection is not None:
@@ -133,7 +141,7 @@ class Store:
         try:
             self.engine = create_state_engine(url)
         except (SQLAlchemyError, OSError) as exc:
-            raise StoreError(f"cannot open the state database: {_describe(exc)}") from exc
+            raise StoreError(f"cannot open the state database: {describe_db_error(exc)}") from exc
         self.dialect = self.engine.dialect.name
 
     def __repr__(self) -> str:
@@ -150,7 +158,7 @@ class Store:
             with self.engine.connect() as conn, conn.begin():
                 yield conn
         except OperationalError as exc:
-            raise StoreError(f"state database error: {_describe(exc)}") from exc
+            raise StoreError(f"state database error: {describe_db_error(exc)}") from exc
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -161,29 +169,45 @@ class Store:
                 with conn.begin():
                     yield conn
         except OperationalError as exc:
-            raise StoreError(f"state database error: {_describe(exc)}") from exc
+            raise StoreError(f"state database error: {describe_db_error(exc)}") from exc
 
     # -- schema --------------------------------------------------------------------------------
 
     def current_revision(self) -> str | None:
-        with self.read() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+        """The stored schema revision (None: not initialised), by one SELECT."""
+        try:
+            with self.engine.connect() as conn:
+                try:
+                    versions = list(conn.execute(_STORED_REVISION).scalars())
+                except (OperationalError, ProgrammingError):
+                    conn.rollback()
+                    if inspect(conn).has_table("alembic_version"):
+                        raise
+                    return None
+        except SQLAlchemyError as exc:
+            raise StoreError(f"state database error: {describe_db_error(exc)}") from exc
+        if len(versions) > 1:
+            raise StoreError(f"the state database has several schema revisions: {versions}")
+        return str(versions[0]) if versions else None
 
-    def head_revision(self) -> str | None:
-        return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    def head_revision(self) -> str:
+        return HEAD_REVISION
 
     def upgrade(self) -> bool:
         """Bring the schema to the newest revision; True if anything was applied."""
+        if self.current_revision() == HEAD_REVISION:
+            return False
+        from alembic import command
+
         try:
-            if self.current_revision() == self.head_revision():
-                return False
             with self.engine.connect() as conn:
                 conn.execution_options(sqlite_immediate=True)
                 command.upgrade(_alembic_config(conn), "head")
                 conn.commit()
             return True
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot upgrade the state database: {_describe(exc)}") from exc
+            raise StoreError(
+                f"cannot upgrade the state database: {describe_db_error(exc)}") from exc
 
     # -- computations --------------------------------------------------------------------------
 
@@ -267,6 +291,8 @@ def open_without_writing(url: str) -> Store:
     return store
 
 
+_STORED_REVISION = text("SELECT version_num FROM alembic_version")
+
 _COMPUTATION_COLUMNS = (
     t.computations.c.id, t.computations.c.key, t.computations.c.name, t.computations.c.kind,
     t.computations.c.initial_state, t.computations.c.member_count, t.computations.c.last_run_id,
@@ -282,10 +308,3 @@ def _insert_ignore(dialect: str, table: Table) -> Any:
     if dialect == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
     return sqlite.insert(table).on_conflict_do_nothing()
-
-
-def _describe(exc: BaseException) -> str:
-    """One line from a driver error, without the SQL statement or parameters."""
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
