@@ -21,8 +21,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from audience_sync.config import Config
+from audience_sync.drain import DrainReport
 from audience_sync.errors import AudienceSyncError
-from audience_sync.outbox import DrainReport
 from audience_sync.runner import RunResult
 from audience_sync.scheduler import Observer
 from audience_sync.state.store import Store

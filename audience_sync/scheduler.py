@@ -28,10 +28,10 @@ from audience_sync.cadence import Cadence, due_keys, is_due
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Computation, Config
 from audience_sync.destinations import Destination, Outcome, make_destination
+from audience_sync.drain import DrainReport, drain
 from audience_sync.errors import AudienceSyncError, DestinationError, LeaseLost
 from audience_sync.leases import DEFAULT_TTL, Lease, Renewer, held, try_acquire
 from audience_sync.messages import Delivery
-from audience_sync.outbox import DrainReport, drain
 from audience_sync.ratelimit import shared_limiter
 from audience_sync.runner import RunResult, run_computation
 from audience_sync.state import schema as t

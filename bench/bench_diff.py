@@ -36,8 +36,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from audience_sync.config import load_config
+from audience_sync.drain import drain
 from audience_sync.leases import hold_all
-from audience_sync.outbox import drain
 from audience_sync.process import tune_garbage_collector
 from audience_sync.runner import run_computation
 from audience_sync.state.store import Store

@@ -17,11 +17,12 @@ from sqlalchemy import select
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Config, load_config
 from audience_sync.destinations import Destination, Outcome
+from audience_sync.drain import DrainReport, drain
 from audience_sync.leases import hold_all, try_acquire
 from audience_sync.messages import Delivery
-from audience_sync.outbox import DrainReport, drain, requeue_failed
 from audience_sync.runner import run_computation
 from audience_sync.state import schema as t
+from audience_sync.state.outbox import requeue_failed
 from audience_sync.state.store import Store
 from tests.helpers import make_warehouse, set_users, write_config
 
@@ -299,8 +300,7 @@ def test_retry_requeues_failed_unless_a_newer_change_exists(
     set_users(warehouse, [(u[0], None, None, None, None, 1.0 if u[0] == "u000" else 50.0)
                           for u in USERS])
     _run(store, config)  # u000 leaves: a newer (false) delivery is queued
-    with store.write() as conn:
-        assert requeue_failed(conn, None, "b_fast") == (59, 1)
+    assert requeue_failed(store, None, "b_fast") == (59, 1)
     ok = Recorder("b_fast")
     _drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": ok})
     assert sorted(d.user_id for d in ok.sent) == sorted(u[0] for u in USERS)

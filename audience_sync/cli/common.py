@@ -15,8 +15,8 @@ from rich.console import Console
 
 from audience_sync.clock import utcnow
 from audience_sync.config import Computation, Config, load_config
+from audience_sync.drain import DrainReport
 from audience_sync.errors import ConfigError, UsageError
-from audience_sync.outbox import DrainReport
 from audience_sync.state.store import Store
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")

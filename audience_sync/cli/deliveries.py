@@ -21,9 +21,10 @@ from audience_sync.cli.common import (
 )
 from audience_sync.cli.engine import NO_WAIT_OPTION, report_drain, take_leases
 from audience_sync.config import Config
+from audience_sync.drain import drain
 from audience_sync.errors import UsageError
-from audience_sync.outbox import drain, requeue_failed
 from audience_sync.state import schema as t
+from audience_sync.state.outbox import requeue_failed
 from audience_sync.states import DeliveryStatus
 
 
@@ -113,8 +114,7 @@ def retry(
     if key is not None:
         row = store.computation(key)
         ids = [row.id] if row else []
-    with store.write() as conn:
-        requeued, superseded = requeue_failed(conn, ids, destination)
+    requeued, superseded = requeue_failed(store, ids, destination)
     print(f"re-queued {requeued} failed deliveries"
           + (f" ({superseded} superseded by newer changes)" if superseded else ""))
     if queue_only or not requeued:

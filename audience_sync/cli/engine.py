@@ -26,9 +26,9 @@ from audience_sync.cli.common import (
 )
 from audience_sync.clock import utcnow
 from audience_sync.config import Computation, Config
+from audience_sync.drain import DrainReport, drain
 from audience_sync.errors import StoreError, UsageError
 from audience_sync.leases import Holder, Lease, default_owner, hold_all
-from audience_sync.outbox import DrainReport, drain
 from audience_sync.runner import RunResult, run_computation
 from audience_sync.state import schema as t
 from audience_sync.state.store import Store, open_without_writing

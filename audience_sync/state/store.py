@@ -152,12 +152,15 @@ class Store:
 
     # -- transactions -------------------------------------------------------------------------
 
+    # Every SQLAlchemyError raised in a transaction leaves it as a StoreError (cause chained):
+    # nothing outside state/ catches driver exceptions.
+
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
         try:
             with self.engine.connect() as conn, conn.begin():
                 yield conn
-        except OperationalError as exc:
+        except SQLAlchemyError as exc:
             raise StoreError(f"state database error: {describe_db_error(exc)}") from exc
 
     @contextlib.contextmanager
@@ -168,7 +171,7 @@ class Store:
                 conn.execution_options(sqlite_immediate=True)
                 with conn.begin():
                     yield conn
-        except OperationalError as exc:
+        except SQLAlchemyError as exc:
             raise StoreError(f"state database error: {describe_db_error(exc)}") from exc
 
     # -- schema --------------------------------------------------------------------------------
