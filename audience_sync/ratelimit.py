@@ -14,12 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from sqlalchemy import Float, func, insert, literal, select, update
-from sqlalchemy.exc import IntegrityError
-
 from audience_sync.config import PlanhatDestination, RateLimit, SegmentDestination
-from audience_sync.errors import StoreError
-from audience_sync.state import schema as t
+from audience_sync.state.leases import ensure_rate_budget, take_rate_slots
 from audience_sync.state.store import Store
 
 # Slots taken per round trip: about this many seconds of the rate, at least one. Small enough
@@ -46,26 +42,11 @@ class SharedRateLimiter:
         self._ensure_row()
 
     def _ensure_row(self) -> None:
-        b = t.rate_budgets
-        try:
-            with self.store.write() as conn:
-                if conn.execute(select(b.c.destination)
-                                .where(b.c.destination == self.destination)).first() is None:
-                    conn.execute(insert(b).values(destination=self.destination, next_free=0.0))
-        except (IntegrityError, StoreError):
-            pass  # another daemon created it at the same moment
+        ensure_rate_budget(self.store, self.destination)
 
     def _push(self, earliest: float, slots: int) -> float:
-        """next_free = max(next_free, earliest) + slots * interval, in one statement; the start
-        of the slots taken."""
-        b = t.rate_budgets
-        greatest = func.greatest if self.store.dialect == "postgresql" else func.max
-        after = greatest(b.c.next_free, literal(earliest, Float(precision=53))) \
-            + slots * self.interval
-        with self.store.write() as conn:
-            end = conn.execute(update(b).where(b.c.destination == self.destination)
-                               .values(next_free=after).returning(b.c.next_free)).scalar_one()
-        return float(end) - slots * self.interval
+        """next_free = max(next_free, earliest) + slots * interval; the start of the slots."""
+        return take_rate_slots(self.store, self.destination, earliest, slots, self.interval)
 
     def reserve(self, n: int = 1) -> float:
         """Take the next n slots of the shared budget; the wall-clock time the first starts."""

@@ -40,9 +40,9 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from audience_sync.clock import Clock
 from audience_sync.destinations.base import Outcome
 from audience_sync.errors import LeaseLost
-from audience_sync.leases import Lease
 from audience_sync.messages import Delivery
 from audience_sync.state import schema as t
+from audience_sync.state.leases import Lease
 from audience_sync.state.store import Store
 from audience_sync.states import DeliveryStatus, InitialState
 
