@@ -25,6 +25,7 @@ from audience_sync.drain import DrainReport
 from audience_sync.errors import AudienceSyncError
 from audience_sync.runner import RunResult
 from audience_sync.scheduler import Observer
+from audience_sync.state import queries
 from audience_sync.state.store import Store
 from audience_sync.states import RunStatus
 
@@ -141,7 +142,7 @@ class StoreCollector(Collector):
             members.add_metric([row.key], row.member_count)
             if row.last_success_at is not None:
                 success.add_metric([row.key], row.last_success_at.timestamp())
-        counts = self.store.delivery_counts()
+        counts = queries.delivery_counts(self.store)
         for (cid, destination, status), count in sorted(counts.items()):
             if cid in keys:
                 deliveries.add_metric([keys[cid], destination, status], count)

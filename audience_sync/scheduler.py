@@ -22,7 +22,6 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import distinct, or_, select
 
 from audience_sync.cadence import Cadence, due_keys, is_due
 from audience_sync.clock import Clock, utcnow
@@ -34,9 +33,8 @@ from audience_sync.leases import DEFAULT_TTL, Lease, Renewer, held, try_acquire
 from audience_sync.messages import Delivery
 from audience_sync.ratelimit import shared_limiter
 from audience_sync.runner import RunResult, run_computation
-from audience_sync.state import schema as t
+from audience_sync.state import queries
 from audience_sync.state.store import Store
-from audience_sync.states import DeliveryStatus
 
 log = logging.getLogger("audience_sync.daemon")
 
@@ -248,13 +246,7 @@ class Daemon:
                 if name in self._clients}
 
     def _keys_with_pending(self) -> list[str]:
-        d, c = t.deliveries, t.computations
-        now = self.clock()
-        query = (select(distinct(c.c.key)).join(d, d.c.computation_id == c.c.id)
-                 .where(t.status_is(DeliveryStatus.PENDING),
-                        or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now)))
-        with self.store.read() as conn:
-            keys = set(conn.execute(query).scalars())
+        keys = queries.keys_with_due_pending(self.store, self.clock())
         return [key for key in self._comps if key in keys]
 
     def close(self) -> None:

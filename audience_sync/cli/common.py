@@ -13,11 +13,13 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from audience_sync.clock import utcnow
+from audience_sync.clock import iso, utcnow
 from audience_sync.config import Computation, Config, load_config
 from audience_sync.drain import DrainReport
 from audience_sync.errors import ConfigError, UsageError
 from audience_sync.state.store import Store
+
+__all__ = ["iso"]  # re-exported for the command modules
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
 
@@ -111,10 +113,6 @@ def parse_time(value: str | None, option: str) -> datetime | None:
     except OverflowError:
         # 9999-12-31T23:59:59-05:00 is a valid ISO time whose UTC is past year 9999.
         raise UsageError(f"{option}: {value!r} is outside the years 1 to 9999 in UTC") from None
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
 def print_json(document: Any) -> None:

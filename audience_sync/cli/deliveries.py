@@ -8,7 +8,6 @@ from contextlib import ExitStack
 from typing import Any
 
 import typer
-from sqlalchemy import Row, select
 
 from audience_sync.cli.common import (
     JSON_OPTION,
@@ -23,7 +22,7 @@ from audience_sync.cli.engine import NO_WAIT_OPTION, report_drain, take_leases
 from audience_sync.config import Config
 from audience_sync.drain import drain
 from audience_sync.errors import UsageError
-from audience_sync.state import schema as t
+from audience_sync.state import queries
 from audience_sync.state.outbox import requeue_failed
 from audience_sync.states import DeliveryStatus
 
@@ -54,32 +53,14 @@ def deliveries(
     key = _find(config, audience)
     _check_destination(config, destination)
     store = open_store(config)
-    d, c = t.deliveries, t.computations
-    rows: list[Row[Any]] = []
-    with store.read() as conn:
-        # One query per status, each along its partial index; merged oldest first.
-        for status in ((DeliveryStatus.FAILED,) if failed
-                       else (DeliveryStatus.PENDING, DeliveryStatus.FAILED)):
-            query = (select(d.c.id, c.c.key, d.c.destination, d.c.user_id, d.c.value,
-                            d.c.status, d.c.attempts, d.c.next_attempt_at, d.c.last_error,
-                            d.c.run_id, d.c.observed_at)
-                     .join(c, c.c.id == d.c.computation_id)
-                     .where(t.status_is(status))
-                     .with_hint(d, f"INDEXED BY {t.UNSENT_INDEX[status]}", "sqlite")
-                     .order_by(d.c.id).limit(limit))
-            if key is not None:
-                query = query.where(c.c.key == key)
-            if destination is not None:
-                query = query.where(d.c.destination == destination)
-            rows += conn.execute(query).all()
-        rows = sorted(rows, key=lambda row: row.id)[:limit]
-        items: list[dict[str, Any]] = [{
-            "id": row.id, "key": row.key, "destination": row.destination,
-            "user_id": row.user_id, "value": json.loads(row.value), "status": row.status,
-            "attempts": row.attempts, "next_attempt_at": iso(row.next_attempt_at),
-            "last_error": row.last_error, "run_id": row.run_id,
-            "observed_at": iso(row.observed_at),
-        } for row in rows]
+    items: list[dict[str, Any]] = [{
+        "id": row.id, "key": row.key, "destination": row.destination,
+        "user_id": row.user_id, "value": json.loads(row.value), "status": row.status,
+        "attempts": row.attempts, "next_attempt_at": iso(row.next_attempt_at),
+        "last_error": row.last_error, "run_id": row.run_id,
+        "observed_at": iso(row.observed_at),
+    } for row in queries.unsent_deliveries(store, failed_only=failed, key=key,
+                                           destination=destination, limit=limit)]
     if as_json:
         print_json(items)
         return

@@ -18,11 +18,9 @@ from sqlalchemy import (
     Table,
     create_engine,
     event,
-    func,
     inspect,
     select,
     text,
-    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -33,7 +31,7 @@ from sqlalchemy.pool import QueuePool
 from audience_sync.config import Computation
 from audience_sync.errors import StoreError, describe_db_error
 from audience_sync.state import schema as t
-from audience_sync.states import DeliveryStatus, InitialState
+from audience_sync.states import InitialState
 from audience_sync.urls import mask_url
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
@@ -246,22 +244,6 @@ class Store:
         with self.read() as conn:
             rows = conn.execute(select(*_COMPUTATION_COLUMNS).order_by(t.computations.c.id))
             return [ComputationRow(**row._asdict()) for row in rows]
-
-    def delivery_counts(self) -> dict[tuple[int, str, str], int]:
-        """(computation id, destination, status) -> count, for pending and failed deliveries."""
-        d = t.deliveries
-        # One query per status, each along its partial index (see schema.status_is).
-        query = union_all(*(
-            select(d.c.computation_id, d.c.destination, d.c.status, func.count())
-            .where(t.status_is(status)).group_by(d.c.computation_id, d.c.destination, d.c.status)
-            for status in (DeliveryStatus.PENDING, DeliveryStatus.FAILED)))
-        with self.read() as conn:
-            return {(r[0], r[1], r[2]): int(r[3]) for r in conn.execute(query)}
-
-    def run_row(self, run_id: int) -> dict[str, Any] | None:
-        with self.read() as conn:
-            row = conn.execute(select(t.runs).where(t.runs.c.id == run_id)).first()
-            return row._asdict() if row else None
 
 
 def open_without_writing(url: str) -> Store:
