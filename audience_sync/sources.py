@@ -43,6 +43,7 @@ from sqlalchemy.sql.expression import TableClause, column
 from audience_sync.config import Computation, Rule, Source
 from audience_sync.errors import SourceError, describe_db_error
 from audience_sync.state.schema import CONTACT_TRAITS, USER_ID_MAX
+from audience_sync.urls import with_psycopg
 
 CHUNK_ROWS = 10_000
 
@@ -70,8 +71,7 @@ def _create_source_engine(url: str) -> Engine:
     if backend == "sqlite":
         return _sqlite_read_only(parsed.database or "", dict(parsed.query))
     if backend == "postgresql":
-        if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")
+        parsed = with_psycopg(parsed)
         given = parsed.query.get("options")
         options = " ".join([*((given,) if isinstance(given, str) else given or ()),
                             _PG_READ_ONLY])

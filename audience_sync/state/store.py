@@ -32,7 +32,7 @@ from audience_sync.config import Computation
 from audience_sync.errors import StoreError, describe_db_error
 from audience_sync.state import schema as t
 from audience_sync.states import InitialState
-from audience_sync.urls import mask_url
+from audience_sync.urls import mask_url, with_psycopg
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 # Page cache per connection; bounded so peak memory stays flat as audiences grow.
@@ -73,8 +73,7 @@ def create_state_engine(url: str) -> Engine:
         _configure_sqlite(engine)
         return engine
     if backend == "postgresql":
-        if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")
+        parsed = with_psycopg(parsed)
         # A drain holds one connection per claim on the wire (its row locks), up to a
         # destination's window plus the claim being loaded, for each destination at once.
         return create_engine(parsed, pool_pre_ping=True, pool_size=4, max_overflow=20)
