@@ -17,7 +17,6 @@ from audience_sync.config import PlanhatDestination as PlanhatConfig
 from audience_sync.destinations.base import Outcome
 from audience_sync.destinations.http import (
     HttpSender,
-    Limiter,
     Verdict,
     make_sender,
     outcome_of,
@@ -25,6 +24,7 @@ from audience_sync.destinations.http import (
     probe,
 )
 from audience_sync.messages import Delivery, identify
+from audience_sync.ratelimit import RateLimiter
 
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
@@ -49,7 +49,7 @@ class PlanhatSegmentDestination:
     """POST {base}/dock/segment, Basic `tenant_token:`, one identify per request."""
 
     def __init__(self, name: str, config: PlanhatConfig,
-                 limiter: Limiter | None = None) -> None:
+                 limiter: RateLimiter | None = None) -> None:
         assert config.tenant_token is not None
         token = config.tenant_token.get_secret_value()
         self.name = name
@@ -87,7 +87,7 @@ class PlanhatApiDestination:
     """PUT {base}/endusers, Bearer API token, up to 5,000 end users per request, sequential."""
 
     def __init__(self, name: str, config: PlanhatConfig,
-                 limiter: Limiter | None = None) -> None:
+                 limiter: RateLimiter | None = None) -> None:
         assert config.api_token is not None
         token = config.api_token.get_secret_value()
         self.name = name

@@ -138,3 +138,15 @@ def take_rate_slots(store: Store, destination: str, earliest: float, slots: int,
         end = conn.execute(update(b).where(b.c.destination == destination)
                            .values(next_free=after).returning(b.c.next_free)).scalar_one()
     return float(end) - slots * interval
+
+
+class StoreSlots:
+    """A rate limiter's slot source in the state store (ratelimit.RateLimiter)."""
+
+    def __init__(self, store: Store, destination: str) -> None:
+        self.store = store
+        self.destination = destination
+        ensure_rate_budget(store, destination)
+
+    def take(self, earliest: float, slots: int, interval: float) -> float:
+        return take_rate_slots(self.store, self.destination, earliest, slots, interval)
