@@ -13,15 +13,16 @@ from __future__ import annotations
 import logging
 import operator
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Config, JsonlDestination
-from audience_sync.destinations import Destination, Outcome, make_destination, wire_stats
+from audience_sync.destinations import Destination, Outcome, make_destination
 from audience_sync.errors import AudienceSyncError
 from audience_sync.leases import Lease
 from audience_sync.ratelimit import shared_limiter
@@ -80,9 +81,9 @@ class DrainReport:
 
 def drain(store: Store, config: Config, leases: Sequence[Lease], *,
           clients: Mapping[str, Destination] | None = None,
-          clock: Clock = utcnow) -> DrainReport:
+          clock: Clock = utcnow, control: DrainControl | None = None) -> DrainReport:
     """Send every due pending delivery of the leased audiences to its destination, each
-    destination in a thread of its own.
+    destination in a thread of its own (until `control` gives a reason to stop).
 
     Only audiences whose lease the caller holds are drained (and only configured ones: an
     orphaned audience sends nothing more); a lease taken over meanwhile stops the drain.
@@ -96,16 +97,16 @@ def drain(store: Store, config: Config, leases: Sequence[Lease], *,
         with ThreadPoolExecutor(len(names), thread_name_prefix="drain") as pool:
             for name in names:
                 pool.submit(_drain_guarded, store, config, name, leased, clients, clock,
-                            report.destinations[name])
+                            report.destinations[name], control or DrainControl())
     mark_initial_syncs_complete(store)
     return report
 
 
 def _drain_guarded(store: Store, config: Config, name: str, leases: list[Lease],
                    clients: Mapping[str, Destination] | None, clock: Clock,
-                   report: DestinationReport) -> None:
+                   report: DestinationReport, control: DrainControl) -> None:
     try:
-        _drain_destination(store, config, name, leases, clients, clock, report)
+        _drain_destination(store, config, name, leases, clients, clock, report, control)
     except AudienceSyncError as exc:
         report.error = exc.message
     except Exception as exc:  # a bug in one destination must not take the others down
@@ -113,6 +114,33 @@ def _drain_guarded(store: Store, config: Config, name: str, leases: list[Lease],
         report.error = f"destination {name!r}: unexpected {type(exc).__name__}"
     if report.error:
         log.warning("%s", report.error)
+
+
+class DrainControl:
+    """The explicit stop signal of a drain, and what its owner (the daemon) sees of it.
+
+    `reason()` is asked before each claim: a reason stops the drain there (the claims on the
+    wire finish and are recorded; nothing more is claimed). `sending` counts the sends on the
+    wire now; `on_sent` is called after each.
+    """
+
+    def __init__(self, reason: Callable[[], str | None] = lambda: None,
+                 on_sent: Callable[[], None] = lambda: None) -> None:
+        self.reason = reason
+        self.on_sent = on_sent
+        self.sending = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def on_wire(self) -> Iterator[None]:
+        with self._lock:
+            self.sending += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.sending -= 1
+            self.on_sent()
 
 
 class _Pipeline:
@@ -125,9 +153,10 @@ class _Pipeline:
     """
 
     def __init__(self, claims: Claims, client: Destination, report: DestinationReport,
-                 name: str, retry_later: timedelta) -> None:
+                 name: str, retry_later: timedelta, control: DrainControl) -> None:
         self.claims, self.client, self.report, self.name, self.retry_later = \
             claims, client, report, name, retry_later
+        self.control = control
         self.loading = threading.Lock()
         self.changed = threading.Condition()  # over on_wire, stopped, halted and the report
         self.on_wire: list[Claim] = []
@@ -137,7 +166,8 @@ class _Pipeline:
     def work(self) -> None:
         try:
             while (claim := self._take()) is not None:
-                outcomes = self.client.send(claim.batch)
+                with self.control.on_wire():
+                    outcomes = self.client.send(claim.batch)
                 with self.changed:
                     if not _tally(self.report, outcomes, self.name):
                         self.stopped = True
@@ -156,6 +186,13 @@ class _Pipeline:
         with self.loading:
             if self.stopped:
                 return None
+            reason = self.control.reason()
+            if reason is not None:
+                with self.changed:
+                    self.stopped = True
+                    self.report.error = self.report.error or \
+                        f"destination {self.name!r}: drain paused ({reason})"
+                return None
             claim = self.claims.next()
             with self.changed:
                 if claim.batch:
@@ -171,7 +208,7 @@ class _Pipeline:
 
 def _drain_destination(store: Store, config: Config, name: str, leases: list[Lease],
                        clients: Mapping[str, Destination] | None, clock: Clock,
-                       report: DestinationReport) -> None:
+                       report: DestinationReport, control: DrainControl) -> None:
     settings = config.destinations[name]
     retry_later = (DEFAULT_RETRY_LATER if isinstance(settings, JsonlDestination)
                    else settings.retry_later)
@@ -182,10 +219,9 @@ def _drain_destination(store: Store, config: Config, name: str, leases: list[Lea
         make_destination(name, settings, limiter=shared_limiter(store, name, settings))
     # A destination may keep several claims on the wire at once (`window`): each claim's
     # outcomes commit as soon as it is answered, while the others keep the destination busy.
-    window = getattr(client, "window", 1)
-    window = window if isinstance(window, int) and window > 0 else 1
-    claims = Claims(store, name, _claim_size(client), leases, clock)
-    pipeline = _Pipeline(claims, client, report, name, retry_later)
+    window = max(1, client.window)
+    claims = Claims(store, name, lambda: _claim_size(client), leases, clock)
+    pipeline = _Pipeline(claims, client, report, name, retry_later, control)
     try:
         if window == 1:
             pipeline.work()
@@ -195,8 +231,10 @@ def _drain_destination(store: Store, config: Config, name: str, leases: list[Lea
                     worker.result()
     finally:
         claims.abandon()
-        for key, value in wire_stats(client).items():
-            setattr(report, key, getattr(report, key) + value)
+        wire = client.stats.take()
+        report.requests += wire["requests"]
+        report.retries += wire["retries"]
+        report.throttled += wire["throttled"]
         if not injected:
             client.close()
     if report.deferred or report.error or pipeline.halted:
@@ -208,10 +246,7 @@ def _drain_destination(store: Store, config: Config, name: str, leases: list[Lea
 def _claim_size(client: Destination) -> int:
     """The destination's preferred claim (`claim_size`, e.g. about one request's worth of
     messages), within its `max_batch`."""
-    size = getattr(client, "claim_size", None)
-    if isinstance(size, int):
-        return max(1, min(size, client.max_batch))
-    return client.max_batch
+    return max(1, min(client.claim_size, client.max_batch))
 
 
 _OK, _PERMANENT = operator.itemgetter(1), operator.itemgetter(2)  # Outcome.ok, .permanent

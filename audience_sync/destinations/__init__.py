@@ -5,7 +5,7 @@ from __future__ import annotations
 from audience_sync.config import JsonlDestination as JsonlConfig
 from audience_sync.config import PlanhatDestination as PlanhatConfig
 from audience_sync.config import SegmentDestination as SegmentConfig
-from audience_sync.destinations.base import Destination, Outcome, wire_stats
+from audience_sync.destinations.base import Destination, Outcome, SendStats
 from audience_sync.destinations.jsonl import JsonlDestination
 from audience_sync.destinations.planhat import PlanhatApiDestination, PlanhatSegmentDestination
 from audience_sync.destinations.segment import SegmentDestination
@@ -16,9 +16,9 @@ __all__ = [
     "Destination",
     "Outcome",
     "RateLimiter",
+    "SendStats",
     "check_destination",
     "make_destination",
-    "wire_stats",
 ]
 
 DestinationConfig = PlanhatConfig | SegmentConfig | JsonlConfig

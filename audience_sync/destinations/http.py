@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx
@@ -26,7 +26,7 @@ from audience_sync import __version__
 from audience_sync.config import PlanhatDestination as PlanhatConfig
 from audience_sync.config import RateLimit
 from audience_sync.config import SegmentDestination as SegmentConfig
-from audience_sync.destinations.base import Outcome
+from audience_sync.destinations.base import Outcome, SendStats
 from audience_sync.destinations.redact import Redactor, mask_url, url_secrets
 from audience_sync.destinations.wire import bound_requests, request_scope
 from audience_sync.errors import DestinationError
@@ -129,29 +129,6 @@ class Reply:
             return json.loads(self.body) if self.body else None
         except ValueError:
             return None
-
-
-@dataclass
-class SendStats:
-    """What happened on the wire during one drain (thread-safe counters)."""
-
-    requests: int = 0
-    retries: int = 0
-    throttled: int = 0  # 429 answers
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, *, requests: int = 0, retries: int = 0, throttled: int = 0) -> None:
-        with self._lock:
-            self.requests += requests
-            self.retries += retries
-            self.throttled += throttled
-
-    def take(self) -> dict[str, int]:
-        with self._lock:
-            out = {"requests": self.requests, "retries": self.retries,
-                   "throttled": self.throttled}
-            self.requests = self.retries = self.throttled = 0
-            return out
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,8 @@ class PlanhatSegmentDestination:
         token = config.tenant_token.get_secret_value()
         self.name = name
         self.max_batch = min(config.batch_size, SEGMENT_MODE_CLAIM)
+        self.claim_size = self.max_batch
+        self.window = 1  # its requests go `concurrency` at a time within one claim
         self.sender: HttpSender = make_sender(
             name, config, base_url=config.url, auth=httpx.BasicAuth(token, ""), headers={},
             secrets=[token], rate=config.effective_rate_limit, limiter=limiter)
@@ -92,6 +94,8 @@ class PlanhatApiDestination:
         token = config.api_token.get_secret_value()
         self.name = name
         self.max_batch = min(config.batch_size, BULK_MAX_ITEMS)
+        self.claim_size = self.max_batch
+        self.window = 1  # bulk requests one at a time (200/min)
         # Sequential by Planhat's rule for bulk requests: one connection, one request at a time.
         self.sender: HttpSender = make_sender(
             name, config.model_copy(update={"concurrency": 1}), base_url=config.url, auth=None,

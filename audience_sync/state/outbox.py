@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -244,7 +244,7 @@ class Claims:
     """Successive batches of one destination, loaded one at a time in id order; each claimed
     (PostgreSQL) until its outcomes are recorded."""
 
-    def __init__(self, store: Store, name: str, size: int, leases: list[Lease],
+    def __init__(self, store: Store, name: str, size: Callable[[], int], leases: list[Lease],
                  clock: Clock) -> None:
         self.store, self.name, self.size, self.leases, self.clock = \
             store, name, size, leases, clock
@@ -260,7 +260,7 @@ class Claims:
         with self.guard:
             self.open.add(scope)
         conn: Connection | None = None
-        size = self.size
+        size = self.size()  # asked per claim: a destination may learn its claim size
         if self.lock:
             conn = scope.enter_context(self.store.write())
             check_leases(conn, self.leases)
