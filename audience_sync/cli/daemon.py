@@ -2,71 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import typer
 
-from audience_sync.cli.common import StderrHandler, app, globals_of, open_config, open_store
+from audience_sync.cli.common import app, globals_of, open_config, open_store
 from audience_sync.config import parse_duration
 from audience_sync.errors import UsageError
 from audience_sync.health import HealthServer, Metrics
 from audience_sync.leases import DEFAULT_TTL, default_owner
+from audience_sync.logs import setup_logging
 from audience_sync.scheduler import Daemon, DaemonOptions
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the structured fields a log line carries."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        document = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            document.update({k: v for k, v in fields.items() if k not in document})
-        if record.exc_info:
-            document["exception"] = self.formatException(record.exc_info)
-        return json.dumps(document, default=str)
-
-
-class PlainFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="seconds") \
-            .replace("+00:00", "Z")
-
-
-def configure_logging(fmt: str, verbose: bool) -> None:
-    handler = StderrHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
-    level = logging.DEBUG if verbose else logging.INFO
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # The package logger may have been given a handler of its own (the CLI's plain lines).
-    package = logging.getLogger("audience_sync")
-    package.handlers[:] = []
-    package.setLevel(level)
-    package.propagate = True
-    # APScheduler says "skipped: maximum number of running instances reached" whenever a tick
-    # outlasts the interval; that is the coalescing we asked for, not news.
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
-    for noisy in ("httpx", "httpcore", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @app.command()
 def run(
     ctx: typer.Context,
-    log_format: str = typer.Option("plain", "--log-format", help="plain or json."),
     health_port: int = typer.Option(None, "--health-port", min=0, max=65535,
                                     help="Serve /healthz and /metrics on this port "
                                     "(0: any free port, logged)."),
@@ -78,10 +30,9 @@ def run(
                                   help="How long a lease lasts unless renewed."),
 ) -> None:
     """The daemon: run each audience on its cadence and deliver its changes, until stopped."""
-    if log_format not in ("plain", "json"):
-        raise UsageError(f"--log-format: {log_format!r} is not plain or json")
     ttl = _duration(lease_ttl, "--lease-ttl")
-    configure_logging(log_format, globals_of(ctx).verbose)
+    options = globals_of(ctx)
+    setup_logging(options.log_format, options.verbose, daemon=True)
     config = open_config(ctx)
     store = open_store(config)
     metrics = Metrics(store, config)
