@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 from audience_sync.clock import Clock, utcnow
-from audience_sync.config import Config, JsonlDestination
+from audience_sync.config import Config, JsonlConfig
 from audience_sync.destinations import Destination, Outcome, make_destination
 from audience_sync.errors import AudienceSyncError
 from audience_sync.leases import Lease
@@ -210,7 +210,7 @@ def _drain_destination(store: Store, config: Config, name: str, leases: list[Lea
                        clients: Mapping[str, Destination] | None, clock: Clock,
                        report: DestinationReport, control: DrainControl) -> None:
     settings = config.destinations[name]
-    retry_later = (DEFAULT_RETRY_LATER if isinstance(settings, JsonlDestination)
+    retry_later = (DEFAULT_RETRY_LATER if isinstance(settings, JsonlConfig)
                    else settings.retry_later)
     injected = clients is not None and name in clients
     # Every drain of a destination, daemon or CLI, takes its requests from the one budget in

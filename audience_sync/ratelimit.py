@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from audience_sync.config import PlanhatDestination, RateLimit, SegmentDestination
+from audience_sync.config import PlanhatConfig, RateLimit, SegmentConfig
 
 if TYPE_CHECKING:
     from audience_sync.state.store import Store
@@ -109,9 +109,9 @@ def shared_limiter(store: Store, name: str, settings: object) -> RateLimiter | N
     """The destination's request budget kept in the state store, shared by every process that
     drains it: each is configured with the full rate and together they stay within it. None
     for destinations without a rate limit (jsonl)."""
-    if isinstance(settings, PlanhatDestination):
+    if isinstance(settings, PlanhatConfig):
         rate = settings.effective_rate_limit
-    elif isinstance(settings, SegmentDestination):
+    elif isinstance(settings, SegmentConfig):
         rate = settings.rate_limit
     else:
         return None

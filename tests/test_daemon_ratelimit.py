@@ -8,8 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from audience_sync.config import PlanhatDestination as PlanhatConfig
-from audience_sync.config import RateLimit
+from audience_sync.config import PlanhatConfig, RateLimit
 from audience_sync.destinations import Outcome, make_destination
 from audience_sync.messages import Delivery
 from audience_sync.ratelimit import BLOCK_SECONDS, store_limiter

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from audience_sync.config import JsonlDestination as JsonlConfig
-from audience_sync.config import PlanhatDestination as PlanhatConfig
-from audience_sync.config import SegmentDestination as SegmentConfig
+from audience_sync.config import JsonlConfig, PlanhatConfig, SegmentConfig
 from audience_sync.destinations.base import Destination, Outcome, SendStats
 from audience_sync.destinations.jsonl import JsonlDestination
 from audience_sync.destinations.planhat import PlanhatApiDestination, PlanhatSegmentDestination

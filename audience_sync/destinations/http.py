@@ -23,9 +23,7 @@ from datetime import UTC, datetime
 import httpx
 
 from audience_sync import __version__
-from audience_sync.config import PlanhatDestination as PlanhatConfig
-from audience_sync.config import RateLimit
-from audience_sync.config import SegmentDestination as SegmentConfig
+from audience_sync.config import PlanhatConfig, RateLimit, SegmentConfig
 from audience_sync.destinations.base import Outcome, SendStats
 from audience_sync.destinations.redact import Redactor, mask_url, url_secrets
 from audience_sync.destinations.wire import bound_requests, request_scope

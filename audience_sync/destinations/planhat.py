@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from audience_sync.config import PlanhatDestination as PlanhatConfig
+from audience_sync.config import PlanhatConfig
 from audience_sync.destinations.base import Outcome
 from audience_sync.destinations.http import (
     HttpSender,

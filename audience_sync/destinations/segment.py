@@ -14,7 +14,7 @@ from json.encoder import encode_basestring_ascii as _str
 
 import httpx
 
-from audience_sync.config import SegmentDestination as SegmentConfig
+from audience_sync.config import SegmentConfig
 from audience_sync.destinations.base import Outcome
 from audience_sync.destinations.http import (
     HttpSender,
