@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,28 @@ def test_unknown_log_format_is_a_usage_error() -> None:
     done = _cli("--log-format", "xml", "status")
     assert done.returncode == 2
     assert "--log-format" in done.stderr and "Traceback" not in done.stderr
+
+
+HEAVY = ("sqlalchemy", "alembic", "httpx", "psycopg")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sync", "--help"],
+                                  ["run", "--help"], ["db", "--help"]])
+def test_help_and_version_import_no_database_or_http_library(args: list[str]) -> None:
+    """Start-up: commands import what they use; help and version use none of these."""
+    code = ("import sys\nfrom audience_sync.cli import main\n"
+            f"try:\n    main({args!r})\nexcept SystemExit as exc:\n    assert exc.code == 0\n"
+            f"loaded = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
+            "print('LOADED', loaded)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "LOADED []", done.stdout
+
+
+def test_cli_lease_ttl_default_is_the_leases_default() -> None:
+    from audience_sync.cli.daemon import DEFAULT_LEASE_TTL
+    from audience_sync.config import parse_duration
+    from audience_sync.leases import DEFAULT_TTL
+
+    assert parse_duration(DEFAULT_LEASE_TTL) == DEFAULT_TTL

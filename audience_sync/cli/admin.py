@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.table import Table
 
 from audience_sync.cli.common import app, console, iso, open_config, open_store, print_json
-from audience_sync.destinations import check_destination
 from audience_sync.errors import AudienceSyncError
-from audience_sync.sources import ping_source, read_only_note
-from audience_sync.state import queries
-from audience_sync.state.store import Store, open_without_writing
 from audience_sync.states import DeliveryStatus
 from audience_sync.urls import mask_urls_in
+
+if TYPE_CHECKING:
+    from audience_sync.state import queries
 
 db_app = typer.Typer(help="State database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -23,6 +21,8 @@ app.add_typer(db_app, name="db")
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Apply the state database migrations (every command also does this on start)."""
+    from audience_sync.state.store import Store
+
     config = open_config(ctx)
     store = Store(config.state_db)
     applied = store.upgrade()
@@ -34,6 +34,10 @@ def db_upgrade(ctx: typer.Context) -> None:
 @app.command()
 def check(ctx: typer.Context) -> None:
     """Validate the config and reach every source and destination; print what is wrong."""
+    from audience_sync.destinations import check_destination
+    from audience_sync.sources import ping_source, read_only_note
+    from audience_sync.state.store import open_without_writing
+
     config = open_config(ctx)
     out = console()
 
@@ -73,6 +77,10 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Per audience and trait: key, members, last run, next due, deliveries pending and failed."""
+    from rich.table import Table
+
+    from audience_sync.state import queries
+
     config = open_config(ctx)
     store = open_store(config)
     rows = {row.key: row for row in queries.computations(store)}

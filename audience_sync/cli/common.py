@@ -7,18 +7,22 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
 from audience_sync import __version__
 from audience_sync.clock import iso, utcnow
-from audience_sync.config import Computation, Config, load_config
-from audience_sync.drain import DrainReport
 from audience_sync.errors import ConfigError, UsageError
 from audience_sync.logs import LOG_FORMATS, setup_logging
-from audience_sync.state.store import Store
+
+# Commands import what they use: `--help` and `--version` must not load SQLAlchemy, alembic,
+# httpx or psycopg (test_help_and_version_import_no_database_or_http_library).
+if TYPE_CHECKING:
+    from audience_sync.config import Computation, Config
+    from audience_sync.drain import DrainReport
+    from audience_sync.state.store import Store
 
 __all__ = ["iso"]  # re-exported for the command modules
 
@@ -75,11 +79,15 @@ def globals_of(ctx: typer.Context) -> Globals:
 
 
 def open_config(ctx: typer.Context) -> Config:
+    from audience_sync.config import load_config
+
     return load_config(globals_of(ctx).config_path)
 
 
 def open_store(config: Config, *, register: bool = True) -> Store:
     """Open the state database, upgrade its schema and register configured audiences."""
+    from audience_sync.state.store import Store
+
     store = Store(config.state_db)
     store.upgrade()
     if register:

@@ -8,12 +8,12 @@ from datetime import timedelta
 import typer
 
 from audience_sync.cli.common import app, globals_of, open_config, open_store
-from audience_sync.config import parse_duration
 from audience_sync.errors import UsageError
-from audience_sync.health import HealthServer, Metrics
-from audience_sync.leases import DEFAULT_TTL, default_owner
 from audience_sync.logs import setup_logging
-from audience_sync.scheduler import Daemon, DaemonOptions
+
+# leases.DEFAULT_TTL, spelled out so `--help` need not import the state store
+# (test_cli_lease_ttl_default_is_the_leases_default).
+DEFAULT_LEASE_TTL = "60s"
 
 
 @app.command()
@@ -26,10 +26,14 @@ def run(
                                     help="Address the health server binds."),
     owner: str = typer.Option(None, "--owner", help="Lease owner name; unique per process "
                               "(default host:pid:random)."),
-    lease_ttl: str = typer.Option(f"{int(DEFAULT_TTL.total_seconds())}s", "--lease-ttl",
+    lease_ttl: str = typer.Option(DEFAULT_LEASE_TTL, "--lease-ttl",
                                   help="How long a lease lasts unless renewed."),
 ) -> None:
     """The daemon: run each audience on its cadence and deliver its changes, until stopped."""
+    from audience_sync.health import HealthServer, Metrics
+    from audience_sync.leases import default_owner
+    from audience_sync.scheduler import Daemon, DaemonOptions
+
     ttl = _duration(lease_ttl, "--lease-ttl")
     options = globals_of(ctx)
     setup_logging(options.log_format, options.verbose, daemon=True)
@@ -54,6 +58,8 @@ def run(
 
 
 def _duration(value: str, option: str) -> timedelta:
+    from audience_sync.config import parse_duration
+
     try:
         ttl = parse_duration(value)
     except ValueError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -19,12 +19,11 @@ from audience_sync.cli.common import (
     resolve,
 )
 from audience_sync.cli.engine import NO_WAIT_OPTION, report_drain, take_leases
-from audience_sync.config import Config
-from audience_sync.drain import drain
 from audience_sync.errors import UsageError
-from audience_sync.state import queries
-from audience_sync.state.outbox import requeue_failed
 from audience_sync.states import DeliveryStatus
+
+if TYPE_CHECKING:
+    from audience_sync.config import Config
 
 
 def _find(config: Config, name: str | None) -> str | None:
@@ -49,6 +48,8 @@ def deliveries(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Deliveries not sent yet (pending and failed), with attempts and the last error."""
+    from audience_sync.state import queries
+
     config = open_config(ctx)
     key = _find(config, audience)
     _check_destination(config, destination)
@@ -87,6 +88,9 @@ def retry(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Re-queue failed deliveries and send them now, under the audiences' leases."""
+    from audience_sync.drain import drain
+    from audience_sync.state.outbox import requeue_failed
+
     config = open_config(ctx)
     key = _find(config, audience)
     _check_destination(config, destination)

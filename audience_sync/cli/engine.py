@@ -6,10 +6,9 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from audience_sync.cli.common import (
     JSON_OPTION,
@@ -24,13 +23,14 @@ from audience_sync.cli.common import (
     resolve,
 )
 from audience_sync.clock import utcnow
-from audience_sync.config import Computation, Config
-from audience_sync.drain import DrainReport, drain
 from audience_sync.errors import StoreError, UsageError
-from audience_sync.leases import Holder, Lease, default_owner, hold_all
-from audience_sync.runner import RunResult, run_computation
-from audience_sync.state import queries
-from audience_sync.state.store import Store, open_without_writing
+
+if TYPE_CHECKING:
+    from audience_sync.config import Computation, Config
+    from audience_sync.drain import DrainReport
+    from audience_sync.leases import Holder, Lease
+    from audience_sync.runner import RunResult
+    from audience_sync.state.store import Store
 
 NO_WAIT_OPTION = typer.Option(False, "--no-wait", help="Exit 1 when another process (a daemon) "
                               "holds an audience's lease, instead of waiting for it.")
@@ -38,6 +38,8 @@ NO_WAIT_OPTION = typer.Option(False, "--no-wait", help="Exit 1 when another proc
 
 @contextmanager
 def _progress(label: str) -> Iterator[Callable[[int], None] | None]:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     if not sys.stderr.isatty():
         yield None
         return
@@ -52,6 +54,8 @@ def take_leases(stack: ExitStack, store: Store, comps: list[Computation],
                 no_wait: bool) -> list[Lease]:
     """The same per-audience leases the daemon takes, held (renewed) until `stack` closes:
     through run and drain for sync and resync, through the drain for retry."""
+    from audience_sync.leases import default_owner, hold_all
+
     def tell(key: str, current: Holder) -> None:
         print(f"{key}: waiting for the lease held by {current.owner} "
               "(--no-wait to give up instead)", file=sys.stderr, flush=True)
@@ -88,6 +92,8 @@ def _execute(ctx: typer.Context, names: list[str], *, resync: bool, dry_run: boo
 
 
 def _open_for_dry_run(config: Config) -> Store:
+    from audience_sync.state.store import open_without_writing
+
     try:
         return open_without_writing(config.state_db)
     except StoreError as exc:
@@ -97,6 +103,9 @@ def _open_for_dry_run(config: Config) -> Store:
 def _run_and_drain(store: Store, config: Config, comps: list[Computation],
                    leases: list[Lease], *, resync: bool, dry_run: bool, force: bool,
                    as_json: bool) -> tuple[list[RunResult], DrainReport | None]:
+    from audience_sync.drain import drain
+    from audience_sync.runner import run_computation
+
     tokens = {lease.key: lease.token for lease in leases}
     results: list[RunResult] = []
     for comp in comps:
@@ -115,6 +124,8 @@ def _run_and_drain(store: Store, config: Config, comps: list[Computation],
 
 
 def _run_record(store: Store, result: RunResult) -> dict[str, Any] | None:
+    from audience_sync.state import queries
+
     if result.run_id is None:
         return None
     record = queries.run_record(store, result.run_id)
@@ -187,6 +198,8 @@ def members(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Members now, or at a past time (from the history)."""
+    from audience_sync.state import queries
+
     when = parse_time(at, "--at")
     config = open_config(ctx)
     comp = resolve(config, [audience])[0]
@@ -229,6 +242,8 @@ def history(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Membership changes (entered / exited), oldest first."""
+    from audience_sync.state import queries
+
     when = parse_time(since, "--since")
     config = open_config(ctx)
     comp = resolve(config, [audience])[0]
@@ -253,6 +268,8 @@ def runs(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Run history with counts and outcome, newest first."""
+    from audience_sync.state import queries
+
     config = open_config(ctx)
     store = open_store(config)
     key = resolve(config, [audience])[0].key if audience else None
