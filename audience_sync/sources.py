@@ -42,7 +42,7 @@ from sqlalchemy.sql.expression import TableClause, column
 
 from audience_sync.config import Computation, Rule, Source
 from audience_sync.errors import SourceError, describe_db_error
-from audience_sync.state.schema import CONTACT_TRAITS, USER_ID_MAX
+from audience_sync.messages import CONTACT_TRAITS, USER_ID_MAX
 from audience_sync.urls import with_psycopg
 
 CHUNK_ROWS = 10_000

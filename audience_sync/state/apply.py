@@ -32,6 +32,7 @@ from audience_sync.cadence import next_due_after_failure, next_due_after_success
 from audience_sync.clock import Clock
 from audience_sync.config import Computation
 from audience_sync.errors import LeaseLost, SourceError, StoreError, describe_db_error
+from audience_sync.messages import CONTACT_TRAITS
 from audience_sync.sources import SkipCounts, SourceRows, computation_statement
 from audience_sync.state import schema as t
 from audience_sync.state.staging import (
@@ -228,12 +229,12 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
     stay_value = literal("true") if comp.kind == "audience" else delta.c.value
     leave_value = literal("false") if comp.kind == "audience" else literal("null")
     outbox_columns = ["computation_id", "run_id", "destination", "user_id", "value",
-                      *t.CONTACT_TRAITS, "observed_at", "status"]
+                      *CONTACT_TRAITS, "observed_at", "status"]
     for destination in comp.destinations:
         for table, value in ((delta, stay_value), (exited, leave_value)):
             conn.execute(insert(d).from_select(outbox_columns, select(
                 literal(cid), literal(run_id), literal(destination), table.c.user_id, value,
-                *(table.c[n] for n in t.CONTACT_TRAITS), literal(now, t.UTCDateTime),
+                *(table.c[n] for n in CONTACT_TRAITS), literal(now, t.UTCDateTime),
                 literal(DeliveryStatus.PENDING.value))))
     # The run record and the audience row; the fencing check makes a lost lease fatal.
     finished = clock()

@@ -29,6 +29,7 @@ from sqlalchemy import (
     text,
 )
 
+from audience_sync.messages import USER_ID_MAX
 from audience_sync.states import DeliveryStatus, InitialState
 
 metadata = MetaData(
@@ -67,7 +68,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-USER_ID_MAX = 255
 
 computations = Table(
     "computations",
@@ -224,7 +224,6 @@ def status_is(status: DeliveryStatus) -> ColumnElement[bool]:
     index for `status IN (...)` or an OR of them."""
     return deliveries.c.status == literal_column(f"'{status.value}'")
 
-CONTACT_TRAITS = ("email", "name", "title", "company_id")
 
 # A request budget per destination, shared by every daemon on this state store: the next free
 # request slot (Unix seconds) of a rate limiter whose state lives here (ratelimit.py).

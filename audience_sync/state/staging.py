@@ -45,9 +45,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.sql.elements import TextClause
 
+from audience_sync.messages import CONTACT_TRAITS, USER_ID_MAX
 from audience_sync.sources import SkipCounts, SourceRows
 from audience_sync.state import schema as t
-from audience_sync.state.schema import CONTACT_TRAITS, USER_ID_MAX
 
 SAMPLE_SIZE = 10
 
