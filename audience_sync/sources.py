@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,6 @@ from operator import itemgetter
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import psycopg
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -63,6 +63,14 @@ def create_source_engine(url: str) -> Engine:
                           "install the package of its SQLAlchemy dialect") from exc
     except SQLAlchemyError as exc:  # e.g. an unknown dialect name
         raise SourceError(describe_db_error(exc)) from exc
+
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    """What reading a source may raise. psycopg's only when it is loaded: a process that
+    reads no PostgreSQL source cannot get one, and need not import it (start-up time)."""
+    psycopg = sys.modules.get("psycopg")
+    extra: tuple[type[BaseException], ...] = (psycopg.Error,) if psycopg is not None else ()
+    return (SQLAlchemyError, sqlite3.Error, *extra)
 
 
 def _create_source_engine(url: str) -> Engine:
@@ -350,7 +358,7 @@ class SourceRows:
                     if has_value:
                         rows = _json_values(rows, self.skipped)
                     yield rows
-        except (SQLAlchemyError, sqlite3.Error, psycopg.Error) as exc:
+        except _driver_errors() as exc:
             raise SourceError(f"{comp.path} ({comp.key}): source {comp.source_name!r} query "
                               f"failed: {describe_db_error(exc)}") from exc
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from audience_sync.config import JsonlConfig, PlanhatConfig, SegmentConfig
 from audience_sync.destinations.base import Destination, Outcome, SendStats
 from audience_sync.destinations.jsonl import JsonlDestination
-from audience_sync.destinations.planhat import PlanhatApiDestination, PlanhatSegmentDestination
-from audience_sync.destinations.segment import SegmentDestination
 from audience_sync.errors import AudienceSyncError
 from audience_sync.ratelimit import RateLimiter
 
@@ -28,6 +26,13 @@ def make_destination(name: str, config: DestinationConfig, *,
     limiter of the destination's own, at its configured rate."""
     if isinstance(config, JsonlConfig):
         return JsonlDestination(name, config.path)
+    # The HTTP destinations load httpx (a tenth of a second): only a process that uses one.
+    from audience_sync.destinations.planhat import (
+        PlanhatApiDestination,
+        PlanhatSegmentDestination,
+    )
+    from audience_sync.destinations.segment import SegmentDestination
+
     if isinstance(config, SegmentConfig):
         return SegmentDestination(name, config, limiter)
     if config.mode == "api":

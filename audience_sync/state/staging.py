@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 from sqlalchemy import (
     Boolean,
     Column,
@@ -44,6 +43,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.sql.elements import TextClause
+
+if typing.TYPE_CHECKING:
+    import psycopg
 
 from audience_sync.messages import CONTACT_TRAITS, USER_ID_MAX
 from audience_sync.sources import SkipCounts, SourceRows
