@@ -47,6 +47,7 @@ class RunRecord:
     skipped_too_long: int
     skipped_duplicate: int
     error: str | None
+    fencing_token: int = 0  # the lease grant it ran under (0: none)
 
     def as_dict(self) -> dict[str, Any]:
         """The one JSON shape of a run record (runs, status and sync print it)."""
@@ -69,7 +70,8 @@ def _run_record(row: Row[Any]) -> RunRecord:
         entered=row.entered, exited=row.exited, changed=row.changed, queued=row.queued,
         forced=bool(row.forced), skipped_null=row.skipped_null,
         skipped_empty=row.skipped_empty, skipped_too_long=row.skipped_too_long,
-        skipped_duplicate=row.skipped_duplicate, error=row.error)
+        skipped_duplicate=row.skipped_duplicate, error=row.error,
+        fencing_token=row.fencing_token)
 
 
 def _runs_query() -> Any:
@@ -83,7 +85,7 @@ def run_record(store: Store, run_id: int) -> RunRecord | None:
     return _run_record(row) if row is not None else None
 
 
-def runs(store: Store, *, key: str | None = None, limit: int = 50) -> list[RunRecord]:
+def runs(store: Store, *, key: str | None = None, limit: int | None = 50) -> list[RunRecord]:
     """The most recent runs, newest first (of one audience or trait when key is given)."""
     query = _runs_query().order_by(t.runs.c.id.desc()).limit(limit)
     if key is not None:
