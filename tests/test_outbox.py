@@ -358,3 +358,17 @@ def test_a_drain_stops_before_its_next_claim_when_its_control_says_so(
                for r in report.destinations.values() if r.sent < 60)
     assert sum(r.waiting for r in report.destinations.values()) == 120 - sent
     assert control.sending == 0
+
+
+def test_a_state_database_error_in_a_claim_is_a_store_error(
+        setup: tuple[Store, Config, Path]) -> None:
+    """SQLAlchemy errors leave state/ as StoreError, also from a claim's open transaction
+    (PostgreSQL): the report says what failed, not 'unexpected ProgrammingError'."""
+    store, config, _ = setup
+    _run(store, config)
+    with store.write() as conn:
+        conn.exec_driver_sql("ALTER TABLE deliveries RENAME COLUMN observed_at TO observed")
+    report = _drain(store, config, clients={"a_slow": Recorder("a_slow"),
+                                            "b_fast": Recorder("b_fast")})
+    errors = [r.error or "" for r in report.destinations.values()]
+    assert all(e.startswith("state database error: ") for e in errors), errors

@@ -9,10 +9,11 @@ exclusive, and each claim first checks that no lease was taken over. The drain p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,10 +37,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync.clock import Clock
 from audience_sync.destinations.base import Outcome
-from audience_sync.errors import LeaseLost
+from audience_sync.errors import LeaseLost, StoreError, describe_db_error
 from audience_sync.messages import Delivery
 from audience_sync.state import schema as t
 from audience_sync.state.leases import Lease
@@ -263,9 +265,10 @@ class Claims:
         size = self.size()  # asked per claim: a destination may learn its claim size
         if self.lock:
             conn = scope.enter_context(self.store.write())
-            check_leases(conn, self.leases)
-            batch = load_batch(conn, self.name, size, self.clock(), self.comp_ids,
-                               claim=True, after_id=self.after)
+            with _store_errors():  # the claim's transaction stays open past write()'s block
+                check_leases(conn, self.leases)
+                batch = load_batch(conn, self.name, size, self.clock(), self.comp_ids,
+                                   claim=True, after_id=self.after)
         else:
             # SQLite has one writer: holding its lock while sending would stall every run.
             # The leases alone keep other drains off these rows.
@@ -278,14 +281,15 @@ class Claims:
         return Claim(batch, conn, scope)
 
     def finish(self, claim: Claim, outcomes: list[Outcome], retry_later: timedelta) -> None:
-        if claim.conn is not None:
-            record_outcomes(claim.conn, outcomes, self.clock(), retry_later)
-        elif outcomes:
-            with self.store.write() as conn:
-                record_outcomes(conn, outcomes, self.clock(), retry_later)
-        with self.guard:
-            self.open.discard(claim.scope)
-        claim.scope.close()  # commits, releasing the row locks
+        with _store_errors():
+            if claim.conn is not None:
+                record_outcomes(claim.conn, outcomes, self.clock(), retry_later)
+            elif outcomes:
+                with self.store.write() as conn:
+                    record_outcomes(conn, outcomes, self.clock(), retry_later)
+            with self.guard:
+                self.open.discard(claim.scope)
+            claim.scope.close()  # commits, releasing the row locks
 
     def abandon(self) -> None:
         """Roll back every claim still open: its rows stay pending for the next drain."""
@@ -293,6 +297,14 @@ class Claims:
             scopes, self.open = self.open, set()
         for scope in scopes:
             scope.__exit__(_Abandoned, _Abandoned(), None)
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise StoreError(f"state database error: {describe_db_error(exc)}") from exc
 
 
 class _Abandoned(Exception):
