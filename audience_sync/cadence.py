@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from audience_sync.states import InitialState
+
 # A failed run is retried after 1, 2, 4, ... minutes, never later than the normal cadence.
 FAILURE_BACKOFF_BASE = timedelta(minutes=1)
 # 2**20 minutes is two years: far past any cadence, and small enough not to overflow.
@@ -82,11 +84,11 @@ def due_at(state: CadenceState, cadence: Cadence) -> datetime | None:
     - `complete`: the stored `next_due_at`. When the initial deliveries took longer than `every`,
       that moment has passed and one incremental run catches up at once, then the cadence goes on.
     """
-    if state.initial_state == "delivering":
+    if state.initial_state == InitialState.DELIVERING:
         return None
     if state.next_due_at is not None:
         return state.next_due_at
-    if state.initial_state == "complete" and state.last_success_at is not None:
+    if state.initial_state == InitialState.COMPLETE and state.last_success_at is not None:
         return next_due_after_success(state.key, state.last_success_at, cadence.every,
                                       cadence.jitter)
     return _EPOCH
@@ -111,7 +113,7 @@ def due_keys(states: Iterable[CadenceState], cadences: Mapping[str, Cadence],
             continue
         when = due_at(state, cadence)
         if when is not None and when <= at:
-            due.append((0 if state.initial_state == "pending" else 1, when, state.key))
+            due.append((0 if state.initial_state == InitialState.PENDING else 1, when, state.key))
     return [key for _, _, key in sorted(due)]
 
 

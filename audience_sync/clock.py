@@ -11,3 +11,8 @@ Clock = Callable[[], datetime]
 def utcnow() -> datetime:
     """Timezone-aware UTC now (freezegun patches what this reads)."""
     return datetime.now(UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO-8601 in UTC with a Z, as every output prints times."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None

@@ -215,7 +215,7 @@ class Source(_Frozen):
         return _check_url(value)
 
 
-class _HttpDestination(_Frozen):
+class _HttpConfig(_Frozen):
     base_url: str | None = None
     timeout: Duration = timedelta(seconds=30)
     max_retries: int = Field(default=5, ge=0, le=50)
@@ -244,7 +244,7 @@ class _HttpDestination(_Frozen):
         return value.rstrip("/") if value else value
 
 
-class PlanhatDestination(_HttpDestination):
+class PlanhatConfig(_HttpConfig):
     type: Literal["planhat"]
     mode: Literal["segment", "api"] = "segment"
     tenant_token: Secret | None = None
@@ -261,7 +261,7 @@ class PlanhatDestination(_HttpDestination):
         return value
 
     @model_validator(mode="after")
-    def _tokens(self) -> PlanhatDestination:
+    def _tokens(self) -> PlanhatConfig:
         if self.mode == "segment" and not self.tenant_token:
             raise ValueError("tenant_token is required in mode segment")
         if self.mode == "api" and not self.api_token:
@@ -280,7 +280,7 @@ class PlanhatDestination(_HttpDestination):
         return RateLimit(100, 1) if self.mode == "segment" else RateLimit(200, 60)
 
 
-class SegmentDestination(_HttpDestination):
+class SegmentConfig(_HttpConfig):
     type: Literal["segment"]
     write_key: Secret
     base_url: str | None = "https://api.segment.io"
@@ -295,13 +295,13 @@ class SegmentDestination(_HttpDestination):
         return self.base_url or "https://api.segment.io"
 
 
-class JsonlDestination(_Frozen):
+class JsonlConfig(_Frozen):
     type: Literal["jsonl"]
     path: str
 
 
-Destination = Annotated[
-    PlanhatDestination | SegmentDestination | JsonlDestination, Field(discriminator="type")
+DestinationConfig = Annotated[
+    PlanhatConfig | SegmentConfig | JsonlConfig, Field(discriminator="type")
 ]
 
 
@@ -357,7 +357,7 @@ class ConfigModel(_Frozen):
     state_db: str = "sqlite:///audience_sync.db"
     schedule: Schedule = Schedule()
     sources: dict[str, Source] = Field(default_factory=dict)
-    destinations: dict[str, Destination] = Field(default_factory=dict)
+    destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     audiences: list[AudienceModel] = Field(default_factory=list)
     computed_traits: list[TraitModel] = Field(default_factory=list)
     # The dashboard's token (`audience-sync ui`, the daemon's health port): required to bind
@@ -413,8 +413,8 @@ class Config:
         return self.model.schedule
 
     @property
-    def destinations(self) -> Mapping[str, PlanhatDestination | SegmentDestination |
-                                      JsonlDestination]:
+    def destinations(self) -> Mapping[str, PlanhatConfig | SegmentConfig |
+                                      JsonlConfig]:
         return self.model.destinations
 
     @property
@@ -539,7 +539,7 @@ def _build(config_path: Path, model: ConfigModel) -> Config:
                     for name, src in model.sources.items()},
         "destinations": {
             name: (dest.model_copy(update={"path": str((base / dest.path).resolve())})
-                   if isinstance(dest, JsonlDestination) else dest)
+                   if isinstance(dest, JsonlConfig) else dest)
             for name, dest in model.destinations.items()
         },
     })

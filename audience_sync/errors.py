@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 
 class AudienceSyncError(Exception):
     """audience-sync failed."""
@@ -55,3 +57,20 @@ class LeaseBusy(AudienceSyncError):
 
 class DestinationError(AudienceSyncError):
     """A destination refused or failed a delivery."""
+
+
+READ_ONLY_REFUSAL = "the source is read-only: the statement was refused (it would write " \
+    "or attach a database)"
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """One line from a driver error (source or state database), without the SQL statement or
+    its parameters."""
+    orig = getattr(exc, "orig", None)
+    # What sqlite3 says when the source's authorizer refused a statement (ATTACH, or a
+    # statement that runs one, like VACUUM INTO).
+    if isinstance(orig if orig is not None else exc, sqlite3.DatabaseError) and str(
+            orig if orig is not None else exc) in ("not authorized", "authorization denied"):
+        return READ_ONLY_REFUSAL
+    lines = str(orig if orig is not None else exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

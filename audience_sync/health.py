@@ -22,11 +22,13 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from audience_sync.config import Config
+from audience_sync.drain import DrainReport
 from audience_sync.errors import AudienceSyncError
-from audience_sync.outbox import DrainReport
 from audience_sync.runner import RunResult
 from audience_sync.scheduler import Observer
-from audience_sync.store import Store
+from audience_sync.state import queries
+from audience_sync.state.store import Store
+from audience_sync.states import RunStatus
 from audience_sync.ui.server import run_wsgi
 
 log = logging.getLogger("audience_sync.health")
@@ -80,7 +82,7 @@ class Metrics(Observer):
     def run_finished(self, result: RunResult) -> None:
         self.runs.labels(result.key, result.kind, result.status).inc()
         self.run_seconds.labels(result.key).inc(result.seconds)
-        if result.status == "succeeded":
+        if result.status == RunStatus.SUCCEEDED:
             for change, count in (("entered", result.entered), ("exited", result.exited),
                                   ("changed", result.changed)):
                 self.changes.labels(result.key, change).inc(count)
@@ -142,7 +144,7 @@ class StoreCollector(Collector):
             members.add_metric([row.key], row.member_count)
             if row.last_success_at is not None:
                 success.add_metric([row.key], row.last_success_at.timestamp())
-        counts = self.store.delivery_counts()
+        counts = queries.delivery_counts(self.store)
         for (cid, destination, status), count in sorted(counts.items()):
             if cid in keys:
                 deliveries.add_metric([keys[cid], destination, status], count)

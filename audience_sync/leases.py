@@ -18,16 +18,13 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
 
-from sqlalchemy import or_, select, update
-
-from audience_sync import schema as t
 from audience_sync.clock import Clock, utcnow
 from audience_sync.errors import LeaseBusy, LeaseLost, StoreError
-from audience_sync.store import Store
+from audience_sync.state.leases import Holder, Lease, grant, holder, release, renew
+from audience_sync.state.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -67,66 +64,15 @@ def holder_is_dead(owner: str | None) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class Lease:
-    key: str
-    computation_id: int
-    owner: str
-    token: int
-    expires_at: datetime
-
-
-@dataclass(frozen=True)
-class Holder:
-    owner: str | None
-    expires_at: datetime | None
-
-
 def try_acquire(store: Store, key: str, owner: str, *, ttl: timedelta,
                 at: datetime) -> Lease | None:
-    """Take the audience's lease if it is free, expired, or already this owner's; else None.
+    """Take the audience's lease if it is free, expired, already this owner's, or held by a
+    process on this host that died; else None.
 
     The same owner may take it again (a restarted process with a fixed --owner need not wait for
     its old lease to expire); the new grant gets a new token, which fences the old one.
     """
-    c = t.computations
-    expires = at + ttl
-    with store.write() as conn:
-        row = conn.execute(
-            update(c)
-            .where(c.c.key == key, or_(c.c.lease_owner.is_(None), c.c.lease_expires_at <= at,
-                                       c.c.lease_owner == owner))
-            .values(lease_owner=owner, lease_expires_at=expires,
-                    fencing_token=c.c.fencing_token + 1)
-            .returning(c.c.id, c.c.fencing_token)
-        ).first()
-        if row is None:
-            current = conn.execute(select(c.c.id, c.c.lease_owner).where(c.c.key == key)).first()
-            if current is None:
-                raise StoreError(f"{key}: not registered in the state database")
-            if not holder_is_dead(current.lease_owner):
-                return None
-            # A process on this host that died (SIGKILL, OOM) without releasing its lease:
-            # take it over now rather than wait out the TTL. The new token fences the old one.
-            log.info("%s: taking over the lease of %s, which is no longer running", key,
-                     current.lease_owner)
-            row = conn.execute(
-                update(c).where(c.c.key == key, c.c.lease_owner == current.lease_owner)
-                .values(lease_owner=owner, lease_expires_at=expires,
-                        fencing_token=c.c.fencing_token + 1)
-                .returning(c.c.id, c.c.fencing_token)).first()
-            if row is None:
-                return None
-    return Lease(key=key, computation_id=int(row.id), owner=owner, token=int(row.fencing_token),
-                 expires_at=expires)
-
-
-def holder(store: Store, key: str) -> Holder:
-    c = t.computations
-    with store.read() as conn:
-        row = conn.execute(select(c.c.lease_owner, c.c.lease_expires_at)
-                           .where(c.c.key == key)).first()
-    return Holder(None, None) if row is None else Holder(row.lease_owner, row.lease_expires_at)
+    return grant(store, key, owner, ttl=ttl, at=at, holder_is_dead=holder_is_dead)
 
 
 def acquire(store: Store, key: str, owner: str, *, ttl: timedelta, clock: Clock,
@@ -152,33 +98,6 @@ def acquire(store: Store, key: str, owner: str, *, ttl: timedelta, clock: Clock,
             cancelled.wait(WAIT_POLL_SECONDS)
         else:
             threading.Event().wait(WAIT_POLL_SECONDS)
-
-
-def renew(store: Store, lease: Lease, *, ttl: timedelta, at: datetime) -> Lease:
-    """Push the expiry out.
-
-    :raises LeaseLost: the token is no longer current (expired and taken by another owner).
-    """
-    c = t.computations
-    expires = at + ttl
-    with store.write() as conn:
-        updated = conn.execute(
-            update(c).where(c.c.id == lease.computation_id, c.c.fencing_token == lease.token,
-                            c.c.lease_owner == lease.owner)
-            .values(lease_expires_at=expires)).rowcount
-    if updated != 1:
-        raise LeaseLost(f"{lease.key}: lease {lease.token} of {lease.owner} was taken over")
-    return Lease(lease.key, lease.computation_id, lease.owner, lease.token, expires)
-
-
-def release(store: Store, lease: Lease) -> bool:
-    """Give the lease up if it is still ours; False if it had been taken over already."""
-    c = t.computations
-    with store.write() as conn:
-        updated = conn.execute(
-            update(c).where(c.c.id == lease.computation_id, c.c.fencing_token == lease.token)
-            .values(lease_owner=None, lease_expires_at=None)).rowcount
-    return updated == 1
 
 
 class Renewer:
@@ -251,3 +170,20 @@ def hold_all(stack: ExitStack, store: Store, keys: Iterable[str], owner: str, *,
         stack.enter_context(held(store, lease, ttl=ttl, clock=clock))
         leases.append(lease)
     return leases
+
+
+__all__ = [
+    "DEFAULT_TTL",
+    "Holder",
+    "Lease",
+    "Renewer",
+    "acquire",
+    "default_owner",
+    "held",
+    "hold_all",
+    "holder",
+    "holder_is_dead",
+    "release",
+    "renew",
+    "try_acquire",
+]

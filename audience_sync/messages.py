@@ -10,6 +10,11 @@ from typing import Any, NamedTuple
 
 from audience_sync import __version__
 
+# The contact traits an audience query may select beside user_id; they travel with its calls.
+CONTACT_TRAITS = ("email", "name", "title", "company_id")
+# The longest user id stored and sent; longer ones are counted and skipped.
+USER_ID_MAX = 255
+
 LIBRARY = {"name": "audience-sync", "version": __version__}
 # Segment's limit on messageId; ours are far shorter.
 MESSAGE_ID_MAX = 100

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -22,20 +22,18 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import distinct, or_, select
 
-from audience_sync import schema as t
 from audience_sync.cadence import Cadence, due_keys, is_due
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Computation, Config
-from audience_sync.destinations import Destination, Outcome, make_destination
-from audience_sync.errors import AudienceSyncError, DestinationError, LeaseLost
+from audience_sync.destinations import Destination, make_destination
+from audience_sync.drain import DrainControl, DrainReport, drain
+from audience_sync.errors import AudienceSyncError, LeaseLost
 from audience_sync.leases import DEFAULT_TTL, Lease, Renewer, held, try_acquire
-from audience_sync.messages import Delivery
-from audience_sync.outbox import DrainReport, drain
 from audience_sync.ratelimit import shared_limiter
 from audience_sync.runner import RunResult, run_computation
-from audience_sync.store import Store
+from audience_sync.state import queries
+from audience_sync.state.store import Store
 
 log = logging.getLogger("audience_sync.daemon")
 
@@ -72,50 +70,6 @@ class DaemonOptions:
     shared_budget: bool = True
 
 
-class _Paused(DestinationError):
-    """The daemon paused this drain (stopping, lease lost, or its slice is used up)."""
-
-
-class _GuardedDestination:
-    """A destination the daemon can pause between batches: the batch in flight always finishes."""
-
-    def __init__(self, inner: Destination, should_pause: Callable[[], str | None],
-                 on_batch: Callable[[], None]) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.max_batch = inner.max_batch
-        self._should_pause = should_pause
-        self._on_batch = on_batch
-        # Sends on the wire now (a destination may send from several threads).
-        self.sending = 0
-        self._lock = threading.Lock()
-
-    def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
-        reason = self._should_pause()
-        if reason is not None:
-            raise _Paused(f"destination {self.name!r}: drain paused ({reason})")
-        with self._lock:
-            self.sending += 1
-        try:
-            return self.inner.send(batch)
-        finally:
-            with self._lock:
-                self.sending -= 1
-            self._on_batch()
-
-    def check(self) -> tuple[bool, str]:
-        return self.inner.check()
-
-    def interrupt(self) -> None:
-        self.inner.interrupt()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 @dataclass
 class _DrainGate:
     """Why the current audience's drain should stop before its next batch, if it should."""
@@ -148,7 +102,9 @@ class Daemon:
         self.observer = observer or Observer()
         self.stopping = threading.Event()
         self._gate = _DrainGate(self.stopping)
-        self._clients: dict[str, _GuardedDestination] = {}
+        # The drains' stop signal, checked before each claim (the batch in flight finishes).
+        self._control = DrainControl(self._gate.reason, self.observer.progress)
+        self._clients: dict[str, Destination] = {}
         self._comps: Mapping[str, Computation] = {c.key: c for c in config.computations}
         self._cadences = {c.key: Cadence(c.every, c.jitter) for c in config.computations}
 
@@ -217,7 +173,7 @@ class Daemon:
         self._gate.tripped.clear()
         # Under the lease this tick holds: the drain stops if it is taken over.
         report = drain(self.store, self.config, [renewer.lease], clients=clients,
-                       clock=self.clock)
+                       clock=self.clock, control=self._control)
         self.observer.drained(report)
         paused = bool(self._gate.tripped)
         for name, dest in report.destinations.items():
@@ -241,19 +197,12 @@ class Daemon:
                     # audience's other destinations still get their deliveries.
                     log.error("%s", exc.message)
                     continue
-                self._clients[name] = _GuardedDestination(inner, self._gate.reason,
-                                                          self.observer.progress)
+                self._clients[name] = inner
         return {name: self._clients[name] for name in comp.destinations
                 if name in self._clients}
 
     def _keys_with_pending(self) -> list[str]:
-        d, c = t.deliveries, t.computations
-        now = self.clock()
-        query = (select(distinct(c.c.key)).join(d, d.c.computation_id == c.c.id)
-                 .where(t.status_is("pending"),
-                        or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now)))
-        with self.store.read() as conn:
-            keys = set(conn.execute(query).scalars())
+        keys = queries.keys_with_due_pending(self.store, self.clock())
         return [key for key in self._comps if key in keys]
 
     def close(self) -> None:
@@ -302,7 +251,7 @@ class Daemon:
             for client in list(self._clients.values()):
                 client.interrupt()
             closer.join(STOP_LIMIT)
-        if closer.is_alive() and any(c.sending for c in list(self._clients.values())):
+        if closer.is_alive() and self._control.sending:
             # Stuck on the wire (a connect to a silent host): exit without it. Its claim
             # never committed, so what it was sending stays pending.
             log.warning("stopping: a request did not end within %.0fs; exiting without it",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,6 @@ from operator import itemgetter
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import psycopg
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -41,8 +41,9 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.expression import TableClause, column
 
 from audience_sync.config import Computation, Rule, Source
-from audience_sync.errors import SourceError
-from audience_sync.schema import CONTACT_TRAITS, USER_ID_MAX
+from audience_sync.errors import SourceError, describe_db_error
+from audience_sync.messages import CONTACT_TRAITS, USER_ID_MAX
+from audience_sync.urls import with_psycopg
 
 CHUNK_ROWS = 10_000
 
@@ -64,14 +65,21 @@ def create_source_engine(url: str) -> Engine:
         raise SourceError(describe_db_error(exc)) from exc
 
 
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    """What reading a source may raise. psycopg's only when it is loaded: a process that
+    reads no PostgreSQL source cannot get one, and need not import it (start-up time)."""
+    psycopg = sys.modules.get("psycopg")
+    extra: tuple[type[BaseException], ...] = (psycopg.Error,) if psycopg is not None else ()
+    return (SQLAlchemyError, sqlite3.Error, *extra)
+
+
 def _create_source_engine(url: str) -> Engine:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         return _sqlite_read_only(parsed.database or "", dict(parsed.query))
     if backend == "postgresql":
-        if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")
+        parsed = with_psycopg(parsed)
         given = parsed.query.get("options")
         options = " ".join([*((given,) if isinstance(given, str) else given or ()),
                             _PG_READ_ONLY])
@@ -86,9 +94,6 @@ def _create_source_engine(url: str) -> Engine:
         return engine
     return create_engine(parsed, poolclass=NullPool)
 
-
-READ_ONLY_REFUSAL = "the source is read-only: the statement was refused (it would write " \
-    "or attach a database)"
 
 # What a read-only source may do: read tables, call functions, recurse, begin/end the
 # implicit read transaction, and the introspection PRAGMAs that reflection issues.
@@ -180,17 +185,6 @@ def ping_source(source: Source) -> str | None:
     except SQLAlchemyError as exc:
         return describe_db_error(exc)
     return None
-
-
-def describe_db_error(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None)
-    # What sqlite3 says when the source's authorizer refused a statement (ATTACH, or a
-    # statement that runs one, like VACUUM INTO).
-    if isinstance(orig if orig is not None else exc, sqlite3.DatabaseError) and str(
-            orig if orig is not None else exc) in ("not authorized", "authorization denied"):
-        return READ_ONLY_REFUSAL
-    lines = str(orig if orig is not None else exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -325,7 +319,7 @@ def computation_statement(comp: Computation, engine: Engine, now: datetime) \
         raise SourceError(f"{comp.path} ({comp.key}): {exc.message}") from exc
 
 
-class Snapshot:
+class SourceRows:
     """The rows of one evaluation, streamed from the source in chunks of plain tuples.
 
     `columns` names what each tuple holds: user_id first, then only the contact traits the
@@ -364,7 +358,7 @@ class Snapshot:
                     if has_value:
                         rows = _json_values(rows, self.skipped)
                     yield rows
-        except (SQLAlchemyError, sqlite3.Error, psycopg.Error) as exc:
+        except _driver_errors() as exc:
             raise SourceError(f"{comp.path} ({comp.key}): source {comp.source_name!r} query "
                               f"failed: {describe_db_error(exc)}") from exc
 

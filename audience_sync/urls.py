@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 MASK = "***"
 
@@ -46,3 +50,9 @@ def _mask_parameter(parameter: str) -> str:
 def mask_urls_in(text: str) -> str:
     """`text` with every URL in it passed through mask_url (messages that quote a URL)."""
     return _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), text)
+
+
+def with_psycopg(url: URL) -> URL:
+    """`postgresql://` means psycopg 3 here, for the state store and sources alike
+    (SQLAlchemy's default driver for that scheme is psycopg2, which is not installed)."""
+    return url.set(drivername="postgresql+psycopg") if url.drivername == "postgresql" else url

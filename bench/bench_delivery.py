@@ -33,14 +33,15 @@ from sqlalchemy import update
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from audience_sync import schema as t
 from audience_sync.config import Config, load_config
 from audience_sync.destinations.segment import BATCH_PATH, batch_body, encode, pack
+from audience_sync.drain import DrainReport, drain
 from audience_sync.leases import hold_all
-from audience_sync.outbox import DrainReport, drain, load_batch
 from audience_sync.process import tune_garbage_collector
 from audience_sync.runner import run_computation
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.outbox import load_batch
+from audience_sync.state.store import Store
 from tests.fakes import FakePlanhat, FakeSegment, basic
 from tests.helpers import make_warehouse
 

@@ -9,8 +9,10 @@ For each state database (SQLite, and PostgreSQL when a URL is given):
      load them with raw executemany on SQLite or COPY on PostgreSQL into a table keyed by
      user_id, then one anti-join each way against the stored members), then time our
      incremental run (snapshot, diff, history, outbox, run record: everything), and read the
-     process's peak RSS.
-Prints `ratio=<ours/floor>` and `peak_rss_mb=` per database.
+     process's peak RSS;
+  4. churn back by as many members and time `audience-sync sync` as a process (start-up, run
+     and delivery to the jsonl file included) against the same floor.
+Prints `ratio=<ours/floor>`, `peak_rss_mb=` and `process_ratio=<process/floor>` per database.
 
     python bench/bench_diff.py [--members 1000000] [--churn 0.01] [--pg-url URL] [--only sqlite]
 """
@@ -21,6 +23,7 @@ import argparse
 import multiprocessing
 import resource
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,11 +39,11 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from audience_sync.config import load_config
+from audience_sync.drain import drain
 from audience_sync.leases import hold_all
-from audience_sync.outbox import drain
 from audience_sync.process import tune_garbage_collector
 from audience_sync.runner import run_computation
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 BATCH = 10_000
@@ -196,11 +199,31 @@ def bench(name: str, state_url: str, workdir: Path, members: int, churn: float,
     assert figures["status"] == "succeeded", figures
     moved = int(members * churn)
     assert (figures["entered"], figures["exited"]) == (moved, moved), figures
+    process = f"process_s={process_sync(config_path, source):.2f}" if deliver else None
     print(f"{name}: members={members} churn={churn:.0%} initial_s={initial_s:.2f} "
           f"initial_drain_s={drain_s:.2f} "
           f"incremental_s={figures['ours']:.2f} floor_s={figures['floor']:.2f} "
           f"ratio={figures['ours'] / figures['floor']:.2f} "
           f"peak_rss_mb={figures['peak_mb']:.0f}", flush=True)
+    if process is not None:
+        process_s = float(process.split("=")[1])
+        print(f"{name}: {process} (audience-sync sync: start-up, run and delivery to jsonl) "
+              f"process_ratio={process_s / figures['floor']:.2f}", flush=True)
+
+
+def process_sync(config_path: Path, source: Path) -> float:
+    """The whole process: `audience-sync sync` of the audience after another churn of the same
+    size (the view points back: those who left return, those who joined leave), timed from
+    exec to exit: interpreter and imports, schema check, run, and delivery of its changes
+    (and of the previous incremental run's, which the same users' newer values supersede)."""
+    point_view(source, "gen_a")
+    command = [str(Path(sys.executable).with_name("audience-sync")), "--config",
+               str(config_path), "sync"]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    return elapsed
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from audience_sync.config import load_config
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 from audience_sync.ui.app import Dashboard
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -24,10 +24,10 @@ from pathlib import Path
 import yaml
 
 from audience_sync.config import load_config
+from audience_sync.drain import drain
 from audience_sync.leases import hold_all
-from audience_sync.outbox import drain
 from audience_sync.runner import run_computation
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 from audience_sync.ui.app import Dashboard
 from audience_sync.ui.server import UIServer
 

@@ -1,11 +1,11 @@
-"""Alembic environment: runs on the connection that audience_sync.store hands it."""
+"""Alembic environment: runs on the connection that audience_sync.state.store hands it."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import text
 
-from audience_sync.schema import metadata
+from audience_sync.state.schema import metadata
 
 # Serialises concurrent upgrades of one PostgreSQL database (several daemons starting at once).
 _PG_LOCK = 0x617564_73796E63  # "aud" "sync"

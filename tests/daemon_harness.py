@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,8 +17,9 @@ from typing import Any, TypeVar
 
 from sqlalchemy import select
 
-from audience_sync import schema as t
-from audience_sync.store import Store
+from audience_sync.state import queries
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 
 AUDIENCE_SYNC = str(Path(sys.executable).with_name("audience-sync"))
 POLL_SECONDS = 0.05
@@ -111,10 +113,8 @@ def delivery_statuses(store: Store) -> dict[str, int]:
 
 
 def runs(store: Store) -> list[dict[str, Any]]:
-    r, c = t.runs, t.computations
-    with store.read() as conn:
-        return [row._asdict() for row in conn.execute(
-            select(r, c.c.key).join(c, c.c.id == r.c.computation_id).order_by(r.c.id))]
+    """Every run record, oldest first."""
+    return [dataclasses.asdict(record) for record in reversed(queries.runs(store, limit=None))]
 
 
 def latest_values(messages: list[dict[str, Any]], key: str) -> dict[str, Any]:

@@ -13,15 +13,15 @@ import pytest
 import yaml
 
 from audience_sync.config import (
-    PlanhatDestination,
+    PlanhatConfig,
     RateLimit,
-    SegmentDestination,
+    SegmentConfig,
     load_config,
     parse_duration,
     parse_rate,
 )
 from audience_sync.errors import ConfigError
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 from audience_sync.urls import mask_url, mask_urls_in
 from tests.delivery_setup import API_TOKEN, TENANT_TOKEN, WRITE_KEY, delivery_config, set_env
 from tests.fakes import FakePlanhat, FakeSegment
@@ -76,8 +76,8 @@ def test_destination_defaults(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path / "config.yaml", document),
                          env={**ENV, "SEG_KEY": "k"})
     planhat, segment, fields = (config.destinations[n] for n in ("planhat", "segment", "fields"))
-    assert isinstance(planhat, PlanhatDestination) and isinstance(fields, PlanhatDestination)
-    assert isinstance(segment, SegmentDestination)
+    assert isinstance(planhat, PlanhatConfig) and isinstance(fields, PlanhatConfig)
+    assert isinstance(segment, SegmentConfig)
     # Requests on the wire: Planhat's one identify per request needs several to reach its
     # rate; Segment's batches go two at a time; bulk upserts are sequential by Planhat's rule.
     assert (planhat.concurrency, segment.concurrency) == (4, 2)
@@ -302,8 +302,8 @@ def test_secrets_are_stripped_of_surrounding_whitespace(tmp_path: Path) -> None:
     env = {"PH_TOKEN": "tenant-tok\n", "SEG_KEY": "  seg-key\r\n", "API_TOKEN": "\tapi-tok \n"}
     config = load_config(write_config(tmp_path / "config.yaml", document), env=env)
     planhat, segment, fields = (config.destinations[n] for n in ("planhat", "segment", "fields"))
-    assert isinstance(planhat, PlanhatDestination) and isinstance(fields, PlanhatDestination)
-    assert isinstance(segment, SegmentDestination)
+    assert isinstance(planhat, PlanhatConfig) and isinstance(fields, PlanhatConfig)
+    assert isinstance(segment, SegmentConfig)
     assert planhat.tenant_token is not None and fields.api_token is not None
     assert planhat.tenant_token.get_secret_value() == "tenant-tok"
     assert segment.write_key.get_secret_value() == "seg-key"

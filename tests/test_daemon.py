@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from audience_sync.config import load_config
 from audience_sync.leases import release, try_acquire
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 from tests.daemon_harness import (
     AUDIENCE_SYNC,
     DaemonProcess,

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from audience_sync import schema as t
 from audience_sync.config import load_config
 from audience_sync.runner import run_computation
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.daemon_harness import (
     AUDIENCE_SYNC,
     DaemonProcess,

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from audience_sync.config import load_config
 from audience_sync.health import HealthServer, Metrics
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 from tests.daemon_harness import http_get
 from tests.helpers import make_warehouse, write_config
 

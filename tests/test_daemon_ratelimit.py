@@ -8,12 +8,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from audience_sync.config import PlanhatDestination as PlanhatConfig
-from audience_sync.config import RateLimit
+from audience_sync.config import PlanhatConfig, RateLimit
 from audience_sync.destinations import Outcome, make_destination
 from audience_sync.messages import Delivery
-from audience_sync.ratelimit import BLOCK_SECONDS, SharedRateLimiter
-from audience_sync.store import Store
+from audience_sync.ratelimit import BLOCK_SECONDS, store_limiter
+from audience_sync.state.store import Store
 from tests.fakes import FakePlanhat
 
 TENANT = "tenant-shared-budget"
@@ -31,7 +30,7 @@ def test_three_processes_sharing_a_budget_stay_within_its_rate_in_total(
 
     def worker() -> None:
         store = Store(state_url)  # a store of its own, as another daemon would have
-        limiter = SharedRateLimiter(store, "planhat", RateLimit(RATE, 1))
+        limiter = store_limiter(store, "planhat", RateLimit(RATE, 1))
         barrier.wait()
         for _ in range(20):
             assert limiter.acquire()
@@ -60,7 +59,7 @@ def test_three_processes_sharing_a_budget_stay_within_its_rate_in_total(
 def test_stop_ends_the_wait(state_url: str) -> None:
     store = Store(state_url)
     store.upgrade()
-    limiter = SharedRateLimiter(store, "segment", RateLimit(1, 60))
+    limiter = store_limiter(store, "segment", RateLimit(1, 60))
     assert limiter.acquire()
     stop = threading.Event()
     stop.set()
@@ -97,7 +96,7 @@ def _run_daemons(state_url: str, url: str, before_send: Callable[[int], None] | 
     def daemon(i: int) -> None:
         store = Store(state_url)
         config = _planhat(url)
-        limiter = SharedRateLimiter(store, "planhat", config.effective_rate_limit)
+        limiter = store_limiter(store, "planhat", config.effective_rate_limit)
         destination = make_destination("planhat", config, limiter=limiter)
         try:
             barrier.wait()

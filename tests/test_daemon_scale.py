@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 from tests.conftest import drop_pg_schema, new_pg_schema
 from tests.daemon_harness import (
     DaemonProcess,

@@ -12,8 +12,6 @@ import pytest
 
 from audience_sync.config import RateLimit
 from audience_sync.destinations.http import (
-    LIMITERS,
-    RateLimiter,
     Redactor,
     Verdict,
     backoff_delay,
@@ -28,6 +26,7 @@ from audience_sync.destinations.segment import (
     pack,
 )
 from audience_sync.messages import Delivery, identify
+from audience_sync.ratelimit import LocalSlots, RateLimiter
 
 
 @pytest.mark.parametrize(("status", "verdict"), [
@@ -122,10 +121,21 @@ def test_rate_limiter_hold_pushes_every_later_slot() -> None:
     assert limiter.acquire(stop) is False  # a stopped destination gives up its wait
 
 
-def test_one_limiter_per_destination_and_rate() -> None:
-    rate = RateLimit(5, 1)
-    assert LIMITERS.get("dest-a", rate) is LIMITERS.get("dest-a", rate)
-    assert LIMITERS.get("dest-a", rate) is not LIMITERS.get("dest-b", rate)
+def test_limiter_takes_blocks_of_slots_from_its_source() -> None:
+    """One GCRA, any slot source: a block of slots per round trip, handed out evenly spaced."""
+    calls: list[tuple[float, int]] = []
+    local = LocalSlots()
+
+    class Counting:
+        def take(self, earliest: float, slots: int, interval: float) -> float:
+            calls.append((earliest, slots))
+            return local.take(earliest, slots, interval)
+
+    limiter = RateLimiter(RateLimit(1000, 1), Counting(), block=4)
+    slots = [limiter._take() for _ in range(8)]
+    assert [n for _, n in calls] == [4, 4]
+    gaps = [b - a for a, b in itertools.pairwise(slots)]
+    assert all(gap == pytest.approx(0.001) for gap in gaps)
 
 
 def _delivery(i: int, user: str, key: str = "aud", value: str = "true",

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, update
 
-from audience_sync import schema as t
 from audience_sync.destinations.planhat import SEGMENT_MODE_CLAIM
 from audience_sync.destinations.segment import MAX_BATCH_MESSAGES
+from audience_sync.state import schema as t
 from tests.delivery_setup import API_TOKEN, TENANT_TOKEN, WRITE_KEY, delivery_config, set_env
 from tests.fakes import MAX_WAIT, FakePlanhat, FakeSegment, FakeServer
 from tests.helpers import cli

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from audience_sync import schema as t
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.delivery_setup import TENANT_TOKEN, delivery_config, set_env
 from tests.fakes import FakePlanhat
 from tests.helpers import cli

@@ -13,10 +13,10 @@ import pytest
 from freezegun import freeze_time
 from sqlalchemy import func, select
 
-from audience_sync import schema as t
 from audience_sync.config import Config, load_config
 from audience_sync.runner import run_computation
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.helpers import cli, make_warehouse, set_users, write_config
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

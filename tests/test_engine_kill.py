@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
-from audience_sync import schema as t
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.helpers import write_config
 
 CLI = str(Path(sys.executable).parent / "audience-sync")

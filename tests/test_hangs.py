@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from audience_sync import schema as t
-from audience_sync.config import PlanhatDestination
+from audience_sync.config import PlanhatConfig
 from audience_sync.destinations.planhat import PlanhatSegmentDestination
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.daemon_harness import DaemonProcess, delivery_statuses, stop_all, wait_until
 from tests.delivery_setup import TENANT_TOKEN, delivery_config, set_env
 from tests.fakes import FakePlanhat
@@ -119,7 +119,7 @@ def test_trickled_answer_ends_at_the_total_deadline() -> None:
     fake = FakePlanhat(TENANT_TOKEN, trickle_interval=TRICKLE_INTERVAL)
     with fake.running():
         fake.fail_next(10, "trickle")
-        settings = PlanhatDestination.model_validate({
+        settings = PlanhatConfig.model_validate({
             "type": "planhat", "tenant_token": TENANT_TOKEN, "base_url": fake.url,
             "timeout": 1, "max_retries": 0})
         destination = PlanhatSegmentDestination("planhat", settings)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from audience_sync import schema as t
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.delivery_setup import API_TOKEN, TENANT_TOKEN, delivery_config, set_env
 from tests.fakes import Answer, FakePlanhat
 from tests.helpers import cli

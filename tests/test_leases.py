@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from audience_sync import schema as t
 from audience_sync.config import Config, load_config
 from audience_sync.errors import LeaseBusy, LeaseLost
 from audience_sync.leases import (
@@ -29,7 +28,8 @@ from audience_sync.leases import (
     try_acquire,
 )
 from audience_sync.runner import run_computation
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.helpers import make_warehouse, write_config
 
 T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)

@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from audience_sync import schema as t
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Config, load_config
-from audience_sync.destinations import Destination, Outcome
+from audience_sync.destinations import Destination, Outcome, SendStats
+from audience_sync.drain import DrainControl, DrainReport, drain
 from audience_sync.leases import hold_all, try_acquire
 from audience_sync.messages import Delivery
-from audience_sync.outbox import DrainReport, drain, requeue_failed
 from audience_sync.runner import run_computation
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.outbox import requeue_failed
+from audience_sync.state.store import Store
 from tests.helpers import make_warehouse, set_users, write_config
 
 WAIT = 10.0
@@ -37,6 +38,9 @@ class Recorder:
                  before: Callable[[], None] | None = None) -> None:
         self.name = name
         self.max_batch = max_batch
+        self.claim_size = max_batch
+        self.window = 1
+        self.stats = SendStats()
         self.answer = answer or (lambda d: Outcome(d.id, ok=True))
         self.before = before
         self.batches: list[list[Delivery]] = []
@@ -299,8 +303,7 @@ def test_retry_requeues_failed_unless_a_newer_change_exists(
     set_users(warehouse, [(u[0], None, None, None, None, 1.0 if u[0] == "u000" else 50.0)
                           for u in USERS])
     _run(store, config)  # u000 leaves: a newer (false) delivery is queued
-    with store.write() as conn:
-        assert requeue_failed(conn, None, "b_fast") == (59, 1)
+    assert requeue_failed(store, None, "b_fast") == (59, 1)
     ok = Recorder("b_fast")
     _drain(store, config, clients={"a_slow": Recorder("a_slow"), "b_fast": ok})
     assert sorted(d.user_id for d in ok.sent) == sorted(u[0] for u in USERS)
@@ -333,3 +336,39 @@ def test_a_drain_stops_at_its_next_claim_once_its_lease_is_taken_over(
     assert len(fast.sent) == 10
     assert "members: the lease was taken over" in (report.destinations["b_fast"].error or "")
     assert not report.ok
+
+
+def test_a_drain_stops_before_its_next_claim_when_its_control_says_so(
+        setup: tuple[Store, Config, Path]) -> None:
+    """The daemon's stop signal is checked between claims: the claim on the wire finishes and
+    is recorded, nothing more is claimed, the rest stays pending."""
+    store, config, _ = setup
+    _run(store, config)
+    sends: list[int] = []
+    control = DrainControl(reason=lambda: "stopping" if sends else None,
+                           on_sent=lambda: sends.append(1))
+    clients: dict[str, Destination] = {"a_slow": Recorder("a_slow", max_batch=10),
+                                       "b_fast": Recorder("b_fast", max_batch=10)}
+    with ExitStack() as stack:
+        leases = hold_all(stack, store, [c.key for c in config.computations], "test")
+        report = drain(store, config, leases, clients=clients, control=control)
+    sent = sum(r.sent for r in report.destinations.values())
+    assert 10 <= sent <= 20  # each destination's claim in flight when the signal came, at most
+    assert all("drain paused (stopping)" in (r.error or "")
+               for r in report.destinations.values() if r.sent < 60)
+    assert sum(r.waiting for r in report.destinations.values()) == 120 - sent
+    assert control.sending == 0
+
+
+def test_a_state_database_error_in_a_claim_is_a_store_error(
+        setup: tuple[Store, Config, Path]) -> None:
+    """SQLAlchemy errors leave state/ as StoreError, also from a claim's open transaction
+    (PostgreSQL): the report says what failed, not 'unexpected ProgrammingError'."""
+    store, config, _ = setup
+    _run(store, config)
+    with store.write() as conn:
+        conn.exec_driver_sql("ALTER TABLE deliveries RENAME COLUMN observed_at TO observed")
+    report = _drain(store, config, clients={"a_slow": Recorder("a_slow"),
+                                            "b_fast": Recorder("b_fast")})
+    errors = [r.error or "" for r in report.destinations.values()]
+    assert all(e.startswith("state database error: ") for e in errors), errors

@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import inspect
 
-from audience_sync.store import Store, migrations_dir
+from audience_sync.state.store import Store, migrations_dir
 from tests.helpers import cli, make_warehouse, write_config
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from audience_sync import schema as t
 from audience_sync.config import load_config
 from audience_sync.runner import run_computation
-from audience_sync.store import Store
+from audience_sync.state import queries
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.helpers import cli, make_warehouse, set_users, write_config
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -61,13 +62,13 @@ def test_a_clock_stepped_back_never_records_a_time_before_the_last_run(
         assert run_computation(store, config, comp, clock=lambda: T0 - timedelta(hours=2)).ok
     finally:
         runner_log.removeHandler(records)
-    h, d, r = t.membership_history, t.deliveries, t.runs
+    h, d = t.membership_history, t.deliveries
+    clocks = [record.clock for record in reversed(queries.runs(store))]
     with store.read() as conn:
         history = {row.user_id: (row.entered_at, row.exited_at)
                    for row in conn.execute(select(h.c.user_id, h.c.entered_at, h.c.exited_at))}
         observed = [row.observed_at for row in conn.execute(
             select(d.c.observed_at).order_by(d.c.id))]
-        clocks = list(conn.execute(select(r.c.clock).order_by(r.c.id)).scalars())
     store.dispose()
     assert history == {"u1": (T0, T0), "u2": (T0, None), "u3": (T0, None)}
     assert observed == sorted(observed) and observed[-1] == T0  # identify times never go back

@@ -20,8 +20,7 @@ from urllib.parse import quote, quote_plus, unquote
 import pytest
 from sqlalchemy import create_engine, select
 
-from audience_sync import schema as t
-from audience_sync.config import PlanhatDestination, RateLimit
+from audience_sync.config import PlanhatConfig, RateLimit
 from audience_sync.destinations import check_destination
 from audience_sync.destinations.http import (
     ERROR_SNIPPET,
@@ -35,6 +34,7 @@ from audience_sync.destinations.http import (
 )
 from audience_sync.destinations.planhat import PlanhatApiDestination
 from audience_sync.destinations.redact import url_secrets
+from audience_sync.state import schema as t
 from tests.daemon_harness import DaemonProcess, http_get, stop_all, wait_until
 from tests.fakes import EchoServer, FakePlanhat
 from tests.helpers import cli, make_warehouse, write_config
@@ -95,7 +95,7 @@ def test_error_body_is_redacted_before_it_is_cut() -> None:
     """A token echoed across the 240-character cut: no prefix of it may survive."""
     token = "abcdefghij-SECRET-klmnopqrstuvwxyz-0123456"  # 42 characters
     with FakePlanhat(api_token=token).running() as fake:
-        settings = PlanhatDestination.model_validate({
+        settings = PlanhatConfig.model_validate({
             "type": "planhat", "mode": "api", "api_token": token, "base_url": fake.url})
         destination = PlanhatApiDestination("planhat", settings)
         try:
@@ -133,7 +133,7 @@ def test_illegal_header_value_stops_the_destination_without_showing_the_token() 
 @pytest.mark.parametrize("token", ["t\u00f6k-SECRET-1", "\u00e9\u00e9-SECRET-2"])
 def test_token_a_header_cannot_carry_is_a_config_error_that_does_not_quote_it(
         token: str) -> None:
-    settings = PlanhatDestination.model_validate({
+    settings = PlanhatConfig.model_validate({
         "type": "planhat", "mode": "api", "api_token": token, "base_url": "http://127.0.0.1:9"})
     ok, said = check_destination("planhat", settings)
     assert not ok and "cannot carry" in said

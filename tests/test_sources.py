@@ -17,9 +17,9 @@ from freezegun import freeze_time
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
-from audience_sync import schema as t
 from audience_sync.sources import SkipCounts, _json_values, create_source_engine
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.conftest import drop_pg_schema, new_pg_schema
 from tests.helpers import cli, make_warehouse, set_users, write_config
 

@@ -12,8 +12,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 from audience_sync.config import load_config
-from audience_sync.schema import metadata
-from audience_sync.store import Store
+from audience_sync.state.schema import metadata
+from audience_sync.state.store import Store
 from tests.helpers import write_config
 
 
@@ -35,7 +35,7 @@ def test_upgrade_head_equals_metadata(state_url: str) -> None:
 
 def test_concurrent_upgrades_are_safe(state_url: str) -> None:
     """Several processes starting at once on an empty database (alembic is per process)."""
-    code = "import sys; from audience_sync.store import Store; Store(sys.argv[1]).upgrade()"
+    code = "import sys; from audience_sync.state.store import Store; Store(sys.argv[1]).upgrade()"
     procs = [subprocess.Popen([sys.executable, "-c", code, state_url], stderr=subprocess.PIPE,
                               text=True) for _ in range(3)]
     for proc in procs:
@@ -69,3 +69,28 @@ def test_register_and_orphans(state_url: str, tmp_path: Path) -> None:
     store.register(renamed.computations, at)
     assert [r.key for r in store.computations()] == ["alpha_users", "alpha_members"]
     store.dispose()
+
+
+def test_head_revision_is_the_newest_migration() -> None:
+    """HEAD_REVISION lets an up-to-date store skip alembic: it must name the newest migration."""
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+    from audience_sync.state.store import HEAD_REVISION, migrations_dir
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
+
+
+def test_store_at_head_opens_without_alembic(state_url: str) -> None:
+    """One SELECT on alembic_version, and alembic is not even imported, when nothing is due."""
+    store = Store(state_url)
+    store.upgrade()
+    store.dispose()
+    code = ("import sys; from audience_sync.state.store import Store; s = Store(sys.argv[1]); "
+            "assert s.upgrade() is False; assert s.current_revision() == s.head_revision(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))")
+    out = subprocess.run([sys.executable, "-c", code, state_url], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"

@@ -12,11 +12,11 @@ from urllib.parse import quote
 import pytest
 from sqlalchemy import select, update
 
-from audience_sync import schema as t
 from audience_sync.config import load_config
 from audience_sync.runner import run_computation
 from audience_sync.state import dashboard
-from audience_sync.store import Store
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store
 from tests.helpers import cli, make_warehouse, set_users, write_config
 from tests.ui_setup import (
     CHURN,

@@ -18,7 +18,7 @@ import pytest
 from audience_sync.cli.daemon import _dashboard
 from audience_sync.config import load_config
 from audience_sync.health import HealthServer, Metrics
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 from tests.daemon_harness import AUDIENCE_SYNC
 from tests.helpers import cli
 from tests.ui_setup import UIProject, built_project, request, serving

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from audience_sync.config import Config, load_config
-from audience_sync.store import Store
+from audience_sync.state.store import Store
 from audience_sync.ui.app import Dashboard
 from audience_sync.ui.server import UIServer
 from tests.fakes import Answer, FakeServer

@@ -21,7 +21,7 @@ _COMMAND_MODULES = (admin, engine, deliveries, daemon, ui)
 
 def main(argv: Sequence[str] | None = None) -> None:
     tune_garbage_collector()
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     verbose = any(a in ("-v", "--verbose") for a in args)
     try:
         result = app(args=args, prog_name="audience-sync", standalone_mode=False)
@@ -53,6 +53,33 @@ def main(argv: Sequence[str] | None = None) -> None:
               " (run with -v for the traceback)", file=sys.stderr)
         sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+# Options of the whole program that may also be given after the command
+# (`audience-sync sync --log-format json -v`); the ones taking a value are listed True.
+GLOBAL_OPTIONS = {"-v": False, "--verbose": False, "--log-format": True}
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """Move the global options given after the command in front of it, where click reads
+    them; everything after `--` stays where it is."""
+    hoisted: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS:
+            takes_value = GLOBAL_OPTIONS[name] and "=" not in arg
+            hoisted += args[i:i + 2] if takes_value else [arg]
+            i += 2 if takes_value else 1
+            continue
+        rest.append(arg)
+        i += 1
+    return hoisted + rest
 
 
 def _chain(exc: AudienceSyncError) -> str:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.table import Table
 
 from audience_sync.cli.common import app, console, iso, open_config, open_store, print_json
-from audience_sync.destinations import check_destination
 from audience_sync.errors import AudienceSyncError
-from audience_sync.sources import ping_source, read_only_note
-from audience_sync.store import Store, open_without_writing
+from audience_sync.states import DeliveryStatus
 from audience_sync.urls import mask_urls_in
+
+if TYPE_CHECKING:
+    from audience_sync.state import queries
 
 db_app = typer.Typer(help="State database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -21,6 +21,8 @@ app.add_typer(db_app, name="db")
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Apply the state database migrations (every command also does this on start)."""
+    from audience_sync.state.store import Store
+
     config = open_config(ctx)
     store = Store(config.state_db)
     applied = store.upgrade()
@@ -32,6 +34,10 @@ def db_upgrade(ctx: typer.Context) -> None:
 @app.command()
 def check(ctx: typer.Context) -> None:
     """Validate the config and reach every source and destination; print what is wrong."""
+    from audience_sync.destinations import check_destination
+    from audience_sync.sources import ping_source, read_only_note
+    from audience_sync.state.store import open_without_writing
+
     config = open_config(ctx)
     out = console()
 
@@ -71,19 +77,23 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Per audience and trait: key, members, last run, next due, deliveries pending and failed."""
+    from rich.table import Table
+
+    from audience_sync.state import queries
+
     config = open_config(ctx)
     store = open_store(config)
-    rows = {row.key: row for row in store.computations()}
-    counts = store.delivery_counts()
+    rows = {row.key: row for row in queries.computations(store)}
+    counts = queries.delivery_counts(store)
     items: list[dict[str, Any]] = []
     configured = {comp.key for comp in config.computations}
     for key, row in rows.items():
         comp = next((c for c in config.computations if c.key == key), None)
-        last_run = store.run_row(row.last_run_id) if row.last_run_id else None
+        last_run = queries.run_record(store, row.last_run_id) if row.last_run_id else None
         pending = {dest: n for (cid, dest, st), n in counts.items()
-                   if cid == row.id and st == "pending"}
+                   if cid == row.id and st == DeliveryStatus.PENDING}
         failed = {dest: n for (cid, dest, st), n in counts.items()
-                  if cid == row.id and st == "failed"}
+                  if cid == row.id and st == DeliveryStatus.FAILED}
         items.append({
             "key": key,
             "name": row.name,
@@ -118,18 +128,12 @@ def status(
     console().print(table)
 
 
-def _run_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:
+def _run_summary(run: queries.RunRecord | None) -> dict[str, Any] | None:
+    """The run record's one mapping, as status has always named it: `id`, no key, no forced."""
     if run is None:
         return None
-    return {
-        "id": run["id"], "kind": run["kind"], "status": run["status"],
-        "clock": iso(run["clock"]), "finished_at": iso(run["finished_at"]),
-        "members": run["members"], "entered": run["entered"], "exited": run["exited"],
-        "changed": run["changed"], "queued": run["queued"],
-        "skipped": {"null": run["skipped_null"], "empty": run["skipped_empty"],
-                    "too_long": run["skipped_too_long"], "duplicate": run["skipped_duplicate"]},
-        "error": run["error"],
-    }
+    return {("id" if name == "run_id" else name): value for name, value in run.as_dict().items()
+            if name not in ("key", "forced")}
 
 
 def _per_destination(counts: dict[str, int]) -> str:

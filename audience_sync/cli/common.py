@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
-from audience_sync.clock import utcnow
-from audience_sync.config import Computation, Config, load_config
+from audience_sync import __version__
+from audience_sync.clock import iso, utcnow
 from audience_sync.errors import ConfigError, UsageError
-from audience_sync.outbox import DrainReport
-from audience_sync.store import Store
+from audience_sync.logs import LOG_FORMATS, setup_logging
+
+# Commands import what they use: `--help` and `--version` must not load SQLAlchemy, alembic,
+# httpx or psycopg (test_help_and_version_import_no_database_or_http_library).
+if TYPE_CHECKING:
+    from audience_sync.config import Computation, Config
+    from audience_sync.drain import DrainReport
+    from audience_sync.state.store import Store
+
+__all__ = ["iso"]  # re-exported for the command modules
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
 
@@ -37,6 +44,13 @@ app = typer.Typer(
 class Globals:
     config_path: Path | None
     verbose: bool
+    log_format: str = "plain"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"audience-sync {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback()
@@ -46,34 +60,15 @@ def _callback(
         None, "--config", "-c", envvar="AUDIENCE_SYNC_CONFIG",
         help="Path to config.yaml (default ./config.yaml, or $AUDIENCE_SYNC_CONFIG)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Tracebacks and debug logs."),
+    log_format: str = typer.Option(
+        "plain", "--log-format", help="Log lines: plain or json (also after the command)."),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print the version and exit."),
 ) -> None:
-    ctx.obj = Globals(config_path=config, verbose=verbose)
-    setup_logging(verbose)
-
-
-class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever sys.stderr is when a record is emitted, not when it was set up
-    (a process that swaps its stderr, as pytest does, must not log to a closed stream)."""
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value: Any) -> None:
-        return None
-
-
-def setup_logging(verbose: bool, fmt: str = "plain") -> None:
-    """Plain log lines on stderr when it is not a terminal (a progress bar shows otherwise)."""
-    level = logging.DEBUG if verbose else (
-        logging.WARNING if sys.stderr.isatty() else logging.INFO)
-    handler = StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger("audience_sync")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    if log_format not in LOG_FORMATS:
+        raise UsageError(f"--log-format: {log_format!r} is not plain or json")
+    ctx.obj = Globals(config_path=config, verbose=verbose, log_format=log_format)
+    setup_logging(log_format, verbose)
 
 
 def globals_of(ctx: typer.Context) -> Globals:
@@ -84,11 +79,15 @@ def globals_of(ctx: typer.Context) -> Globals:
 
 
 def open_config(ctx: typer.Context) -> Config:
+    from audience_sync.config import load_config
+
     return load_config(globals_of(ctx).config_path)
 
 
 def open_store(config: Config, *, register: bool = True) -> Store:
     """Open the state database, upgrade its schema and register configured audiences."""
+    from audience_sync.state.store import Store
+
     store = Store(config.state_db)
     store.upgrade()
     if register:
@@ -111,10 +110,6 @@ def parse_time(value: str | None, option: str) -> datetime | None:
     except OverflowError:
         # 9999-12-31T23:59:59-05:00 is a valid ISO time whose UTC is past year 9999.
         raise UsageError(f"{option}: {value!r} is outside the years 1 to 9999 in UTC") from None
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
 def print_json(document: Any) -> None:

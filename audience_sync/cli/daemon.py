@@ -2,78 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import typer
 
-from audience_sync.cli.common import StderrHandler, app, globals_of, open_config, open_store
+from audience_sync.cli.common import app, globals_of, open_config, open_store
 from audience_sync.cli.ui import resolve_token
-from audience_sync.config import Config, parse_duration
 from audience_sync.errors import UsageError
-from audience_sync.health import HealthServer, Metrics
-from audience_sync.leases import DEFAULT_TTL, default_owner
-from audience_sync.scheduler import Daemon, DaemonOptions
-from audience_sync.store import Store
-from audience_sync.ui.auth import is_loopback
+from audience_sync.logs import setup_logging
 
 if TYPE_CHECKING:
+    from audience_sync.config import Config
+    from audience_sync.state.store import Store
     from audience_sync.ui.app import Dashboard
 
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the structured fields a log line carries."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        document = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            document.update({k: v for k, v in fields.items() if k not in document})
-        if record.exc_info:
-            document["exception"] = self.formatException(record.exc_info)
-        return json.dumps(document, default=str)
-
-
-class PlainFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="seconds") \
-            .replace("+00:00", "Z")
-
-
-def configure_logging(fmt: str, verbose: bool) -> None:
-    handler = StderrHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
-    level = logging.DEBUG if verbose else logging.INFO
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # The package logger may have been given a handler of its own (the CLI's plain lines).
-    package = logging.getLogger("audience_sync")
-    package.handlers[:] = []
-    package.setLevel(level)
-    package.propagate = True
-    # APScheduler says "skipped: maximum number of running instances reached" whenever a tick
-    # outlasts the interval; that is the coalescing we asked for, not news.
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
-    for noisy in ("httpx", "httpcore", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+# leases.DEFAULT_TTL, spelled out so `--help` need not import the state store
+# (test_cli_lease_ttl_default_is_the_leases_default).
+DEFAULT_LEASE_TTL = "60s"
 
 
 @app.command()
 def run(
     ctx: typer.Context,
-    log_format: str = typer.Option("plain", "--log-format", help="plain or json."),
     health_port: int = typer.Option(None, "--health-port", min=0, max=65535,
                                     help="Serve /healthz and /metrics on this port "
                                     "(0: any free port, logged)."),
@@ -81,7 +33,7 @@ def run(
                                     help="Address the health server binds."),
     owner: str = typer.Option(None, "--owner", help="Lease owner name; unique per process "
                               "(default host:pid:random)."),
-    lease_ttl: str = typer.Option(f"{int(DEFAULT_TTL.total_seconds())}s", "--lease-ttl",
+    lease_ttl: str = typer.Option(DEFAULT_LEASE_TTL, "--lease-ttl",
                                   help="How long a lease lasts unless renewed."),
     ui_token: str = typer.Option(None, "--ui-token", envvar="AUDIENCE_SYNC_UI_TOKEN",
                                  show_default=False, show_envvar=True,
@@ -89,10 +41,13 @@ def run(
                                  "ui_token in the config)."),
 ) -> None:
     """The daemon: run each audience on its cadence and deliver its changes, until stopped."""
-    if log_format not in ("plain", "json"):
-        raise UsageError(f"--log-format: {log_format!r} is not plain or json")
+    from audience_sync.health import HealthServer, Metrics
+    from audience_sync.leases import default_owner
+    from audience_sync.scheduler import Daemon, DaemonOptions
+
     ttl = _duration(lease_ttl, "--lease-ttl")
-    configure_logging(log_format, globals_of(ctx).verbose)
+    options = globals_of(ctx)
+    setup_logging(options.log_format, options.verbose, daemon=True)
     config = open_config(ctx)
     store = open_store(config)
     metrics = Metrics(store, config)
@@ -119,6 +74,8 @@ def _dashboard(store: Store, config: Config, host: str, token: str | None) -> Da
     """The dashboard beside the probes: with a token, or without one on a loopback address.
     A probe port bound to every address without a token keeps serving probes and scrapes
     (refusing to start would take the daemon down), and shows no page."""
+    from audience_sync.ui.auth import is_loopback
+
     if token is None and not is_loopback(host):
         logging.getLogger("audience_sync.health").warning(
             "health: the dashboard is off on %s: a non-loopback address needs ui_token in the "
@@ -130,6 +87,8 @@ def _dashboard(store: Store, config: Config, host: str, token: str | None) -> Da
 
 
 def _duration(value: str, option: str) -> timedelta:
+    from audience_sync.config import parse_duration
+
     try:
         ttl = parse_duration(value)
     except ValueError as exc:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from sqlalchemy import Row, select
 
-from audience_sync import schema as t
 from audience_sync.cli.common import (
     JSON_OPTION,
     app,
@@ -21,9 +19,11 @@ from audience_sync.cli.common import (
     resolve,
 )
 from audience_sync.cli.engine import NO_WAIT_OPTION, report_drain, take_leases
-from audience_sync.config import Config
 from audience_sync.errors import UsageError
-from audience_sync.outbox import drain, requeue_failed
+from audience_sync.states import DeliveryStatus
+
+if TYPE_CHECKING:
+    from audience_sync.config import Config
 
 
 def _find(config: Config, name: str | None) -> str | None:
@@ -48,42 +48,27 @@ def deliveries(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Deliveries not sent yet (pending and failed), with attempts and the last error."""
+    from audience_sync.state import queries
+
     config = open_config(ctx)
     key = _find(config, audience)
     _check_destination(config, destination)
     store = open_store(config)
-    d, c = t.deliveries, t.computations
-    rows: list[Row[Any]] = []
-    with store.read() as conn:
-        # One query per status, each along its partial index; merged oldest first.
-        for status in ("failed",) if failed else ("pending", "failed"):
-            query = (select(d.c.id, c.c.key, d.c.destination, d.c.user_id, d.c.value,
-                            d.c.status, d.c.attempts, d.c.next_attempt_at, d.c.last_error,
-                            d.c.run_id, d.c.observed_at)
-                     .join(c, c.c.id == d.c.computation_id)
-                     .where(t.status_is(status))
-                     .with_hint(d, f"INDEXED BY {t.UNSENT_INDEX[status]}", "sqlite")
-                     .order_by(d.c.id).limit(limit))
-            if key is not None:
-                query = query.where(c.c.key == key)
-            if destination is not None:
-                query = query.where(d.c.destination == destination)
-            rows += conn.execute(query).all()
-        rows = sorted(rows, key=lambda row: row.id)[:limit]
-        items: list[dict[str, Any]] = [{
-            "id": row.id, "key": row.key, "destination": row.destination,
-            "user_id": row.user_id, "value": json.loads(row.value), "status": row.status,
-            "attempts": row.attempts, "next_attempt_at": iso(row.next_attempt_at),
-            "last_error": row.last_error, "run_id": row.run_id,
-            "observed_at": iso(row.observed_at),
-        } for row in rows]
+    items: list[dict[str, Any]] = [{
+        "id": row.id, "key": row.key, "destination": row.destination,
+        "user_id": row.user_id, "value": json.loads(row.value), "status": row.status,
+        "attempts": row.attempts, "next_attempt_at": iso(row.next_attempt_at),
+        "last_error": row.last_error, "run_id": row.run_id,
+        "observed_at": iso(row.observed_at),
+    } for row in queries.unsent_deliveries(store, failed_only=failed, key=key,
+                                           destination=destination, limit=limit)]
     if as_json:
         print_json(items)
         return
     for item in items:
         line = (f"#{item['id']} {item['key']} -> {item['destination']} {item['user_id']}="
                 f"{json.dumps(item['value'])} {item['status']}, {item['attempts']} attempts")
-        if item["next_attempt_at"] and item["status"] == "pending":
+        if item["next_attempt_at"] and item["status"] == DeliveryStatus.PENDING:
             line += f", next at {item['next_attempt_at']}"
         if item["last_error"]:
             line += f": {item['last_error']}"
@@ -103,6 +88,9 @@ def retry(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Re-queue failed deliveries and send them now, under the audiences' leases."""
+    from audience_sync.drain import drain
+    from audience_sync.state.outbox import requeue_failed
+
     config = open_config(ctx)
     key = _find(config, audience)
     _check_destination(config, destination)
@@ -111,8 +99,7 @@ def retry(
     if key is not None:
         row = store.computation(key)
         ids = [row.id] if row else []
-    with store.write() as conn:
-        requeued, superseded = requeue_failed(conn, ids, destination)
+    requeued, superseded = requeue_failed(store, ids, destination)
     print(f"re-queued {requeued} failed deliveries"
           + (f" ({superseded} superseded by newer changes)" if superseded else ""))
     if queue_only or not requeued:

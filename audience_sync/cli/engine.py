@@ -6,13 +6,10 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from sqlalchemy import and_, desc, literal, or_, select, union_all
 
-from audience_sync import schema as t
 from audience_sync.cli.common import (
     JSON_OPTION,
     app,
@@ -26,12 +23,14 @@ from audience_sync.cli.common import (
     resolve,
 )
 from audience_sync.clock import utcnow
-from audience_sync.config import Computation, Config
 from audience_sync.errors import StoreError, UsageError
-from audience_sync.leases import Holder, Lease, default_owner, hold_all
-from audience_sync.outbox import DrainReport, drain
-from audience_sync.runner import RunResult, run_computation
-from audience_sync.store import Store, open_without_writing
+
+if TYPE_CHECKING:
+    from audience_sync.config import Computation, Config
+    from audience_sync.drain import DrainReport
+    from audience_sync.leases import Holder, Lease
+    from audience_sync.runner import RunResult
+    from audience_sync.state.store import Store
 
 NO_WAIT_OPTION = typer.Option(False, "--no-wait", help="Exit 1 when another process (a daemon) "
                               "holds an audience's lease, instead of waiting for it.")
@@ -39,6 +38,8 @@ NO_WAIT_OPTION = typer.Option(False, "--no-wait", help="Exit 1 when another proc
 
 @contextmanager
 def _progress(label: str) -> Iterator[Callable[[int], None] | None]:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     if not sys.stderr.isatty():
         yield None
         return
@@ -53,6 +54,8 @@ def take_leases(stack: ExitStack, store: Store, comps: list[Computation],
                 no_wait: bool) -> list[Lease]:
     """The same per-audience leases the daemon takes, held (renewed) until `stack` closes:
     through run and drain for sync and resync, through the drain for retry."""
+    from audience_sync.leases import default_owner, hold_all
+
     def tell(key: str, current: Holder) -> None:
         print(f"{key}: waiting for the lease held by {current.owner} "
               "(--no-wait to give up instead)", file=sys.stderr, flush=True)
@@ -89,6 +92,8 @@ def _execute(ctx: typer.Context, names: list[str], *, resync: bool, dry_run: boo
 
 
 def _open_for_dry_run(config: Config) -> Store:
+    from audience_sync.state.store import open_without_writing
+
     try:
         return open_without_writing(config.state_db)
     except StoreError as exc:
@@ -98,6 +103,9 @@ def _open_for_dry_run(config: Config) -> Store:
 def _run_and_drain(store: Store, config: Config, comps: list[Computation],
                    leases: list[Lease], *, resync: bool, dry_run: bool, force: bool,
                    as_json: bool) -> tuple[list[RunResult], DrainReport | None]:
+    from audience_sync.drain import drain
+    from audience_sync.runner import run_computation
+
     tokens = {lease.key: lease.token for lease in leases}
     results: list[RunResult] = []
     for comp in comps:
@@ -116,7 +124,12 @@ def _run_and_drain(store: Store, config: Config, comps: list[Computation],
 
 
 def _run_record(store: Store, result: RunResult) -> dict[str, Any] | None:
-    return store.run_row(result.run_id) if result.run_id is not None else None
+    from audience_sync.state import queries
+
+    if result.run_id is None:
+        return None
+    record = queries.run_record(store, result.run_id)
+    return record.as_dict() if record is not None else None
 
 
 def _print_result(result: RunResult, dry_run: bool, record: dict[str, Any] | None) -> None:
@@ -185,35 +198,20 @@ def members(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Members now, or at a past time (from the history)."""
+    from audience_sync.state import queries
+
     when = parse_time(at, "--at")
     config = open_config(ctx)
     comp = resolve(config, [audience])[0]
     store = open_store(config)
     cid = _computation_id(store, comp)
     if comp.kind == "audience":
-        if when is None:
-            m = t.members
-            query = select(m.c.user_id, m.c.email, m.c.name, m.c.title, m.c.company_id) \
-                .where(m.c.computation_id == cid).order_by(m.c.user_id)
-        else:
-            h = t.membership_history
-            query = select(h.c.user_id).where(
-                h.c.computation_id == cid, h.c.entered_at <= when,
-                or_(h.c.exited_at.is_(None), h.c.exited_at > when)).order_by(h.c.user_id)
-    elif when is None:
-        m = t.members
-        query = select(m.c.user_id, m.c.value).where(m.c.computation_id == cid) \
-            .order_by(m.c.user_id)
+        _stream(queries.audience_members(store, cid, when), as_json,
+                lambda r: {k: v for k, v in r._asdict().items() if v is not None})
     else:
-        th = t.trait_history
-        query = select(th.c.user_id, th.c.value).where(
-            th.c.computation_id == cid, th.c.valid_from <= when,
-            or_(th.c.valid_to.is_(None), th.c.valid_to > when)).order_by(th.c.user_id)
-    with store.read() as conn:
-        rows = conn.execute(query)
-        _stream(rows, as_json, lambda r: {
-            k: (json.loads(v) if k == "value" and v is not None else v)
-            for k, v in r._asdict().items() if v is not None or k == "value"})
+        _stream(queries.trait_values(store, cid, when), as_json,
+                lambda r: {"user_id": r.user_id,
+                           "value": json.loads(r.value) if r.value is not None else None})
 
 
 def _stream(rows: Any, as_json: bool, shape: Callable[[Any], dict[str, Any]]) -> None:
@@ -244,56 +242,22 @@ def history(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Membership changes (entered / exited), oldest first."""
+    from audience_sync.state import queries
+
     when = parse_time(since, "--since")
     config = open_config(ctx)
     comp = resolve(config, [audience])[0]
     store = open_store(config)
     cid = _computation_id(store, comp)
-    if comp.kind == "audience":
-        h = t.membership_history
-        base = [h.c.computation_id == cid] + ([h.c.user_id == user] if user else [])
-        entered = select(h.c.user_id, literal("entered").label("change"),
-                         h.c.entered_at.label("at"), h.c.entered_run.label("run_id"),
-                         literal(None).label("value")).where(*base)
-        exits = select(h.c.user_id, literal("exited").label("change"),
-                       h.c.exited_at.label("at"), h.c.exited_run.label("run_id"),
-                       literal(None).label("value")).where(*base, h.c.exited_at.is_not(None))
-        if when is not None:
-            entered = entered.where(h.c.entered_at >= when)
-            exits = exits.where(h.c.exited_at >= when)
-    else:
-        th = t.trait_history
-        nxt = t.trait_history.alias("nxt")
-        base = [th.c.computation_id == cid] + ([th.c.user_id == user] if user else [])
-        entered = select(th.c.user_id, literal("set").label("change"),
-                         th.c.valid_from.label("at"), th.c.valid_from_run.label("run_id"),
-                         th.c.value).where(*base)
-        superseded = select(nxt.c.id).where(and_(
-            nxt.c.computation_id == th.c.computation_id, nxt.c.user_id == th.c.user_id,
-            nxt.c.valid_from_run == th.c.valid_to_run))
-        exits = select(th.c.user_id, literal("exited").label("change"),
-                       th.c.valid_to.label("at"), th.c.valid_to_run.label("run_id"),
-                       literal(None).label("value")).where(
-            *base, th.c.valid_to.is_not(None), ~superseded.exists())
-        if when is not None:
-            entered = entered.where(th.c.valid_from >= when)
-            exits = exits.where(th.c.valid_to >= when)
-    events = union_all(entered, exits).subquery("events")
-    query = select(events).order_by(events.c.at, events.c.run_id, events.c.user_id,
-                                    desc(events.c.change))
-    with store.read() as conn:
-        rows = conn.execute(query)
 
-        def shape(row: Any) -> dict[str, Any]:
-            item: dict[str, Any] = {"user_id": row.user_id, "change": row.change,
-                                    "at": iso(t.UTCDateTime().process_result_value(
-                                        row.at, conn.dialect)),
-                                    "run_id": row.run_id}
-            if comp.kind == "trait" and row.change == "set":
-                item["value"] = json.loads(row.value) if row.value is not None else None
-            return item
+    def shape(event: queries.HistoryEvent) -> dict[str, Any]:
+        item: dict[str, Any] = {"user_id": event.user_id, "change": event.change,
+                                "at": iso(event.at), "run_id": event.run_id}
+        if comp.kind == "trait" and event.change == "set":
+            item["value"] = json.loads(event.value) if event.value is not None else None
+        return item
 
-        _stream(rows, as_json, shape)
+    _stream(queries.history(store, cid, comp.kind, user=user, since=when), as_json, shape)
 
 
 @app.command()
@@ -304,24 +268,12 @@ def runs(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Run history with counts and outcome, newest first."""
+    from audience_sync.state import queries
+
     config = open_config(ctx)
     store = open_store(config)
-    r, c = t.runs, t.computations
-    query = select(r, c.c.key).join(c, c.c.id == r.c.computation_id) \
-        .order_by(r.c.id.desc()).limit(limit)
-    if audience:
-        comp = resolve(config, [audience])[0]
-        query = query.where(c.c.key == comp.key)
-    with store.read() as conn:
-        items = [{
-            "run_id": row.id, "key": row.key, "kind": row.kind, "status": row.status,
-            "clock": iso(row.clock), "finished_at": iso(row.finished_at),
-            "members": row.members, "entered": row.entered, "exited": row.exited,
-            "changed": row.changed, "queued": row.queued, "forced": bool(row.forced),
-            "skipped": {"null": row.skipped_null, "empty": row.skipped_empty,
-                        "too_long": row.skipped_too_long, "duplicate": row.skipped_duplicate},
-            "error": row.error,
-        } for row in conn.execute(query)]
+    key = resolve(config, [audience])[0].key if audience else None
+    items = [record.as_dict() for record in queries.runs(store, key=key, limit=limit)]
     if as_json:
         print_json(items)
         return

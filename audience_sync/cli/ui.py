@@ -7,9 +7,7 @@ import logging
 import typer
 
 from audience_sync.cli.common import app, open_config, open_store
-from audience_sync.config import clean_secret
 from audience_sync.errors import UsageError
-from audience_sync.ui.auth import check_bind
 
 log = logging.getLogger("audience_sync.ui")
 
@@ -19,6 +17,8 @@ def resolve_token(option: str | None, configured: str | None) -> str | None:
     other secret, and never echoed."""
     if option is None:
         return configured
+    from audience_sync.config import clean_secret
+
     try:
         cleaned = clean_secret(option)
     except ValueError as exc:
@@ -39,6 +39,8 @@ def ui(
                                  "config)."),
 ) -> None:
     """Serve the read-only dashboard: audiences, runs, deliveries, one user's timeline."""
+    from audience_sync.ui.auth import check_bind
+
     config = open_config(ctx)
     token = resolve_token(ui_token, config.ui_token)
     check_bind(host, token)

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
-from audience_sync.config import JsonlDestination as JsonlConfig
-from audience_sync.config import PlanhatDestination as PlanhatConfig
-from audience_sync.config import SegmentDestination as SegmentConfig
-from audience_sync.destinations.base import Destination, Outcome, wire_stats
-from audience_sync.destinations.http import Limiter
+from audience_sync.config import JsonlConfig, PlanhatConfig, SegmentConfig
+from audience_sync.destinations.base import Destination, Outcome, SendStats
 from audience_sync.destinations.jsonl import JsonlDestination
-from audience_sync.destinations.planhat import PlanhatApiDestination, PlanhatSegmentDestination
-from audience_sync.destinations.segment import SegmentDestination
 from audience_sync.errors import AudienceSyncError
+from audience_sync.ratelimit import RateLimiter
 
-__all__ = ["Destination", "Limiter", "Outcome", "check_destination", "make_destination",
-           "wire_stats"]
+__all__ = [
+    "Destination",
+    "Outcome",
+    "RateLimiter",
+    "SendStats",
+    "check_destination",
+    "make_destination",
+]
 
 DestinationConfig = PlanhatConfig | SegmentConfig | JsonlConfig
 
 
 def make_destination(name: str, config: DestinationConfig, *,
-                     limiter: Limiter | None = None) -> Destination:
-    """limiter: a budget shared beyond this process (the daemons' SharedRateLimiter); by
-    default the process-wide limiter of the destination's configured rate."""
+                     limiter: RateLimiter | None = None) -> Destination:
+    """limiter: a budget shared beyond this process (ratelimit.shared_limiter); by default a
+    limiter of the destination's own, at its configured rate."""
     if isinstance(config, JsonlConfig):
         return JsonlDestination(name, config.path)
+    # The HTTP destinations load httpx (a tenth of a second): only a process that uses one.
+    from audience_sync.destinations.planhat import (
+        PlanhatApiDestination,
+        PlanhatSegmentDestination,
+    )
+    from audience_sync.destinations.segment import SegmentDestination
+
     if isinstance(config, SegmentConfig):
         return SegmentDestination(name, config, limiter)
     if config.mode == "api":

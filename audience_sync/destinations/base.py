@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from audience_sync.messages import Delivery
@@ -26,10 +28,42 @@ class Outcome(NamedTuple):
     attempts: int = 1
 
 
+@dataclass
+class SendStats:
+    """What happened on the wire during one drain (thread-safe counters)."""
+
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0  # 429 answers
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, *, requests: int = 0, retries: int = 0, throttled: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.retries += retries
+            self.throttled += throttled
+
+    def take(self) -> dict[str, int]:
+        with self._lock:
+            out = {"requests": self.requests, "retries": self.retries,
+                   "throttled": self.throttled}
+            self.requests = self.retries = self.throttled = 0
+            return out
+
+
 class Destination(Protocol):
+    """Everything the drain uses of a destination."""
+
     name: str
     # Most deliveries one send() takes.
     max_batch: int
+    # Deliveries the drain claims at a time (at most max_batch; e.g. about one request's worth
+    # of messages, which a destination may learn as it sends).
+    claim_size: int
+    # Claims the drain keeps on the wire at once, each recorded as soon as it is answered.
+    window: int
+    # Requests, retries and 429s, taken (and reset) by the drain at its end.
+    stats: SendStats
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
         """Deliver a batch; one Outcome per delivery, in any order.
@@ -49,11 +83,3 @@ class Destination(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def wire_stats(destination: object) -> dict[str, int]:
-    """Requests, retries and 429s since the last call, for destinations that count them."""
-    stats = getattr(destination, "stats", None)
-    take = getattr(stats, "take", None)
-    result = take() if callable(take) else None
-    return dict(result) if isinstance(result, dict) else {}

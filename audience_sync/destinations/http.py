@@ -17,22 +17,20 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
 
 import httpx
 
 from audience_sync import __version__
-from audience_sync.config import PlanhatDestination as PlanhatConfig
-from audience_sync.config import RateLimit
-from audience_sync.config import SegmentDestination as SegmentConfig
-from audience_sync.destinations.base import Outcome
+from audience_sync.config import PlanhatConfig, RateLimit, SegmentConfig
+from audience_sync.destinations.base import Outcome, SendStats
 from audience_sync.destinations.redact import Redactor, mask_url, url_secrets
 from audience_sync.destinations.wire import bound_requests, request_scope
 from audience_sync.errors import DestinationError
+from audience_sync.ratelimit import RateLimiter
 
-__all__ = ["HttpSender", "Limiter", "Redactor", "Reply", "Verdict", "backoff_delay", "classify",
+__all__ = ["HttpSender", "RateLimiter", "Redactor", "Reply", "Verdict", "backoff_delay", "classify",
            "make_sender", "mask_url", "outcome_of", "outcomes_of", "parse_retry_after", "probe"]
 
 log = logging.getLogger("audience_sync.delivery")
@@ -113,67 +111,6 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return seconds
 
 
-class Limiter(Protocol):
-    """What HttpSender asks of a rate limiter: one slot per request, and a pause for everyone
-    after a 429 (this process's RateLimiter, or ratelimit.SharedRateLimiter across daemons)."""
-
-    def acquire(self, stop: threading.Event | None = None) -> bool: ...
-
-    def hold_until(self, monotonic_at: float) -> None: ...
-
-
-class RateLimiter:
-    """Evenly spaced request slots at `rate` per second, shared by threads (GCRA, burst 1).
-
-    Spacing instead of bursting keeps us under a server that counts in short windows;
-    `hold_until` makes every thread wait when the server answered 429 with Retry-After.
-    """
-
-    def __init__(self, rate: RateLimit) -> None:
-        self.rate = rate
-        self.interval = 1.0 / rate.per_second
-        self._lock = threading.Lock()
-        self._next = 0.0
-
-    def reserve(self) -> float:
-        """Take the next slot; the monotonic time at which it starts."""
-        with self._lock:
-            now = time.monotonic()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-            return slot
-
-    def hold_until(self, monotonic_at: float) -> None:
-        with self._lock:
-            self._next = max(self._next, monotonic_at)
-
-    def acquire(self, stop: threading.Event | None = None) -> bool:
-        """Wait for a slot; False when `stop` was set meanwhile."""
-        delay = self.reserve() - time.monotonic()
-        if delay > 0:
-            if stop is not None:
-                return not stop.wait(delay)
-            time.sleep(delay)
-        return not (stop is not None and stop.is_set())
-
-
-class LimiterRegistry:
-    """One limiter per destination name and rate, shared by every audience and drain."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._limiters: dict[tuple[str, RateLimit], RateLimiter] = {}
-
-    def get(self, name: str, rate: RateLimit) -> RateLimiter:
-        with self._lock:
-            return self._limiters.setdefault((name, rate), RateLimiter(rate))
-
-
-# The process-wide registry: drains come and go (CLI, daemon ticks, threads) but a destination's
-# rate limit is a property of the destination, so its limiter must outlive any one drain.
-LIMITERS = LimiterRegistry()
-
-
 @dataclass(frozen=True)
 class Reply:
     """The final answer of one call, after its retries."""
@@ -190,29 +127,6 @@ class Reply:
             return json.loads(self.body) if self.body else None
         except ValueError:
             return None
-
-
-@dataclass
-class SendStats:
-    """What happened on the wire during one drain (thread-safe counters)."""
-
-    requests: int = 0
-    retries: int = 0
-    throttled: int = 0  # 429 answers
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, *, requests: int = 0, retries: int = 0, throttled: int = 0) -> None:
-        with self._lock:
-            self.requests += requests
-            self.retries += retries
-            self.throttled += throttled
-
-    def take(self) -> dict[str, int]:
-        with self._lock:
-            out = {"requests": self.requests, "retries": self.retries,
-                   "throttled": self.throttled}
-            self.requests = self.retries = self.throttled = 0
-            return out
 
 
 @dataclass(frozen=True)
@@ -242,7 +156,7 @@ class HttpSender:
 
     def __init__(self, name: str, *, base_url: str, auth: httpx.Auth | None,
                  headers: dict[str, str], timeout: float, policy: Policy,
-                 limiter: Limiter, redactor: Redactor, pool: int) -> None:
+                 limiter: RateLimiter, redactor: Redactor, pool: int) -> None:
         self.name = name
         self.policy = policy
         self.limiter = limiter
@@ -398,9 +312,9 @@ def _one_line(text: str) -> str:
 
 def make_sender(name: str, config: PlanhatConfig | SegmentConfig, *, base_url: str,
                 auth: httpx.Auth | None, headers: dict[str, str], secrets: Iterable[str],
-                rate: RateLimit, limiter: Limiter | None = None) -> HttpSender:
-    """limiter: the destination's budget when it is shared beyond this process; else the
-    process-wide limiter of this destination and rate. secrets: the destination's tokens;
+                rate: RateLimit, limiter: RateLimiter | None = None) -> HttpSender:
+    """limiter: the destination's budget when it is shared beyond this process; else a limiter
+    of this sender's own, at the configured rate. secrets: the destination's tokens;
     what its base_url carries (userinfo, query values) is added here.
 
     :raises DestinationError: a header value (a token) holds a character no HTTP header can
@@ -417,7 +331,7 @@ def make_sender(name: str, config: PlanhatConfig | SegmentConfig, *, base_url: s
         timeout=config.timeout.total_seconds(),
         policy=Policy(config.max_retries, config.backoff_base, config.backoff_max,
                       config.max_defer.total_seconds()),
-        limiter=limiter if limiter is not None else LIMITERS.get(name, rate),
+        limiter=limiter if limiter is not None else RateLimiter(rate),
         redactor=Redactor([*secrets, *url_secrets(base_url)]),
         pool=config.concurrency)
 

@@ -7,16 +7,19 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from audience_sync.destinations.base import Outcome
+from audience_sync.destinations.base import Outcome, SendStats
 from audience_sync.errors import DestinationError
 from audience_sync.messages import Delivery, identify
 
 
 class JsonlDestination:
     max_batch = 5_000
+    claim_size = max_batch
+    window = 1
 
     def __init__(self, name: str, path: str) -> None:
         self.name = name
+        self.stats = SendStats()  # no wire: stays at zero
         self.path = Path(path)
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:

@@ -13,11 +13,10 @@ from typing import Any
 
 import httpx
 
-from audience_sync.config import PlanhatDestination as PlanhatConfig
+from audience_sync.config import PlanhatConfig
 from audience_sync.destinations.base import Outcome
 from audience_sync.destinations.http import (
     HttpSender,
-    Limiter,
     Verdict,
     make_sender,
     outcome_of,
@@ -25,6 +24,7 @@ from audience_sync.destinations.http import (
     probe,
 )
 from audience_sync.messages import Delivery, identify
+from audience_sync.ratelimit import RateLimiter
 
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
@@ -49,11 +49,13 @@ class PlanhatSegmentDestination:
     """POST {base}/dock/segment, Basic `tenant_token:`, one identify per request."""
 
     def __init__(self, name: str, config: PlanhatConfig,
-                 limiter: Limiter | None = None) -> None:
+                 limiter: RateLimiter | None = None) -> None:
         assert config.tenant_token is not None
         token = config.tenant_token.get_secret_value()
         self.name = name
         self.max_batch = min(config.batch_size, SEGMENT_MODE_CLAIM)
+        self.claim_size = self.max_batch
+        self.window = 1  # its requests go `concurrency` at a time within one claim
         self.sender: HttpSender = make_sender(
             name, config, base_url=config.url, auth=httpx.BasicAuth(token, ""), headers={},
             secrets=[token], rate=config.effective_rate_limit, limiter=limiter)
@@ -87,11 +89,13 @@ class PlanhatApiDestination:
     """PUT {base}/endusers, Bearer API token, up to 5,000 end users per request, sequential."""
 
     def __init__(self, name: str, config: PlanhatConfig,
-                 limiter: Limiter | None = None) -> None:
+                 limiter: RateLimiter | None = None) -> None:
         assert config.api_token is not None
         token = config.api_token.get_secret_value()
         self.name = name
         self.max_batch = min(config.batch_size, BULK_MAX_ITEMS)
+        self.claim_size = self.max_batch
+        self.window = 1  # bulk requests one at a time (200/min)
         # Sequential by Planhat's rule for bulk requests: one connection, one request at a time.
         self.sender: HttpSender = make_sender(
             name, config.model_copy(update={"concurrency": 1}), base_url=config.url, auth=None,

@@ -14,16 +14,16 @@ from json.encoder import encode_basestring_ascii as _str
 
 import httpx
 
-from audience_sync.config import SegmentDestination as SegmentConfig
+from audience_sync.config import SegmentConfig
 from audience_sync.destinations.base import Outcome
 from audience_sync.destinations.http import (
     HttpSender,
-    Limiter,
     make_sender,
     outcomes_of,
     probe,
 )
 from audience_sync.messages import Delivery, identify, message_id, timestamp, utc_datetime
+from audience_sync.ratelimit import RateLimiter
 
 BATCH_PATH = "/v1/batch"
 # Segment's documented limits: 32 KB per message, 500 KB and 2,500 messages per batch.
@@ -124,7 +124,8 @@ class SegmentDestination:
     its outcomes while the others keep the endpoint busy.
     """
 
-    def __init__(self, name: str, config: SegmentConfig, limiter: Limiter | None = None) -> None:
+    def __init__(self, name: str, config: SegmentConfig,
+                 limiter: RateLimiter | None = None) -> None:
         key = config.write_key.get_secret_value()
         self.name = name
         self.max_batch = MAX_BATCH_MESSAGES

@@ -16,7 +16,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, func, select, text
 
-from audience_sync import schema as t
+from audience_sync.state import schema as t
+from audience_sync.states import DeliveryStatus, InitialState, RunKind, RunStatus
+
+PENDING, FAILED, SENT = DeliveryStatus.PENDING, DeliveryStatus.FAILED, DeliveryStatus.SENT
 
 # The sparkline on `/`: members after each of the last N succeeded runs.
 SPARKLINE_RUNS = 30
@@ -191,8 +194,8 @@ def _unsent_counts(conn: Connection,
     """(computation id, destination, status) -> count of pending and failed deliveries, one
     query per status along its partial index (a status IN (...) uses neither)."""
     out: dict[tuple[int, str, str], int] = {}
-    for status in ("pending", "failed"):
-        index = "ix_deliveries_pending" if status == "pending" and computation_id is not None \
+    for status in (DeliveryStatus.PENDING, DeliveryStatus.FAILED):
+        index = "ix_deliveries_pending" if status == PENDING and computation_id is not None \
             else t.UNSENT_INDEX[status]
         where = "" if computation_id is None else "AND computation_id = :cid"
         query = text(f"SELECT computation_id, destination, count(*) FROM deliveries "
@@ -205,7 +208,7 @@ def _unsent_counts(conn: Connection,
 
 def _sparkline(conn: Connection, computation_id: int) -> tuple[int, ...]:
     query = (select(t.runs.c.members).where(t.runs.c.computation_id == computation_id,
-                                          t.runs.c.status == "succeeded")
+                                          t.runs.c.status == RunStatus.SUCCEEDED)
              .order_by(t.runs.c.id.desc()).limit(SPARKLINE_RUNS))
     return tuple(reversed([int(n) for n in conn.execute(query).scalars()]))
 
@@ -219,7 +222,8 @@ def _run_row(conn: Connection, run_id: int | None) -> RunRow | None:
 
 def _initial_run_id(conn: Connection, computation_id: int) -> int | None:
     query = (select(t.runs.c.id).where(t.runs.c.computation_id == computation_id,
-                                     t.runs.c.kind == "initial", t.runs.c.status == "succeeded")
+                                     t.runs.c.kind == RunKind.INITIAL,
+                                     t.runs.c.status == RunStatus.SUCCEEDED)
              .order_by(t.runs.c.id.desc()).limit(1))
     return conn.execute(query).scalar()
 
@@ -236,8 +240,8 @@ def _progress(conn: Connection, computation_id: int, pending: dict[str, int], fa
     # The drain sends each destination's queue in id order: the newest acknowledged rows lie
     # just below the head of the queue (one index seek per destination), or below the run's
     # last row once nothing waits.
-    head = text(f"SELECT min(id) FROM deliveries {_indexed(conn, t.UNSENT_INDEX['pending'])} "
-                "WHERE status = 'pending' AND destination = :destination")
+    head = text(f"SELECT min(id) FROM deliveries {_indexed(conn, t.UNSENT_INDEX[PENDING])} "
+                f"WHERE status = '{DeliveryStatus.PENDING}' AND destination = :destination")
     heads = [conn.execute(head, {"destination": destination}).scalar()
              for destination in pending]
     last = conn.execute(select(func.max(d.c.id)).where(d.c.run_id == run_id)).scalar()
@@ -249,7 +253,7 @@ def _progress(conn: Connection, computation_id: int, pending: dict[str, int], fa
                   .subquery())
         count, first = conn.execute(
             select(func.count(), func.min(sample.c.sent_at))
-            .where(sample.c.computation_id == computation_id, sample.c.status == "sent",
+            .where(sample.c.computation_id == computation_id, sample.c.status == SENT,
                    sample.c.sent_at >= at - RATE_WINDOW)).one()
         if count and first is not None:
             rate = count / max((at - first).total_seconds(), 1.0)
@@ -261,11 +265,11 @@ def _progress(conn: Connection, computation_id: int, pending: dict[str, int], fa
 def _summary(conn: Connection, row: Row[Any], counts: dict[tuple[int, str, str], int],
              at: datetime) -> AudienceSummary:
     pending = {dest: n for (cid, dest, st), n in counts.items()
-               if cid == row.id and st == "pending"}
+               if cid == row.id and st == DeliveryStatus.PENDING}
     failed = {dest: n for (cid, dest, st), n in counts.items()
-              if cid == row.id and st == "failed"}
+              if cid == row.id and st == DeliveryStatus.FAILED}
     progress = None
-    if row.initial_state == "delivering":
+    if row.initial_state == InitialState.DELIVERING:
         progress = _progress(conn, row.id, pending, sum(failed.values()), at)
     return AudienceSummary(
         id=row.id, key=row.key, name=row.name, kind=row.kind, members=row.member_count,
@@ -299,8 +303,8 @@ def audience(conn: Connection, key: str, at: datetime, *,
     queued = conn.execute(select(func.coalesce(func.sum(t.runs.c.queued), 0))
                           .where(t.runs.c.computation_id == row.id)).scalar_one()
     columns = ", ".join(c.name for c in _DELIVERY_COLUMNS)
-    failed = text(f"SELECT {columns} FROM deliveries {_indexed(conn, t.UNSENT_INDEX['failed'])}"
-                  " WHERE status = 'failed' AND computation_id = :cid ORDER BY id DESC "
+    failed = text(f"SELECT {columns} FROM deliveries {_indexed(conn, t.UNSENT_INDEX[FAILED])}"
+                  f" WHERE status = '{FAILED}' AND computation_id = :cid ORDER BY id DESC "
                   f"LIMIT {RECENT_FAILED}").columns(*_DELIVERY_COLUMNS)
     return AudienceDetail(
         summary=summary, series=series, runs=tuple(page),

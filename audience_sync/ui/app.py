@@ -21,7 +21,8 @@ from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Config
 from audience_sync.errors import StoreError
 from audience_sync.state import dashboard
-from audience_sync.store import Store
+from audience_sync.state.store import Store
+from audience_sync.states import RunStatus
 from audience_sync.ui import auth, charts, shapes
 
 log = logging.getLogger("audience_sync.ui")
@@ -140,7 +141,7 @@ class Dashboard:
             return self._not_found(api, f"no audience or trait with the key {key!r}")
         if api:
             return _json(shapes.audience_document(detail, self.configured))
-        succeeded = [r for r in detail.series if r.status == "succeeded"]
+        succeeded = [r for r in detail.series if r.status == RunStatus.SUCCEEDED]
         line = charts.line_chart([(r.clock, r.members, f"run #{r.id}: {r.members:,} members")
                                   for r in succeeded])
         bars = charts.bar_chart([(r.entered, r.exited, f"run #{r.id}", r.kind == "initial")
@@ -205,9 +206,9 @@ class Dashboard:
         if summary.key not in self.configured:
             marks.append("orphaned")
         last = summary.last_run
-        if last is not None and last.status == "held":
+        if last is not None and last.status == RunStatus.HELD:
             marks.append("held")
-        if summary.consecutive_failures or (last is not None and last.status == "failed"):
+        if summary.consecutive_failures or (last is not None and last.status == RunStatus.FAILED):
             marks.append("failing")
         if any(summary.failed.values()):
             marks.append("failed deliveries")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import audience_sync.schema
+import audience_sync.state.schema
 
 
 revision = '0001'
@@ -27,16 +27,16 @@ def upgrade() -> None:
     sa.Column('name', sa.String(length=255), nullable=False),
     sa.Column('kind', sa.String(length=16), nullable=False),
     sa.Column('definition_hash', sa.String(length=32), nullable=False),
-    sa.Column('created_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=False),
     sa.Column('initial_state', sa.String(length=16), server_default='pending', nullable=False),
     sa.Column('member_count', sa.Integer(), server_default='0', nullable=False),
     sa.Column('last_run_id', sa.Integer(), nullable=True),
-    sa.Column('last_run_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('last_success_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('next_due_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('last_run_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('last_success_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('next_due_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=True),
     sa.Column('consecutive_failures', sa.Integer(), server_default='0', nullable=False),
     sa.Column('lease_owner', sa.String(length=255), nullable=True),
-    sa.Column('lease_expires_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('lease_expires_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=True),
     sa.Column('fencing_token', sa.BigInteger(), server_default='0', nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_computations')),
     sa.UniqueConstraint('key', name=op.f('uq_computations_key'))
@@ -57,9 +57,9 @@ def upgrade() -> None:
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('computation_id', sa.Integer(), nullable=False),
     sa.Column('user_id', sa.String(length=255), nullable=False),
-    sa.Column('entered_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('entered_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=False),
     sa.Column('entered_run', sa.Integer(), nullable=False),
-    sa.Column('exited_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('exited_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=True),
     sa.Column('exited_run', sa.Integer(), nullable=True),
     sa.ForeignKeyConstraint(['computation_id'], ['computations.id'], name=op.f('fk_membership_history_computation_id_computations')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_membership_history'))
@@ -74,9 +74,9 @@ def upgrade() -> None:
     sa.Column('computation_id', sa.Integer(), nullable=False),
     sa.Column('kind', sa.String(length=16), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
-    sa.Column('clock', audience_sync.schema.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('started_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('finished_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('clock', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('started_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('finished_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=True),
     sa.Column('members', sa.Integer(), server_default='0', nullable=False),
     sa.Column('entered', sa.Integer(), server_default='0', nullable=False),
     sa.Column('exited', sa.Integer(), server_default='0', nullable=False),
@@ -100,9 +100,9 @@ def upgrade() -> None:
     sa.Column('computation_id', sa.Integer(), nullable=False),
     sa.Column('user_id', sa.String(length=255), nullable=False),
     sa.Column('value', sa.Text(), nullable=True),
-    sa.Column('valid_from', audience_sync.schema.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('valid_from', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=False),
     sa.Column('valid_from_run', sa.Integer(), nullable=False),
-    sa.Column('valid_to', audience_sync.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('valid_to', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=True),
     sa.Column('valid_to_run', sa.Integer(), nullable=True),
     sa.ForeignKeyConstraint(['computation_id'], ['computations.id'], name=op.f('fk_trait_history_computation_id_computations')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_trait_history'))
@@ -122,12 +122,12 @@ def upgrade() -> None:
     sa.Column('name', sa.Text(), nullable=True),
     sa.Column('title', sa.Text(), nullable=True),
     sa.Column('company_id', sa.Text(), nullable=True),
-    sa.Column('observed_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('observed_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=False),
     sa.Column('status', sa.String(length=16), server_default='pending', nullable=False),
     sa.Column('attempts', sa.Integer(), server_default='0', nullable=False),
-    sa.Column('next_attempt_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('next_attempt_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
-    sa.Column('sent_at', audience_sync.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('sent_at', audience_sync.state.schema.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['computation_id'], ['computations.id'], name=op.f('fk_deliveries_computation_id_computations')),
     sa.ForeignKeyConstraint(['run_id'], ['runs.id'], name=op.f('fk_deliveries_run_id_runs')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_deliveries'))

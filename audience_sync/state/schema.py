@@ -29,6 +29,9 @@ from sqlalchemy import (
     text,
 )
 
+from audience_sync.messages import USER_ID_MAX
+from audience_sync.states import DeliveryStatus, InitialState
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -65,7 +68,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-USER_ID_MAX = 255
 
 computations = Table(
     "computations",
@@ -77,7 +79,7 @@ computations = Table(
     Column("definition_hash", String(32), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     # pending (never run) | delivering (initial run committed, deliveries outstanding) | complete
-    Column("initial_state", String(16), nullable=False, server_default="pending"),
+    Column("initial_state", String(16), nullable=False, server_default=InitialState.PENDING.value),
     Column("member_count", Integer, nullable=False, server_default="0"),
     Column("last_run_id", Integer, nullable=True),
     Column("last_run_at", UTCDateTime, nullable=True),
@@ -170,6 +172,10 @@ trait_history = Table(
     Index(None, "computation_id", "valid_from"),
 )
 
+# The partial indexes' predicates (the text must match the migrations' for autogenerate).
+_PENDING = text(f"status = '{DeliveryStatus.PENDING}'")
+_FAILED = text(f"status = '{DeliveryStatus.FAILED}'")
+
 # The outbox: one row per change and destination, until the destination acknowledged it.
 deliveries = Table(
     "deliveries",
@@ -186,7 +192,8 @@ deliveries = Table(
     Column("company_id", Text, nullable=True),
     Column("observed_at", UTCDateTime, nullable=False),
     # pending | sent | failed | superseded
-    Column("status", String(16), nullable=False, server_default="pending"),
+    Column("status", String(16), nullable=False,
+           server_default=DeliveryStatus.PENDING.value),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", UTCDateTime, nullable=True),
     Column("last_error", Text, nullable=True),
@@ -197,27 +204,26 @@ deliveries = Table(
     # (the queue in id order, superseding, "any pending?", the failed list) and no index
     # holds `status`: marking a delivery sent only leaves the pending ones.
     Index("ix_deliveries_pending", "computation_id", "user_id",
-          postgresql_where=text("status = 'pending'"), sqlite_where=text("status = 'pending'")),
+          postgresql_where=_PENDING, sqlite_where=_PENDING),
     Index("ix_deliveries_queue", "destination", "id",
-          postgresql_where=text("status = 'pending'"), sqlite_where=text("status = 'pending'")),
-    Index("ix_deliveries_failed", "id",
-          postgresql_where=text("status = 'failed'"), sqlite_where=text("status = 'failed'")),
+          postgresql_where=_PENDING, sqlite_where=_PENDING),
+    Index("ix_deliveries_failed", "id", postgresql_where=_FAILED, sqlite_where=_FAILED),
 )
 
 
 # The partial index listing the rows of each unsent status in id order, for the lists of
 # them: SQLite otherwise walks the whole table in id order to skip a sort.
-UNSENT_INDEX = {"pending": "ix_deliveries_queue", "failed": "ix_deliveries_failed"}
+UNSENT_INDEX = {DeliveryStatus.PENDING: "ix_deliveries_queue",
+                DeliveryStatus.FAILED: "ix_deliveries_failed"}
 
 
-def status_is(status: str) -> ColumnElement[bool]:
+def status_is(status: DeliveryStatus) -> ColumnElement[bool]:
     """`deliveries.status = '<status>'`, the value a literal: a bound parameter hides it from
     both planners (and from PostgreSQL's generic plans), and then neither uses the partial
     indexes on pending and failed rows. Query one status at a time: SQLite uses no partial
     index for `status IN (...)` or an OR of them."""
-    return deliveries.c.status == literal_column(f"'{status}'")
+    return deliveries.c.status == literal_column(f"'{status.value}'")
 
-CONTACT_TRAITS = ("email", "name", "title", "company_id")
 
 # A request budget per destination, shared by every daemon on this state store: the next free
 # request slot (Unix seconds) of a rate limiter whose state lives here (ratelimit.py).

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 from sqlalchemy import (
     Boolean,
     Column,
@@ -45,9 +44,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.sql.elements import TextClause
 
-from audience_sync import schema as t
-from audience_sync.schema import CONTACT_TRAITS, USER_ID_MAX
-from audience_sync.sources import SkipCounts, Snapshot
+if typing.TYPE_CHECKING:
+    import psycopg
+
+from audience_sync.messages import CONTACT_TRAITS, USER_ID_MAX
+from audience_sync.sources import SkipCounts, SourceRows
+from audience_sync.state import schema as t
 
 SAMPLE_SIZE = 10
 
@@ -115,7 +117,7 @@ def drop_temp_tables(conn: Connection) -> None:
 
 # -- loading ----------------------------------------------------------------------------------
 
-def load_rows(conn: Connection, snapshot: Snapshot,
+def load_rows(conn: Connection, snapshot: SourceRows,
               progress: Callable[[int], None] | None = None) -> int:
     """Load streamed rows into the stage; return how many distinct users it holds.
 
@@ -127,7 +129,7 @@ def load_rows(conn: Connection, snapshot: Snapshot,
     return _insert_rows(conn, snapshot, progress)
 
 
-def _insert_rows(conn: Connection, snapshot: Snapshot,
+def _insert_rows(conn: Connection, snapshot: SourceRows,
                  progress: Callable[[int], None] | None) -> int:
     cursor = typing.cast("sqlite3.Connection", conn.connection.driver_connection).cursor()
     loaded = 0
@@ -148,7 +150,7 @@ def _insert_rows(conn: Connection, snapshot: Snapshot,
     return loaded
 
 
-def _copy_rows(conn: Connection, snapshot: Snapshot,
+def _copy_rows(conn: Connection, snapshot: SourceRows,
                progress: Callable[[int], None] | None) -> int:
     raw = typing.cast("psycopg.Connection[Any]", conn.connection.driver_connection)
     total = 0

@@ -10,32 +10,29 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
     Engine,
     Table,
     create_engine,
     event,
-    func,
+    inspect,
     select,
-    union_all,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
-from audience_sync import schema as t
 from audience_sync.config import Computation
-from audience_sync.errors import StoreError
-from audience_sync.urls import mask_url
+from audience_sync.errors import StoreError, describe_db_error
+from audience_sync.state import schema as t
+from audience_sync.states import InitialState
+from audience_sync.urls import mask_url, with_psycopg
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 # Page cache per connection; bounded so peak memory stays flat as audiences grow.
@@ -46,11 +43,19 @@ SQLITE_CACHE_KIB = 32_000
 # connection keeps its page cache. Busy threads get extra connections, closed on return.
 SQLITE_POOL_SIZE = 2
 
+# The newest migration (migrations/versions). A store already there is opened with one SELECT on
+# alembic_version, and alembic, a tenth of a command's start-up, is not even imported;
+# test_head_revision_is_the_newest_migration keeps this in step with the migrations.
+HEAD_REVISION = "0006"
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 
 def migrations_dir() -> Path:
     """Inside the installed package (wheel), or at the repository root (editable checkout)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "migrations", here.parent / "migrations"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "migrations", package.parent / "migrations"):
         if (candidate / "env.py").is_file():
             return candidate
     raise StoreError("the migrations folder is missing from this installation")
@@ -68,8 +73,7 @@ def create_state_engine(url: str) -> Engine:
         _configure_sqlite(engine)
         return engine
     if backend == "postgresql":
-        if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")
+        parsed = with_psycopg(parsed)
         # A drain holds one connection per claim on the wire (its row locks), up to a
         # destination's window plus the claim being loaded, for each destination at once.
         return create_engine(parsed, pool_pre_ping=True, pool_size=4, max_overflow=20)
@@ -98,6 +102,8 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(migrations_dir()))
     if connection is not None:
@@ -132,7 +138,7 @@ class Store:
         try:
             self.engine = create_state_engine(url)
         except (SQLAlchemyError, OSError) as exc:
-            raise StoreError(f"cannot open the state database: {_describe(exc)}") from exc
+            raise StoreError(f"cannot open the state database: {describe_db_error(exc)}") from exc
         self.dialect = self.engine.dialect.name
 
     def __repr__(self) -> str:
@@ -143,13 +149,16 @@ class Store:
 
     # -- transactions -------------------------------------------------------------------------
 
+    # Every SQLAlchemyError raised in a transaction leaves it as a StoreError (cause chained):
+    # nothing outside state/ catches driver exceptions.
+
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
         try:
             with self.engine.connect() as conn, conn.begin():
                 yield conn
-        except OperationalError as exc:
-            raise StoreError(f"state database error: {_describe(exc)}") from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(f"state database error: {describe_db_error(exc)}") from exc
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -159,30 +168,46 @@ class Store:
                 conn.execution_options(sqlite_immediate=True)
                 with conn.begin():
                     yield conn
-        except OperationalError as exc:
-            raise StoreError(f"state database error: {_describe(exc)}") from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(f"state database error: {describe_db_error(exc)}") from exc
 
     # -- schema --------------------------------------------------------------------------------
 
     def current_revision(self) -> str | None:
-        with self.read() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+        """The stored schema revision (None: not initialised), by one SELECT."""
+        try:
+            with self.engine.connect() as conn:
+                try:
+                    versions = list(conn.execute(_STORED_REVISION).scalars())
+                except (OperationalError, ProgrammingError):
+                    conn.rollback()
+                    if inspect(conn).has_table("alembic_version"):
+                        raise
+                    return None
+        except SQLAlchemyError as exc:
+            raise StoreError(f"state database error: {describe_db_error(exc)}") from exc
+        if len(versions) > 1:
+            raise StoreError(f"the state database has several schema revisions: {versions}")
+        return str(versions[0]) if versions else None
 
-    def head_revision(self) -> str | None:
-        return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    def head_revision(self) -> str:
+        return HEAD_REVISION
 
     def upgrade(self) -> bool:
         """Bring the schema to the newest revision; True if anything was applied."""
+        if self.current_revision() == HEAD_REVISION:
+            return False
+        from alembic import command
+
         try:
-            if self.current_revision() == self.head_revision():
-                return False
             with self.engine.connect() as conn:
                 conn.execution_options(sqlite_immediate=True)
                 command.upgrade(_alembic_config(conn), "head")
                 conn.commit()
             return True
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot upgrade the state database: {_describe(exc)}") from exc
+            raise StoreError(
+                f"cannot upgrade the state database: {describe_db_error(exc)}") from exc
 
     # -- computations --------------------------------------------------------------------------
 
@@ -199,7 +224,7 @@ class Store:
                     conn.execute(_insert_ignore(self.dialect, t.computations).values(
                         key=comp.key, name=comp.name, kind=comp.kind,
                         definition_hash=comp.definition_hash, created_at=at,
-                        initial_state="pending", next_due_at=at))
+                        initial_state=InitialState.PENDING, next_due_at=at))
                 elif (row.name, row.definition_hash) != (comp.name, comp.definition_hash):
                     conn.execute(update(t.computations)
                                  .where(t.computations.c.key == comp.key)
@@ -218,22 +243,6 @@ class Store:
         with self.read() as conn:
             rows = conn.execute(select(*_COMPUTATION_COLUMNS).order_by(t.computations.c.id))
             return [ComputationRow(**row._asdict()) for row in rows]
-
-    def delivery_counts(self) -> dict[tuple[int, str, str], int]:
-        """(computation id, destination, status) -> count, for pending and failed deliveries."""
-        d = t.deliveries
-        # One query per status, each along its partial index (see schema.status_is).
-        query = union_all(*(
-            select(d.c.computation_id, d.c.destination, d.c.status, func.count())
-            .where(t.status_is(status)).group_by(d.c.computation_id, d.c.destination, d.c.status)
-            for status in ("pending", "failed")))
-        with self.read() as conn:
-            return {(r[0], r[1], r[2]): int(r[3]) for r in conn.execute(query)}
-
-    def run_row(self, run_id: int) -> dict[str, Any] | None:
-        with self.read() as conn:
-            row = conn.execute(select(t.runs).where(t.runs.c.id == run_id)).first()
-            return row._asdict() if row else None
 
 
 def open_without_writing(url: str) -> Store:
@@ -266,6 +275,8 @@ def open_without_writing(url: str) -> Store:
     return store
 
 
+_STORED_REVISION = text("SELECT version_num FROM alembic_version")
+
 _COMPUTATION_COLUMNS = (
     t.computations.c.id, t.computations.c.key, t.computations.c.name, t.computations.c.kind,
     t.computations.c.initial_state, t.computations.c.member_count, t.computations.c.last_run_id,
@@ -281,10 +292,3 @@ def _insert_ignore(dialect: str, table: Table) -> Any:
     if dialect == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
     return sqlite.insert(table).on_conflict_do_nothing()
-
-
-def _describe(exc: BaseException) -> str:
-    """One line from a driver error, without the SQL statement or parameters."""
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

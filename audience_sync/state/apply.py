@@ -1,0 +1,320 @@
+"""The run transaction: stage a snapshot, diff it, and apply the changes or roll them back.
+
+One connection per run (the stage and diff tables are temporary, per connection). Applying
+writes the run record, the current members, the history intervals and one outbox row per
+change and destination in one transaction, fenced by the lease's token. Every SQLAlchemyError
+leaves this module as a StoreError (source errors on the same-database path as SourceError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    and_,
+    delete,
+    insert,
+    literal,
+    select,
+    text,
+    true,
+    union,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from audience_sync.cadence import next_due_after_failure, next_due_after_success
+from audience_sync.clock import Clock
+from audience_sync.config import Computation
+from audience_sync.errors import LeaseLost, SourceError, StoreError, describe_db_error
+from audience_sync.messages import CONTACT_TRAITS
+from audience_sync.sources import SkipCounts, SourceRows, computation_statement
+from audience_sync.state import schema as t
+from audience_sync.state.staging import (
+    SENT_COLUMNS,
+    Diff,
+    compute_diff,
+    create_temp_tables,
+    delta,
+    drop_temp_tables,
+    exited,
+    insert_select,
+    load_rows,
+)
+from audience_sync.state.store import Store
+from audience_sync.states import DeliveryStatus, InitialState, RunKind, RunStatus
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """What a run found, as its run record stores it."""
+
+    status: RunStatus
+    members: int
+    entered: int
+    exited: int
+    changed: int
+    queued: int
+    skipped: SkipCounts
+    error: str | None = None
+
+
+@contextlib.contextmanager
+def _store_errors(label: str) -> Iterator[None]:
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise StoreError(f"{label}: state database error: {describe_db_error(exc)}") from exc
+
+
+class RunTransaction:
+    """The write transaction of one run, holding the write lock (SQLite) from its start."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self.rolled_back = False
+
+    def diff(self, cid: int, *, resync: bool, staged: int, previous: int, skipped: SkipCounts,
+             compare_sent: bool, carry_sent: bool) -> Diff:
+        return compute_diff(self._conn, cid, resync=resync, staged=staged, previous=previous,
+                            skipped=skipped, compare_sent=compare_sent, carry_sent=carry_sent)
+
+    def rollback(self) -> None:
+        self._conn.rollback()
+        self.rolled_back = True
+
+    def apply(self, comp: Computation, cid: int, kind: RunKind, now: datetime,
+              figures: RunFigures, *, force: bool, fencing_token: int | None, clock: Clock,
+              held_columns: str | None) -> int:
+        """Apply the diff; the new run's id.
+
+        :raises LeaseLost: the fencing token is no longer current; nothing is committed.
+        """
+        return _apply(self._conn, comp, cid, kind, now, figures, force, fencing_token, clock,
+                      held_columns)
+
+
+class RunSession:
+    """One run's connection: the stage, then one transaction for diff and apply."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def stage_from_state_db(self, comp: Computation, now: datetime,
+                            skipped: SkipCounts) -> int:
+        """The source is the state database: fill the stage with one INSERT ... SELECT.
+
+        :raises SourceError: the computation's query failed.
+        """
+        conn = self._conn
+        with conn.begin():
+            try:
+                statement, params = computation_statement(comp, conn.engine, now)
+                return insert_select(conn, statement, params, comp.kind, skipped)
+            except SQLAlchemyError as exc:
+                raise SourceError(f"{comp.path} ({comp.key}): query on the state database "
+                                  f"failed: {describe_db_error(exc)}") from exc
+
+    def stage_rows(self, rows: SourceRows, progress: Callable[[int], None] | None) -> int:
+        with self._conn.begin():
+            return load_rows(self._conn, rows, progress)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[RunTransaction]:
+        conn = self._conn
+        conn.execution_options(sqlite_immediate=True)
+        with conn.begin():
+            tx = RunTransaction(conn)
+            yield tx
+
+
+@contextlib.contextmanager
+def run_session(store: Store, label: str) -> Iterator[RunSession]:
+    """A connection with the stage's temporary tables, dropped when the block ends.
+
+    :raises StoreError: the state database failed (label starts the message).
+    """
+    with _store_errors(label), store.engine.connect() as conn:
+        with conn.begin():
+            create_temp_tables(conn)
+        try:
+            yield RunSession(conn)
+        finally:
+            if not conn.closed and not conn.invalidated:
+                if conn.in_transaction():
+                    conn.rollback()
+                drop_temp_tables(conn)
+                conn.commit()
+
+
+# A run that changed more than this fraction of the state refreshes the planner's statistics.
+STATISTICS_CHANGE_FRACTION = 0.1
+
+
+def refresh_statistics(store: Store, comp: Computation, kind: RunKind, result: RunFigures,
+                       previous_members: int) -> None:
+    """PostgreSQL plans the next diff well only if it knows how big the tables got.
+
+    Autovacuum gets there eventually; a bulk initial run should not wait for it.
+    """
+    if store.dialect != "postgresql":
+        return
+    changes = result.entered + result.exited + result.changed
+    if kind != RunKind.INITIAL and changes <= STATISTICS_CHANGE_FRACTION * max(
+            previous_members, 1):
+        return
+    history = "membership_history" if comp.kind == "audience" else "trait_history"
+    with _store_errors(comp.key), store.engine.connect() as conn:
+        conn.execute(text(f"ANALYZE members, {history}, deliveries"))
+        conn.commit()
+
+
+def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: datetime,
+           result: RunFigures, force: bool, fencing_token: int | None, clock: Clock,
+           held_columns: str | None) -> int:
+    """Write the run: members, history, outbox, run record, audience row; its run id."""
+    m, h = t.members, t.membership_history
+    run_id = int(conn.execute(insert(t.runs).values(
+        computation_id=cid, kind=kind, status=RunStatus.SUCCEEDED, clock=now, started_at=now,
+        forced=force, fencing_token=fencing_token or 0,
+    ).returning(t.runs.c.id)).scalar_one())
+    gone = select(exited.c.user_id)
+    new = delta.c.is_new == true()
+    # Current members.
+    conn.execute(delete(m).where(m.c.computation_id == cid, m.c.user_id.in_(gone)))
+    if result.changed:
+        conn.execute(update(m).where(
+            m.c.computation_id == cid, m.c.user_id == delta.c.user_id,
+            delta.c.is_changed == true(),
+        ).values({name: delta.c[name] for name in SENT_COLUMNS}))
+    conn.execute(insert(m).from_select(
+        ["computation_id", "user_id", *SENT_COLUMNS, "entered_run"],
+        select(literal(cid), delta.c.user_id, *(delta.c[n] for n in SENT_COLUMNS),
+               literal(run_id)).where(new)))
+    # History.
+    if comp.kind == "audience":
+        conn.execute(update(h).where(
+            h.c.computation_id == cid, h.c.exited_at.is_(None), h.c.user_id.in_(gone),
+        ).values(exited_at=now, exited_run=run_id))
+        conn.execute(insert(h).from_select(
+            ["computation_id", "user_id", "entered_at", "entered_run"],
+            select(literal(cid), delta.c.user_id, literal(now, t.UTCDateTime),
+                   literal(run_id)).where(new)))
+    else:
+        th = t.trait_history
+        value_moved = select(delta.c.user_id).where(delta.c.value_changed == true())
+        conn.execute(update(th).where(
+            th.c.computation_id == cid, th.c.valid_to.is_(None),
+            th.c.user_id.in_(union(gone, value_moved)),
+        ).values(valid_to=now, valid_to_run=run_id))
+        conn.execute(insert(th).from_select(
+            ["computation_id", "user_id", "value", "valid_from", "valid_from_run"],
+            select(literal(cid), delta.c.user_id, delta.c.value, literal(now, t.UTCDateTime),
+                   literal(run_id)).where(new | (delta.c.value_changed == true()))))
+    # Outbox: a newer change supersedes a pending older one for the same user.
+    d = t.deliveries
+    pending = and_(d.c.computation_id == cid, t.status_is(DeliveryStatus.PENDING))
+    if _any_pending(conn, cid):
+        if conn.dialect.name == "postgresql" and kind != RunKind.RESYNC:
+            conn.execute(_SUPERSEDE_BY_PROBES, {"cid": cid})
+        else:
+            conn.execute(update(d).where(
+                pending, d.c.user_id.in_(union(select(delta.c.user_id), gone)),
+            ).values(status=DeliveryStatus.SUPERSEDED))
+    stay_value = literal("true") if comp.kind == "audience" else delta.c.value
+    leave_value = literal("false") if comp.kind == "audience" else literal("null")
+    outbox_columns = ["computation_id", "run_id", "destination", "user_id", "value",
+                      *CONTACT_TRAITS, "observed_at", "status"]
+    for destination in comp.destinations:
+        for table, value in ((delta, stay_value), (exited, leave_value)):
+            conn.execute(insert(d).from_select(outbox_columns, select(
+                literal(cid), literal(run_id), literal(destination), table.c.user_id, value,
+                *(table.c[n] for n in CONTACT_TRAITS), literal(now, t.UTCDateTime),
+                literal(DeliveryStatus.PENDING.value))))
+    # The run record and the audience row; the fencing check makes a lost lease fatal.
+    finished = clock()
+    conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(
+        finished_at=finished, members=result.members, entered=result.entered,
+        exited=result.exited, changed=result.changed, queued=result.queued,
+        **_skip_values(result.skipped)))
+    values: dict[str, Any] = dict(
+        member_count=result.members, last_run_id=run_id, last_run_at=now,
+        applied_columns=held_columns,
+        last_success_at=finished, consecutive_failures=0,
+        next_due_at=next_due_after_success(comp.key, finished, comp.every, comp.jitter))
+    if kind == RunKind.INITIAL:
+        values["initial_state"] = (InitialState.DELIVERING if result.queued
+                                   else InitialState.COMPLETE)
+    _update_computation(conn, cid, fencing_token, values)
+    return run_id
+
+
+# PostgreSQL: the pending deliveries of the changed users, found by one index probe per
+# changed user. Its planner prefers to hash the changed users and scan every pending delivery,
+# which an initial sync still being delivered makes millions (5 s for 10M, where the probes
+# take 0.2 s). OFFSET 0 keeps the probe a nested loop; ARRAY() keeps the update on the key.
+_SUPERSEDE_BY_PROBES = text(
+    f"UPDATE deliveries SET status = '{DeliveryStatus.SUPERSEDED}' "
+    f"WHERE status = '{DeliveryStatus.PENDING}' AND id = ANY(ARRAY("
+    f"SELECT p.id FROM (SELECT user_id FROM {delta.name} UNION ALL SELECT user_id FROM "
+    f"{exited.name})"
+    " AS c CROSS JOIN LATERAL (SELECT d.id FROM deliveries AS d WHERE d.computation_id = :cid"
+    f" AND d.status = '{DeliveryStatus.PENDING}' AND d.user_id = c.user_id OFFSET 0) AS p))")
+
+
+def _any_pending(conn: Connection, cid: int) -> bool:
+    # Both planners must be steered to the partial index: SQLite has no statistics and picks a
+    # wider index; PostgreSQL's may be stale (all pending after an initial run, all sent an hour
+    # later) and then scans every delivery the audience ever had. The ORDER BY is the index's.
+    hint = "INDEXED BY ix_deliveries_pending" if conn.dialect.name == "sqlite" else ""
+    return conn.execute(text(
+        f"SELECT 1 FROM deliveries {hint} WHERE computation_id = :cid "
+        f"AND status = '{DeliveryStatus.PENDING}' "
+        "ORDER BY computation_id, user_id LIMIT 1"), {"cid": cid}).first() is not None
+
+
+def _update_computation(conn: Connection, cid: int, fencing_token: int | None,
+                        values: dict[str, Any]) -> None:
+    c = t.computations
+    condition = c.c.id == cid
+    if fencing_token is not None:
+        condition = and_(condition, c.c.fencing_token == fencing_token)
+    if conn.execute(update(c).where(condition).values(values)).rowcount != 1:
+        raise LeaseLost(f"computation {cid}: the lease was lost (fencing token "
+                        f"{fencing_token} is no longer current); the run did not commit")
+
+
+def _skip_values(skipped: SkipCounts) -> dict[str, int]:
+    return {"skipped_null": skipped.null, "skipped_empty": skipped.empty,
+            "skipped_too_long": skipped.too_long, "skipped_duplicate": skipped.duplicate}
+
+
+def record_unapplied(store: Store, comp: Computation, cid: int, kind: RunKind, now: datetime,
+                     result: RunFigures, fencing_token: int | None, clock: Clock) -> int:
+    """A failed or held run leaves members, history and outbox as they were; only say so."""
+    finished = clock()
+    row = store.computation(comp.key)
+    failures = (row.consecutive_failures if row else 0) + 1
+    with _store_errors(comp.key), store.write() as conn:
+        run_id = int(conn.execute(insert(t.runs).values(
+            computation_id=cid, kind=kind, status=result.status, clock=now, started_at=now,
+            finished_at=finished, members=result.members, entered=result.entered,
+            exited=result.exited, changed=result.changed, queued=0,
+            fencing_token=fencing_token or 0, error=result.error,
+            **_skip_values(result.skipped),
+        ).returning(t.runs.c.id)).scalar_one())
+        values: dict[str, Any] = dict(last_run_id=run_id, last_run_at=now)
+        if result.status == RunStatus.FAILED:
+            values.update(consecutive_failures=failures,
+                          next_due_at=next_due_after_failure(finished, failures, comp.every))
+        else:
+            # A held run waits for an operator; the daemon retries it at the normal cadence.
+            values.update(next_due_at=next_due_after_success(comp.key, finished, comp.every,
+                                                             comp.jitter))
+        _update_computation(conn, cid, fencing_token, values)
+    return run_id

@@ -1,0 +1,276 @@
+"""Everything a reader (CLI, daemon, dashboard, alerts) asks the state database, as frozen
+objects: members now or at a time, the history of changes, runs, unsent deliveries, status.
+
+Readers never see a connection or a statement. Long answers (members, history) are iterators
+that hold one read transaction open while they are consumed: a million members never sit in
+memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from sqlalchemy import Row, and_, desc, distinct, func, literal, or_, select, union_all
+
+from audience_sync.clock import iso
+from audience_sync.state import schema as t
+from audience_sync.state.store import ComputationRow, Store
+from audience_sync.states import DeliveryStatus, RunKind, RunStatus
+
+__all__ = ["AudienceMember", "ComputationRow", "HistoryEvent", "RunRecord", "TraitValue",
+           "UnsentDelivery", "audience_members", "computations", "delivery_counts",
+           "history", "keys_with_due_pending", "run_record", "runs", "trait_values",
+           "unsent_deliveries"]
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    key: str
+    kind: RunKind
+    status: RunStatus
+    clock: datetime
+    finished_at: datetime | None
+    members: int
+    entered: int
+    exited: int
+    changed: int
+    queued: int
+    forced: bool
+    skipped_null: int
+    skipped_empty: int
+    skipped_too_long: int
+    skipped_duplicate: int
+    error: str | None
+    fencing_token: int = 0  # the lease grant it ran under (0: none)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The one JSON shape of a run record (runs, status and sync print it)."""
+        return {
+            "run_id": self.id, "key": self.key, "kind": self.kind, "status": self.status,
+            "clock": iso(self.clock), "finished_at": iso(self.finished_at),
+            "members": self.members, "entered": self.entered, "exited": self.exited,
+            "changed": self.changed, "queued": self.queued, "forced": self.forced,
+            "skipped": {"null": self.skipped_null, "empty": self.skipped_empty,
+                        "too_long": self.skipped_too_long,
+                        "duplicate": self.skipped_duplicate},
+            "error": self.error,
+        }
+
+
+def _run_record(row: Row[Any]) -> RunRecord:
+    return RunRecord(
+        id=row.id, key=row.key, kind=RunKind(row.kind), status=RunStatus(row.status),
+        clock=row.clock, finished_at=row.finished_at, members=row.members,
+        entered=row.entered, exited=row.exited, changed=row.changed, queued=row.queued,
+        forced=bool(row.forced), skipped_null=row.skipped_null,
+        skipped_empty=row.skipped_empty, skipped_too_long=row.skipped_too_long,
+        skipped_duplicate=row.skipped_duplicate, error=row.error,
+        fencing_token=row.fencing_token)
+
+
+def _runs_query() -> Any:
+    r, c = t.runs, t.computations
+    return select(r, c.c.key).join(c, c.c.id == r.c.computation_id)
+
+
+def run_record(store: Store, run_id: int) -> RunRecord | None:
+    with store.read() as conn:
+        row = conn.execute(_runs_query().where(t.runs.c.id == run_id)).first()
+    return _run_record(row) if row is not None else None
+
+
+def runs(store: Store, *, key: str | None = None, limit: int | None = 50) -> list[RunRecord]:
+    """The most recent runs, newest first (of one audience or trait when key is given)."""
+    query = _runs_query().order_by(t.runs.c.id.desc()).limit(limit)
+    if key is not None:
+        query = query.where(t.computations.c.key == key)
+    with store.read() as conn:
+        return [_run_record(row) for row in conn.execute(query)]
+
+
+# -- status -------------------------------------------------------------------------------------
+
+def computations(store: Store) -> list[ComputationRow]:
+    return store.computations()
+
+
+def delivery_counts(store: Store) -> dict[tuple[int, str, DeliveryStatus], int]:
+    """(computation id, destination, status) -> count, for pending and failed deliveries."""
+    d = t.deliveries
+    # One query per status, each along its partial index (see schema.status_is).
+    query = union_all(*(
+        select(d.c.computation_id, d.c.destination, d.c.status, func.count())
+        .where(t.status_is(status)).group_by(d.c.computation_id, d.c.destination, d.c.status)
+        for status in (DeliveryStatus.PENDING, DeliveryStatus.FAILED)))
+    with store.read() as conn:
+        return {(r[0], r[1], DeliveryStatus(r[2])): int(r[3]) for r in conn.execute(query)}
+
+
+def keys_with_due_pending(store: Store, now: datetime) -> set[str]:
+    """Keys of the audiences and traits with a pending delivery due by now."""
+    d, c = t.deliveries, t.computations
+    query = (select(distinct(c.c.key)).join(d, d.c.computation_id == c.c.id)
+             .where(t.status_is(DeliveryStatus.PENDING),
+                    or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now)))
+    with store.read() as conn:
+        return set(conn.execute(query).scalars())
+
+
+# -- members ------------------------------------------------------------------------------------
+
+class AudienceMember(NamedTuple):
+    """A member; the contact traits only for members now (the history keeps ids only)."""
+
+    user_id: str
+    email: str | None = None
+    name: str | None = None
+    title: str | None = None
+    company_id: str | None = None
+
+
+class TraitValue(NamedTuple):
+    user_id: str
+    value: str | None  # canonical JSON
+
+
+def audience_members(store: Store, computation_id: int,
+                     at: datetime | None = None) -> Iterator[AudienceMember]:
+    """Members now, or at a past time (from the history), by user id."""
+    if at is None:
+        m = t.members
+        query = select(m.c.user_id, m.c.email, m.c.name, m.c.title, m.c.company_id) \
+            .where(m.c.computation_id == computation_id).order_by(m.c.user_id)
+    else:
+        h = t.membership_history
+        query = select(h.c.user_id).where(
+            h.c.computation_id == computation_id, h.c.entered_at <= at,
+            or_(h.c.exited_at.is_(None), h.c.exited_at > at)).order_by(h.c.user_id)
+    with store.read() as conn:
+        for row in conn.execute(query):
+            yield AudienceMember(*row)
+
+
+def trait_values(store: Store, computation_id: int,
+                 at: datetime | None = None) -> Iterator[TraitValue]:
+    """Each user's value now, or at a past time (from the history), by user id."""
+    if at is None:
+        m = t.members
+        query = select(m.c.user_id, m.c.value).where(m.c.computation_id == computation_id) \
+            .order_by(m.c.user_id)
+    else:
+        th = t.trait_history
+        query = select(th.c.user_id, th.c.value).where(
+            th.c.computation_id == computation_id, th.c.valid_from <= at,
+            or_(th.c.valid_to.is_(None), th.c.valid_to > at)).order_by(th.c.user_id)
+    with store.read() as conn:
+        for row in conn.execute(query):
+            yield TraitValue(*row)
+
+
+# -- history ------------------------------------------------------------------------------------
+
+class HistoryEvent(NamedTuple):
+    user_id: str
+    change: str  # entered | exited (audiences); set | exited (traits)
+    at: datetime | None
+    run_id: int
+    value: str | None  # a trait's canonical JSON value when set
+
+
+def history(store: Store, computation_id: int, kind: str, *, user: str | None = None,
+            since: datetime | None = None) -> Iterator[HistoryEvent]:
+    """Changes of an audience (entered / exited) or a trait (set / exited), oldest first: the
+    union of both ends of each history interval."""
+    if kind == "audience":
+        h = t.membership_history
+        base = [h.c.computation_id == computation_id] + ([h.c.user_id == user] if user else [])
+        entered = select(h.c.user_id, literal("entered").label("change"),
+                         h.c.entered_at.label("at"), h.c.entered_run.label("run_id"),
+                         literal(None).label("value")).where(*base)
+        exits = select(h.c.user_id, literal("exited").label("change"),
+                       h.c.exited_at.label("at"), h.c.exited_run.label("run_id"),
+                       literal(None).label("value")).where(*base, h.c.exited_at.is_not(None))
+        if since is not None:
+            entered = entered.where(h.c.entered_at >= since)
+            exits = exits.where(h.c.exited_at >= since)
+    else:
+        th = t.trait_history
+        nxt = t.trait_history.alias("nxt")
+        base = [th.c.computation_id == computation_id] + ([th.c.user_id == user] if user
+                                                           else [])
+        entered = select(th.c.user_id, literal("set").label("change"),
+                         th.c.valid_from.label("at"), th.c.valid_from_run.label("run_id"),
+                         th.c.value).where(*base)
+        superseded = select(nxt.c.id).where(and_(
+            nxt.c.computation_id == th.c.computation_id, nxt.c.user_id == th.c.user_id,
+            nxt.c.valid_from_run == th.c.valid_to_run))
+        exits = select(th.c.user_id, literal("exited").label("change"),
+                       th.c.valid_to.label("at"), th.c.valid_to_run.label("run_id"),
+                       literal(None).label("value")).where(
+            *base, th.c.valid_to.is_not(None), ~superseded.exists())
+        if since is not None:
+            entered = entered.where(th.c.valid_from >= since)
+            exits = exits.where(th.c.valid_to >= since)
+    events = union_all(entered, exits).subquery("events")
+    query = select(events).order_by(events.c.at, events.c.run_id, events.c.user_id,
+                                    desc(events.c.change))
+    with store.read() as conn:
+        # A union's column carries no type: convert its times as the UTCDateTime type would.
+        utc = t.UTCDateTime()
+        for row in conn.execute(query):
+            yield HistoryEvent(row.user_id, row.change,
+                               utc.process_result_value(row.at, conn.dialect), row.run_id,
+                               row.value)
+
+
+# -- deliveries ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UnsentDelivery:
+    id: int
+    key: str
+    destination: str
+    user_id: str
+    value: str  # canonical JSON
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    run_id: int
+    observed_at: datetime
+
+
+def unsent_deliveries(store: Store, *, failed_only: bool = False, key: str | None = None,
+                      destination: str | None = None, limit: int = 100) -> list[UnsentDelivery]:
+    """Pending and failed deliveries (or failed only), oldest first."""
+    d, c = t.deliveries, t.computations
+    rows: list[Row[Any]] = []
+    statuses = ((DeliveryStatus.FAILED,) if failed_only
+                else (DeliveryStatus.PENDING, DeliveryStatus.FAILED))
+    with store.read() as conn:
+        # One query per status, each along its partial index; merged oldest first.
+        for status in statuses:
+            query = (select(d.c.id, c.c.key, d.c.destination, d.c.user_id, d.c.value,
+                            d.c.status, d.c.attempts, d.c.next_attempt_at, d.c.last_error,
+                            d.c.run_id, d.c.observed_at)
+                     .join(c, c.c.id == d.c.computation_id)
+                     .where(t.status_is(status))
+                     .with_hint(d, f"INDEXED BY {t.UNSENT_INDEX[status]}", "sqlite")
+                     .order_by(d.c.id).limit(limit))
+            if key is not None:
+                query = query.where(c.c.key == key)
+            if destination is not None:
+                query = query.where(d.c.destination == destination)
+            rows += conn.execute(query).all()
+    rows = sorted(rows, key=lambda row: row.id)[:limit]
+    return [UnsentDelivery(
+        id=row.id, key=row.key, destination=row.destination, user_id=row.user_id,
+        value=row.value, status=DeliveryStatus(row.status), attempts=row.attempts,
+        next_attempt_at=row.next_attempt_at, last_error=row.last_error, run_id=row.run_id,
+        observed_at=row.observed_at) for row in rows]
