@@ -207,6 +207,10 @@ def computation_statement(comp: Computation, engine: Engine, now: datetime) \
     """The statement that yields the snapshot, and its parameters."""
     if comp.query is not None:
         return text(comp.query), {"now": bind_now(engine.dialect.name, now)}
+    if comp.definition is not None:
+        from audience_sync.compiler import compile_definition  # it builds on this module
+
+        return compile_definition(comp.definition, comp.source, engine, now), {}
     assert comp.rule is not None
     return compile_rule(comp.rule, comp.source, engine, now), {}
 
@@ -243,16 +247,25 @@ class Snapshot:
                 else:
                     pick = itemgetter(*positions)
                 has_value = self.columns[-1] == "value"
+                decode = _value_decoder(comp, self.engine)
                 while chunk := fetch():
                     rows = list(chunk) if pick is None else [pick(row) for row in chunk]
                     if not _ids_all_valid(rows):
                         rows = _drop_bad_ids(rows, self.skipped)
-                    if has_value:
+                    if has_value and decode is not None:
+                        rows = [(*row[:-1], canonical_json(decode(row[-1]))) for row in rows]
+                    elif has_value:
                         rows = [(*row[:-1], canonical_json(row[-1])) for row in rows]
                     yield rows
         except (SQLAlchemyError, sqlite3.Error, psycopg.Error) as exc:
             raise SourceError(f"{comp.path} ({comp.key}): source {comp.source_name!r} query "
                               f"failed: {describe_db_error(exc)}") from exc
+
+
+def _value_decoder(comp: Computation, engine: Engine) -> Callable[[Any], Any] | None:
+    from audience_sync.compiler import value_decoder
+
+    return value_decoder(comp.definition, engine.dialect.name)
 
 
 def _open_cursor(conn: Connection, statement: Select[Any] | TextClause, params: dict[str, Any]) \

@@ -1,0 +1,377 @@
+"""Builder definitions compiled to one SQLAlchemy Core SELECT for the source's dialect.
+
+Each condition becomes a set of user ids (a SELECT of `user_id`), combined with INTERSECT,
+UNION and EXCEPT; only negative forms (`at_most`, `exactly: 0`, `none`, `not_exists` traits)
+read the universe (`users.id` with every non-null `tracks.user_id`), so the common positive
+audience costs what a hand-written query does. Sets never hold a null id, so no three-valued
+logic leaks into NOT. Window bounds are bound parameters computed from the run's clock:
+no dialect-specific "now". Timestamps may be native (naive means UTC) or ISO-8601 text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    CompoundSelect,
+    DateTime,
+    Double,
+    Engine,
+    FromClause,
+    Interval,
+    Select,
+    String,
+    and_,
+    bindparam,
+    cast,
+    except_,
+    func,
+    intersect,
+    literal_column,
+    select,
+    text,
+    union,
+)
+from sqlalchemy.sql.expression import TableClause, column
+
+from audience_sync.builder import (
+    Compute,
+    Condition,
+    Definition,
+    EventCondition,
+    Filter,
+    Funnel,
+    FunnelStep,
+    Group,
+    Inlined,
+    QueryAudience,
+    TraitCondition,
+    Window,
+)
+from audience_sync.config import Source
+from audience_sync.errors import SourceError
+from audience_sync.schema import CONTACT_TRAITS
+from audience_sync.sources import _reflect_optional, bind_now, segment_table
+
+Set = Select[Any] | CompoundSelect
+
+
+def event_table_name(event: str) -> str:
+    """Segment's table for an event: `Order Completed` -> `order_completed`."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", event)
+    return re.sub(r"[^a-z0-9]+", "_", spaced.lower()).strip("_")
+
+
+def compile_definition(definition: Definition, source: Source, engine: Engine,
+                       now: datetime) -> Select[Any]:
+    """`SELECT user_id [, contact traits]` for an audience's where:, `SELECT user_id, value`
+    for a compute: trait."""
+    compiler = _Compiler(source, engine, now)
+    if isinstance(definition, Compute):
+        return compiler.trait(definition)
+    return compiler.audience(definition)
+
+
+def value_decoder(definition: Definition | None, dialect: str) -> Callable[[Any], Any] | None:
+    """How a trait's raw value becomes its JSON value, when the driver does not say it:
+    SQLite returns unique_list as JSON text, and no dialect promises the order of a list
+    aggregate, so lists are sorted here."""
+    if not isinstance(definition, Compute) or definition.kind != "unique_list":
+        return None
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, str):
+            value = json.loads(value)
+        return sorted(v for v in value if v is not None) if value is not None else None
+
+    return decode
+
+
+class _Compiler:
+    def __init__(self, source: Source, engine: Engine, now: datetime) -> None:
+        self.source = source
+        self.engine = engine
+        self.sqlite = engine.dialect.name == "sqlite"
+        self.now = now.astimezone(UTC)
+        self.cols = source.columns
+        self._tables: dict[str, TableClause | None] = {}
+        self._ctes = 0
+        self._universe: Select[Any] | None = None
+
+    # -- tables -----------------------------------------------------------------------------
+
+    def _table(self, name: str) -> TableClause | None:
+        qualified = segment_table(self.source, name)
+        if qualified not in self._tables:
+            self._tables[qualified] = _reflect_optional(self.engine, qualified, None)
+        return self._tables[qualified]
+
+    def _need(self, name: str, columns: tuple[str, ...], what: str) -> TableClause:
+        found = self._table(name)
+        qualified = segment_table(self.source, name)
+        if found is None:
+            raise SourceError(f"{what}: the source has no table {qualified!r}")
+        for col in columns:
+            if col not in found.c:
+                raise SourceError(f"{what}: table {qualified!r} has no column {col!r}")
+        return found
+
+    def tracks(self) -> TableClause:
+        return self._need(self.source.tables.tracks, (self.cols.user_id, self.cols.event,
+                                                      self.cols.timestamp), "events")
+
+    def users(self) -> TableClause | None:
+        found = self._table(self.source.tables.users)
+        return found if found is not None and self.cols.users_id in found.c else None
+
+    def event_rows(self, event: str, window: Window, filters: tuple[Filter, ...],
+                   prop: str | None = None) -> tuple[TableClause, list[ColumnElement[bool]]]:
+        """The table an event's rows live in and the clauses picking the qualifying ones:
+        the event's own table when properties matter, else `tracks`."""
+        cols = self.cols
+        if filters or prop:
+            name = self.source.tables.events.get(event) or event_table_name(event)
+            needed = (cols.user_id, cols.timestamp, *(f.field for f in filters),
+                      *((prop,) if prop else ()))
+            table = self._need(name, needed, f"event {event!r}")
+            clauses = [self.predicate(table.c[f.field], f) for f in filters]
+            if prop:
+                clauses.append(table.c[prop].is_not(None))
+        else:
+            table = self.tracks()
+            clauses = [table.c[cols.event] == bindparam("event", event, unique=True)]
+        clauses.append(table.c[cols.user_id].is_not(None))
+        clauses += self.window(table.c[cols.timestamp], window)
+        return table, clauses
+
+    # -- time -------------------------------------------------------------------------------
+
+    def window(self, ts: ColumnElement[Any], window: Window) -> list[ColumnElement[bool]]:
+        if window.start is None:
+            return []
+        return [self._compare(ts, ">", self.now - window.start, "window_start"),
+                self._compare(ts, "<=", self.now - window.end, "window_end")]
+
+    def _compare(self, ts: ColumnElement[Any], op: str, at: datetime, name: str) \
+            -> ColumnElement[bool]:
+        if self.sqlite:
+            # julianday() reads every ISO-8601 spelling (T or space, Z or offset, fractions).
+            left: ColumnElement[Any] = func.julianday(ts)
+            right: ColumnElement[Any] = func.julianday(
+                bindparam(name, at.isoformat(), type_=String, unique=True))
+        elif isinstance(ts.type, DateTime) and not ts.type.timezone:
+            # A naive column holds UTC: compare it with naive UTC, whatever the session's zone.
+            left = ts
+            right = bindparam(name, at.replace(tzinfo=None), type_=DateTime(), unique=True)
+        else:
+            left = ts if isinstance(ts.type, DateTime) else cast(ts, DateTime(timezone=True))
+            right = bindparam(name, at, type_=DateTime(timezone=True), unique=True)
+        return left > right if op == ">" else left <= right
+
+    def instant(self, ts: ColumnElement[Any]) -> ColumnElement[Any]:
+        """A timestamp comparable across tables of different column types."""
+        if self.sqlite:
+            return func.julianday(ts)
+        if isinstance(ts.type, DateTime):
+            return ts if ts.type.timezone else func.timezone("UTC", ts)
+        return cast(ts, DateTime(timezone=True))
+
+    def _within_after(self, later: ColumnElement[Any], earlier: ColumnElement[Any],
+                      within: timedelta | None) -> list[ColumnElement[bool]]:
+        clauses = [later > earlier]
+        if within is None:
+            return clauses
+        if self.sqlite:
+            # Whole milliseconds: julianday() is exact to the millisecond, its float sums not.
+            gap = func.round((later - earlier) * literal_column("86400000.0"))
+            clauses.append(gap <= bindparam("within_ms", int(within.total_seconds() * 1000),
+                                            unique=True))
+        else:
+            clauses.append(later <= earlier + bindparam("within", within, type_=Interval(),
+                                                        unique=True))
+        return clauses
+
+    # -- filters ----------------------------------------------------------------------------
+
+    def predicate(self, col: ColumnElement[Any], f: Filter) -> ColumnElement[bool]:
+        """A null never satisfies a comparison (SQL's own rule in a WHERE); only not_exists."""
+        def value(v: Any) -> Any:
+            return bindparam("value", v, unique=True)
+
+        op = f.op
+        if op == "exists":
+            return col.is_not(None)
+        if op == "not_exists":
+            return col.is_(None)
+        if op in ("in", "not_in"):
+            # One parameter per item, not an expanding IN: the statement runs on the raw cursor.
+            items = [value(v) for v in f.value]
+            return col.in_(items) if op == "in" else col.not_in(items)
+        if op in ("contains", "starts_with"):
+            if self.sqlite:  # SQLite's LIKE ignores case; instr() does not
+                found = func.instr(col, value(f.value))
+                return found > 0 if op == "contains" else found == 1
+            return col.contains(f.value, autoescape=True) if op == "contains" \
+                else col.startswith(f.value, autoescape=True)
+        right = value(f.value)
+        return {"=": col == right, "!=": col != right, ">": col > right, ">=": col >= right,
+                "<": col < right, "<=": col <= right}[op]
+
+    # -- sets of user ids ---------------------------------------------------------------------
+
+    def _plain(self, s: Set) -> Select[Any]:
+        """A set as a plain SELECT. SQLite rejects a compound inside another compound, and its
+        parser gives up on deep nesting: a nested compound is read from a named CTE, which
+        keeps the statement flat however deep the definition."""
+        if isinstance(s, CompoundSelect):
+            self._ctes += 1
+            return select(s.cte(f"set_{self._ctes}").c.user_id)
+        return s
+
+    def universe(self) -> Select[Any]:
+        """Every user: one CTE, however many negations read it."""
+        if self._universe is None:
+            tracks = self.tracks()
+            uid = tracks.c[self.cols.user_id]
+            everyone: Set = select(uid.label("user_id")).where(uid.is_not(None)).distinct()
+            users = self.users()
+            if users is not None:
+                ids = users.c[self.cols.users_id]
+                everyone = union(select(ids.label("user_id")).where(ids.is_not(None)),
+                                 select(uid.label("user_id")).where(uid.is_not(None)))
+            self._universe = select(everyone.cte("universe").c.user_id)
+        return self._universe
+
+    def everyone_but(self, excluded: Set) -> Set:
+        return except_(self.universe(), self._plain(excluded))
+
+    def condition(self, cond: Condition) -> Set:
+        if isinstance(cond, Group):
+            parts = [self._plain(self.condition(c)) for c in cond.conditions]
+            if cond.kind == "all":
+                return parts[0] if len(parts) == 1 else intersect(*parts)
+            either = parts[0] if len(parts) == 1 else union(*parts)
+            return either if cond.kind == "any" else self.everyone_but(either)
+        if isinstance(cond, Inlined):
+            return self.condition(cond.condition)
+        if isinstance(cond, EventCondition):
+            return self.event_condition(cond)
+        if isinstance(cond, TraitCondition):
+            return self.trait_condition(cond.filter)
+        if isinstance(cond, Funnel):
+            return self.funnel(cond.steps)
+        if isinstance(cond, QueryAudience):
+            sub = text(cond.query).bindparams(
+                bindparam("now", bind_now(self.engine.dialect.name, self.now))
+            ).columns(column("user_id")).subquery(cond.key)
+            return select(sub.c.user_id).where(sub.c.user_id.is_not(None))
+        raise SourceError(f"unresolved audience reference {cond!r}")
+
+    def event_condition(self, cond: EventCondition) -> Set:
+        table, clauses = self.event_rows(cond.event, cond.window, cond.filters)
+        uid = table.c[self.cols.user_id]
+        did = select(uid.label("user_id")).where(*clauses)
+        if cond.count == "at_least":
+            if cond.n == 1:
+                return did.distinct()
+            return did.group_by(uid).having(func.count() >= cond.n)
+        if cond.count == "exactly" and cond.n > 0:
+            return did.group_by(uid).having(func.count() == cond.n)
+        # at_most N, exactly 0: everyone but who did it more often
+        more = did.distinct() if cond.n == 0 else \
+            did.group_by(uid).having(func.count() > cond.n)
+        return self.everyone_but(more)
+
+    def trait_condition(self, f: Filter) -> Set:
+        users = self.users()
+        if users is None:
+            raise SourceError(f"trait {f.field!r}: the source has no table "
+                              f"{segment_table(self.source, self.source.tables.users)!r}")
+        if f.field not in users.c:
+            raise SourceError(f"trait {f.field!r}: table "
+                              f"{segment_table(self.source, self.source.tables.users)!r} "
+                              f"has no column {f.field!r}")
+        ids = users.c[self.cols.users_id]
+        if f.op == "not_exists":  # no users row at all is no value too
+            have = select(ids.label("user_id")).where(ids.is_not(None),
+                                                       users.c[f.field].is_not(None))
+            return self.everyone_but(have)
+        return select(ids.label("user_id")).where(ids.is_not(None),
+                                                  self.predicate(users.c[f.field], f))
+
+    def funnel(self, steps: tuple[FunnelStep, ...]) -> Set:
+        """Step k's rows that come after some row of step k-1 (within its `within`); when
+        step k has no `within`, only the earliest row of step k-1 matters."""
+        first = steps[0]
+        table, clauses = self.event_rows(first.event, Window(first.within), first.filters)
+        previous: FromClause = select(
+            table.c[self.cols.user_id].label("user_id"),
+            self.instant(table.c[self.cols.timestamp]).label("t"),
+        ).where(*clauses).distinct().subquery("step_1")
+        for k, step in enumerate(steps[1:], start=2):
+            if step.within is None:
+                previous = select(previous.c.user_id, func.min(previous.c.t).label("t")) \
+                    .group_by(previous.c.user_id).subquery(f"step_{k - 1}_first")
+            table, clauses = self.event_rows(step.event, Window(), step.filters)
+            uid = table.c[self.cols.user_id]
+            t = self.instant(table.c[self.cols.timestamp])
+            previous = select(uid.label("user_id"), t.label("t")).select_from(
+                table.join(previous, previous.c.user_id == uid)
+            ).where(*clauses, *self._within_after(t, previous.c.t, step.within)) \
+                .distinct().subquery(f"step_{k}")
+        return select(previous.c.user_id).distinct()
+
+    # -- statements -------------------------------------------------------------------------
+
+    def audience(self, where: Group) -> Select[Any]:
+        members = self.condition(where).subquery("members")
+        users = self.users()
+        if users is None:
+            return select(members.c.user_id)
+        names = {"email": self.cols.email, "name": self.cols.name, "title": self.cols.title,
+                 "company_id": "company_id"}
+        traits = [users.c[names[c]].label(c) for c in CONTACT_TRAITS if names[c] in users.c]
+        return select(members.c.user_id, *traits).select_from(
+            members.outerjoin(users, users.c[self.cols.users_id] == members.c.user_id))
+
+    def trait(self, compute: Compute) -> Select[Any]:
+        table, clauses = self.event_rows(compute.event, compute.window, compute.filters,
+                                         compute.property)
+        uid = table.c[self.cols.user_id].label("user_id")
+        kind = compute.kind
+        if kind == "count":
+            return select(uid, func.count().label("value")).where(*clauses).group_by(uid)
+        assert compute.property is not None
+        prop = table.c[compute.property]
+        if kind in ("sum", "avg", "min", "max"):
+            agg = getattr(func, kind)(prop)
+            return select(uid, cast(agg, Double()).label("value")).where(*clauses) \
+                .group_by(uid)
+        if kind == "unique_count":
+            return select(uid, func.count(prop.distinct()).label("value")).where(*clauses) \
+                .group_by(uid)
+        if kind == "unique_list":
+            listed = func.json_group_array(prop.distinct()) if self.sqlite \
+                else func.array_agg(prop.distinct())
+            return select(uid, listed.label("value")).where(*clauses).group_by(uid)
+        if kind == "most_frequent":
+            counted = select(uid, prop.label("v"), func.count().label("n")).where(*clauses) \
+                .group_by(uid, prop).having(func.count() >= 2).subquery("counted")
+            order = (counted.c.n.desc(), counted.c.v.asc())
+            ranked = select(counted.c.user_id, counted.c.v, func.row_number().over(
+                partition_by=counted.c.user_id, order_by=order).label("nth")) \
+                .subquery("ranked")
+        else:  # first, last: by time, ties to the smaller value
+            t = self.instant(table.c[self.cols.timestamp])
+            by_time = t.asc() if kind == "first" else t.desc()
+            ranked = select(uid, prop.label("v"), func.row_number().over(
+                partition_by=table.c[self.cols.user_id], order_by=(by_time, prop.asc()))
+                .label("nth")).where(*clauses).subquery("ranked")
+        return select(ranked.c.user_id, ranked.c.v.label("value")).where(ranked.c.nth == 1)
+
+
