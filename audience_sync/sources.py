@@ -124,6 +124,32 @@ def ping_source(source: Source) -> str | None:
     return None
 
 
+def check_definitions(comps: Sequence[Computation]) -> list[tuple[Computation, str]]:
+    """Builder definitions naming an event table, property or trait the source lacks."""
+    from audience_sync.compiler import check_definition
+
+    found = []
+    reachable: dict[str, bool] = {}
+    for comp in comps:
+        if comp.definition is None:
+            continue
+        if comp.source_name not in reachable:  # an unreachable source is reported once
+            reachable[comp.source_name] = ping_source(comp.source) is None
+        if not reachable[comp.source_name]:
+            continue
+        try:
+            engine = create_source_engine(comp.source.url)
+            problem = check_definition(comp.definition, comp.source, engine)
+            engine.dispose()
+        except SourceError as exc:
+            problem = exc.message
+        except SQLAlchemyError as exc:
+            problem = describe_db_error(exc)
+        if problem is not None:
+            found.append((comp, problem))
+    return found
+
+
 def describe_db_error(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
     lines = str(orig if orig is not None else exc).strip().splitlines()

@@ -10,7 +10,7 @@ from rich.table import Table
 from audience_sync.cli.common import app, console, iso, open_config, open_store, print_json
 from audience_sync.destinations import check_destination
 from audience_sync.errors import AudienceSyncError
-from audience_sync.sources import ping_source, read_only_note
+from audience_sync.sources import check_definitions, ping_source, read_only_note
 from audience_sync.store import Store
 
 db_app = typer.Typer(help="State database maintenance.", no_args_is_help=True)
@@ -48,6 +48,9 @@ def check(ctx: typer.Context) -> None:
         note = read_only_note(source.url)
         if note is not None:
             out.print(f"sources.{name}: note: {note}")
+    for comp, problem in check_definitions(config.computations):
+        problems += 1
+        out.print(f"{comp.path} ({comp.key}): FAILED: {problem}")
     for name, dest in config.destinations.items():
         ok, message = check_destination(name, dest)
         problems += not ok
