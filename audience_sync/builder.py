@@ -242,13 +242,14 @@ def _filters(raw: Mapping[str, Any], path: str) -> tuple[Filter, ...]:
 def _event_condition(raw: Mapping[str, Any], path: str) -> EventCondition:
     _only(raw, path, ("event", "within", "between", "count", "where"))
     event = _name(raw["event"], f"{path}.event")
-    kind, n = "at_least", 1
+    kind: Literal["at_least", "at_most", "exactly"] = "at_least"
+    n: Any = 1
     if "count" in raw:
         count = raw["count"]
         if not isinstance(count, Mapping) or len(count) != 1 or \
                 next(iter(count)) not in COUNT_KINDS:
             raise DefinitionError(f"{path}.count", "give one of at_least, at_most, exactly")
-        kind, n = next(iter(count.items()))
+        kind, n = next(iter(count.items()))  # kind is checked against COUNT_KINDS above
         if isinstance(n, bool) or not isinstance(n, int) or n < (1 if kind == "at_least" else 0):
             raise DefinitionError(f"{path}.count.{kind}", "expected a whole number, at least "
                                   + ("1" if kind == "at_least" else "0"))

@@ -28,7 +28,6 @@ from sqlalchemy import (
     Interval,
     Select,
     String,
-    and_,
     bindparam,
     cast,
     except_,
@@ -60,7 +59,7 @@ from audience_sync.errors import SourceError
 from audience_sync.schema import CONTACT_TRAITS
 from audience_sync.sources import _reflect_optional, bind_now, segment_table
 
-Set = Select[Any] | CompoundSelect
+Set = Select[Any] | CompoundSelect[Any]
 
 # Reflected tables per source engine. A run makes its own engine, so a column added between
 # runs is seen; within one engine's life (a run, `preview`, the tests) a table is read once
@@ -231,11 +230,14 @@ class _Compiler:
             if self.sqlite:  # SQLite's LIKE ignores case; instr() does not
                 found = func.instr(col, value(f.value))
                 return found > 0 if op == "contains" else found == 1
-            return col.contains(f.value, autoescape=True) if op == "contains" \
-                else col.startswith(f.value, autoescape=True)
+            like: ColumnElement[bool] = col.contains(f.value, autoescape=True) \
+                if op == "contains" else col.startswith(f.value, autoescape=True)
+            return like
         right = value(f.value)
-        return {"=": col == right, "!=": col != right, ">": col > right, ">=": col >= right,
-                "<": col < right, "<=": col <= right}[op]
+        compared: dict[str, ColumnElement[bool]] = {
+            "=": col == right, "!=": col != right, ">": col > right, ">=": col >= right,
+            "<": col < right, "<=": col <= right}
+        return compared[op]
 
     # -- sets of user ids ---------------------------------------------------------------------
 

@@ -549,5 +549,11 @@ def _inline_audiences(computations: list[Computation], model: ConfigModel) -> li
         inlined = builder.inline_references(audiences)
     except builder.DefinitionError as exc:
         raise ConfigError(exc.path, exc.message) from None
-    return [replace(comp, definition=inlined[comp.key])
-            if isinstance(comp.definition, builder.Group) else comp for comp in computations]
+    resolved = []
+    for comp in computations:
+        if isinstance(comp.definition, builder.Group):
+            where = inlined[comp.key]
+            assert isinstance(where, builder.Group)  # inlining keeps the top-level group
+            comp = replace(comp, definition=where)
+        resolved.append(comp)
+    return resolved

@@ -4,8 +4,9 @@ Deterministic: the same seed gives the same users and events; event times are la
 the 90 days before the day the file is made, so the demo's "last 30 days" audiences are never
 empty. Each event with properties also has a table of its own, as Segment writes them:
 `order_completed` (total, currency), `product_viewed` (category, price) and `plan_changed`
-(plan); users carry a `plan` trait. SQLite by default; a path ending in `.duckdb` writes the same rows as DuckDB (needs the
-`duckdb` package: `pip install '.[duckdb]'`), with native `TIMESTAMP` columns.
+(plan); users carry a `plan` trait. SQLite by default; a path ending in `.duckdb` writes the
+same rows as DuckDB (needs the `duckdb` package: `pip install '.[duckdb]'`), with native
+`TIMESTAMP` columns.
 
     python demo/make_warehouse.py [PATH] [--force]
 """
