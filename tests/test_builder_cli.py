@@ -82,7 +82,7 @@ def test_compile_prints_runnable_sql_with_the_windows_bound_from_the_clock(
     assert code == 0, err
     assert out.startswith("-- audience big_spenders (where:) on source 'w' (sqlite), clock "
                           "2026-11-30T12:00:00+00:00\n")
-    assert "julianday('2026-10-31T12:00:00+00:00')" in out and "INTERSECT" in out
+    assert "julianday('2026-10-31T12:00:00+00:00')" in out and "users.\"plan\" = 'premium'" in out
     db = sqlite3.connect(tmp_path / "w.db")
     assert {row[0] for row in db.execute(_sql(out))} == {"a"}  # b is free, c spent too little
 
