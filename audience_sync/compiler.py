@@ -32,6 +32,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     except_,
+    false,
     func,
     inspect,
     intersect,
@@ -43,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Inspector
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 from sqlalchemy.sql.expression import TableClause, column, table
+from sqlalchemy.types import NullType
 
 from audience_sync.builder import (
     Compute,
@@ -106,6 +108,22 @@ def value_decoder(definition: Definition | None, dialect: str) -> Callable[[Any]
     return decode
 
 
+# PostgreSQL type OIDs of timestamp (naive) and timestamptz, as psycopg's description gives them.
+_PG_TIMESTAMP, _PG_TIMESTAMPTZ = 1114, 1184
+
+
+def _probed_type(dialect: str, code: Any) -> Any:
+    if dialect == "postgresql":
+        naive, aware = code == _PG_TIMESTAMP, code == _PG_TIMESTAMPTZ
+    else:  # DuckDB's type objects print as their SQL names
+        name = str(code).upper()
+        aware = name == "TIMESTAMP WITH TIME ZONE"
+        naive = name.startswith("TIMESTAMP") and not aware
+    if aware:
+        return DateTime(timezone=True)
+    return DateTime() if naive else NullType()
+
+
 def _all_parts(cond: Condition) -> Iterator[Condition]:
     """The conditions an `all` (with its nested `all`s and inlined audiences) requires."""
     if isinstance(cond, Inlined):
@@ -149,10 +167,14 @@ class _Compiler:
         """A table's columns and their types, nothing more (constraint and index reflection
         is slow on warehouses), through one connection and inspector for the whole
         definition: on PostgreSQL an inspector's first table costs ~15 ms, the next ~1.5."""
-        if self._inspector is None:
+        if self._connection is None:
             self._connection = self.engine.connect()
-            self._inspector = inspect(self._connection)
         schema, _, table_name = name.rpartition(".")
+        probed = self._probe(table_name, schema or None)
+        if probed is not None:
+            return probed
+        if self._inspector is None:
+            self._inspector = inspect(self._connection)
         try:
             columns = self._inspector.get_columns(table_name, schema=schema or None)
         except NoSuchTableError:
@@ -163,6 +185,28 @@ class _Compiler:
             return None
         return table(table_name, *(column(c["name"], c["type"]) for c in columns),
                      schema=schema or None)
+
+    def _probe(self, table_name: str, schema: str | None) -> TableClause | None:
+        """PostgreSQL and DuckDB: the columns from an empty SELECT's cursor description, in
+        ~1 ms, where the inspector's catalog queries take ~20 ms a table on PostgreSQL and
+        ~40 ms on DuckDB. Only timestamp types matter here; None: ask the inspector."""
+        assert self._connection is not None
+        dialect = self.engine.dialect.name
+        if dialect not in ("postgresql", "duckdb"):
+            return None
+        everything = table(table_name, schema=schema)
+        empty: Select[Any] = select(literal_column("*")).select_from(everything).where(false())
+        try:
+            result = self._connection.execute(empty)
+            description = result.cursor.description if result.cursor is not None else None
+            result.close()
+        except SQLAlchemyError:
+            self._connection.rollback()  # a PostgreSQL transaction is unusable after an error
+            return None
+        if not description:
+            return None
+        return table(table_name, *(column(d[0], _probed_type(dialect, d[1]))
+                                   for d in description), schema=schema)
 
     def close(self) -> None:
         if self._connection is not None:
