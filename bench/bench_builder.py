@@ -6,8 +6,8 @@ to SQLite (ISO-8601 text timestamps) and, when AUDIENCE_SYNC_TEST_PG_URL is set,
 PostgreSQL schema of its own (timestamptz). The audience: at least two orders over 100 in
 the last 30 days, on the premium plan. Each version runs through the same path as a sync
 (a fresh read-only source engine, so the builder's reflection is counted; rows streamed to
-the end), alternating, best of seven each. Prints per dialect `builder_s=`, `hand_s=`, `members=` (equal, or
-the benchmark fails) and `ratio=` (target at most 1.2).
+the end), alternating, best of seven each. Prints per dialect `builder_s=`, `hand_s=`,
+`members=` (equal, or the benchmark fails) and `ratio=` (target at most 1.2).
 
     python bench/bench_builder.py [--events 1000000] [--users 100000]
 """

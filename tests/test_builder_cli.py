@@ -179,3 +179,19 @@ def test_compile_speaks_the_source_dialect(
     assert code == 0, err
     assert "(postgresql)" in out.splitlines()[0]
     assert "julianday" not in out and "'2026-10-31 12:00:00'" in out
+
+
+def test_check_names_a_missing_event_table_on_postgresql(
+        pg_warehouse: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The columns probe fails inside a transaction there; what follows must still work."""
+    config = _config(tmp_path, pg_warehouse, [
+        {"name": "No Table", "where": [{"event": "Refund Issued", "where": [
+            {"property": "amount", "op": ">", "value": 1}]},
+            {"trait": {"name": "plan", "op": "exists"}}]},
+        BIG_SPENDERS,
+    ])
+    code, out, err = cli(capsys, "--config", str(config), "check")
+    assert code == 1, out + err
+    assert [line for line in out.splitlines() if "FAILED" in line] == [
+        "audiences[0] (no_table): FAILED: event 'Refund Issued': the source has no table "
+        "'refund_issued'"]
