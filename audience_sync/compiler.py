@@ -93,7 +93,7 @@ def compile_definition(definition: Definition, source: Source, engine: Engine,
         compiler.close()
 
 
-def value_decoder(definition: Definition | None, dialect: str) -> Callable[[Any], Any] | None:
+def value_decoder(definition: Definition | None) -> Callable[[Any], Any] | None:
     """How a trait's raw value becomes its JSON value, when the driver does not say it:
     SQLite returns unique_list as JSON text, and no dialect promises the order of a list
     aggregate, so lists are sorted here."""

@@ -31,6 +31,7 @@ from audience_sync import schema as t
 from audience_sync.cadence import next_due_after_failure, next_due_after_success
 from audience_sync.clock import Clock, utcnow
 from audience_sync.config import Computation, Config
+from audience_sync.compiler import value_decoder
 from audience_sync.errors import AudienceSyncError, LeaseLost, SourceError, StoreError
 from audience_sync.snapshot import (
     SENT_COLUMNS,
@@ -122,7 +123,9 @@ def run_computation(
         kind = "resync" if resync else "incremental"
     result = RunResult(key=comp.key, kind=kind, status="planned",
                        previous_members=row.member_count if row else 0)
-    same_db = comp.source.url == config.state_db
+    # In the state database itself the rows go stage-ward in SQL, unless their values need
+    # Python to become JSON (a unique_list is JSON text on SQLite).
+    same_db = comp.source.url == config.state_db and value_decoder(comp.definition) is None
     log.info("%s: %s run started (loading snapshot from source %r)", comp.key, kind,
              comp.source_name)
     try:

@@ -273,7 +273,7 @@ class Snapshot:
                 else:
                     pick = itemgetter(*positions)
                 has_value = self.columns[-1] == "value"
-                decode = _value_decoder(comp, self.engine)
+                decode = _value_decoder(comp)
                 while chunk := fetch():
                     rows = list(chunk) if pick is None else [pick(row) for row in chunk]
                     if not _ids_all_valid(rows):
@@ -288,10 +288,10 @@ class Snapshot:
                               f"failed: {describe_db_error(exc)}") from exc
 
 
-def _value_decoder(comp: Computation, engine: Engine) -> Callable[[Any], Any] | None:
+def _value_decoder(comp: Computation) -> Callable[[Any], Any] | None:
     from audience_sync.compiler import value_decoder
 
-    return value_decoder(comp.definition, engine.dialect.name)
+    return value_decoder(comp.definition)
 
 
 def _open_cursor(conn: Connection, statement: Select[Any] | TextClause, params: dict[str, Any]) \

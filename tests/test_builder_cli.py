@@ -195,3 +195,20 @@ def test_check_names_a_missing_event_table_on_postgresql(
     assert [line for line in out.splitlines() if "FAILED" in line] == [
         "audiences[0] (no_table): FAILED: event 'Refund Issued': the source has no table "
         "'refund_issued'"]
+
+
+def test_a_unique_list_read_from_the_state_database_itself_is_a_sorted_list(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A source that is the state database is staged in SQL, where SQLite's list aggregate
+    is JSON text: such a trait must still arrive as a sorted list, as from any source."""
+    url = _warehouse(tmp_path / "both.db")
+    config = write_config(tmp_path / "config.yaml", {
+        "state_db": url, "sources": {"w": {"url": url}},
+        "destinations": {"file": {"type": "jsonl", "path": "out.jsonl"}},
+        "computed_traits": [{"source": "w", "destinations": ["file"], **CURRENCIES}],
+    })
+    code, out, err = cli(capsys, "--config", str(config), "sync")
+    assert code == 0, out + err
+    sent = {json.loads(line)["userId"]: json.loads(line)["traits"]["currencies"]
+            for line in (tmp_path / "out.jsonl").read_text().splitlines()}
+    assert sent == {"a": ["usd"], "b": ["eur"], "c": ["gbp", "usd"]}
