@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -67,11 +66,6 @@ from audience_sync.sources import bind_now, describe_db_error, segment_table
 
 Set = Select[Any] | CompoundSelect[Any]
 
-# Reflected tables per source engine. A run makes its own engine, so a column added between
-# runs is seen; within one engine's life (a run, `preview`, the tests) a table is read once
-# (reflection costs ~40 ms a table on DuckDB, more than the query itself).
-_REFLECTED: weakref.WeakKeyDictionary[Engine, dict[str, TableClause | None]] = \
-    weakref.WeakKeyDictionary()
 
 
 def event_table_name(event: str) -> str:
@@ -81,10 +75,10 @@ def event_table_name(event: str) -> str:
 
 
 def compile_definition(definition: Definition, source: Source, engine: Engine,
-                       now: datetime) -> Select[Any]:
+                       now: datetime, connection: Connection | None = None) -> Select[Any]:
     """`SELECT user_id [, contact traits]` for an audience's where:, `SELECT user_id, value`
     for a compute: trait."""
-    compiler = _Compiler(source, engine, now)
+    compiler = _Compiler(source, engine, now, connection)
     try:
         if isinstance(definition, Compute):
             return compiler.trait(definition)
@@ -143,14 +137,16 @@ class _AllBut:
 
 
 class _Compiler:
-    def __init__(self, source: Source, engine: Engine, now: datetime) -> None:
+    def __init__(self, source: Source, engine: Engine, now: datetime,
+                 connection: Connection | None) -> None:
         self.source = source
         self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
         self.now = now.astimezone(UTC)
         self.cols = source.columns
-        self._tables = _REFLECTED.setdefault(engine, {})
-        self._connection: Connection | None = None
+        self._tables: dict[str, TableClause | None] = {}  # read once per definition
+        self._connection = connection
+        self._own_connection = connection is None
         self._inspector: Inspector | None = None
         self._ctes = 0
         self._universe: Select[Any] | None = None
@@ -168,7 +164,7 @@ class _Compiler:
         is slow on warehouses), through one connection and inspector for the whole
         definition: on PostgreSQL an inspector's first table costs ~15 ms, the next ~1.5."""
         if self._connection is None:
-            self._connection = self.engine.connect()
+            self._connection = self.engine.connect()  # closed by close()
         schema, _, table_name = name.rpartition(".")
         probed = self._probe(table_name, schema or None)
         if probed is not None:
@@ -209,7 +205,7 @@ class _Compiler:
                                    for d in description), schema=schema)
 
     def close(self) -> None:
-        if self._connection is not None:
+        if self._own_connection and self._connection is not None:
             self._connection.close()
 
     def _need(self, name: str, columns: tuple[str, ...], what: str) -> TableClause:

@@ -30,8 +30,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from audience_sync import schema as t
 from audience_sync.cadence import next_due_after_failure, next_due_after_success
 from audience_sync.clock import Clock, utcnow
-from audience_sync.config import Computation, Config
 from audience_sync.compiler import value_decoder
+from audience_sync.config import Computation, Config
 from audience_sync.errors import AudienceSyncError, LeaseLost, SourceError, StoreError
 from audience_sync.snapshot import (
     SENT_COLUMNS,

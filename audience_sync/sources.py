@@ -228,15 +228,17 @@ def bind_now(engine_dialect: str, now: datetime) -> Any:
     return now.astimezone(UTC).isoformat() if engine_dialect == "sqlite" else now
 
 
-def computation_statement(comp: Computation, engine: Engine, now: datetime) \
+def computation_statement(comp: Computation, engine: Engine, now: datetime,
+                          connection: Connection | None = None) \
         -> tuple[Select[Any] | TextClause, dict[str, Any]]:
-    """The statement that yields the snapshot, and its parameters."""
+    """The statement that yields the snapshot, and its parameters. A builder definition
+    reads its tables' columns through `connection` when given (else one of its own)."""
     if comp.query is not None:
         return text(comp.query), {"now": bind_now(engine.dialect.name, now)}
     if comp.definition is not None:
         from audience_sync.compiler import compile_definition  # it builds on this module
 
-        return compile_definition(comp.definition, comp.source, engine, now), {}
+        return compile_definition(comp.definition, comp.source, engine, now, connection), {}
     assert comp.rule is not None
     return compile_rule(comp.rule, comp.source, engine, now), {}
 
@@ -260,9 +262,11 @@ class Snapshot:
 
     def __iter__(self) -> Iterator[list[tuple[Any, ...]]]:
         comp = self.comp
-        statement, params = computation_statement(comp, self.engine, self.now)
         try:
             with self.engine.connect() as conn:
+                # On the connection that runs it: one connection per run (a DuckDB open
+                # costs more than reading a definition's columns).
+                statement, params = computation_statement(comp, self.engine, self.now, conn)
                 names, fetch = _open_cursor(conn, statement, params)
                 positions, self.columns = _positions(comp, names)
                 if positions == [0] and len(names) == 1:
