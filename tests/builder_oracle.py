@@ -23,7 +23,7 @@ BETWEENS = [("30d", "7d"), ("7d", "1d"), ("30d", "1d")]
 PROPERTIES: dict[str, dict[str, list[Any]]] = {
     "Order Completed": {"total": [None, 5.0, 10.5, 50.0, 100.0, 100.25, 250.0],
                         "currency": [None, "usd", "eur", "gbp", "usdc"]},
-    "Product Viewed": {"category": [None, "books", "games", "garden", "music"],
+    "Product Viewed": {"category": [None, "books", "games", "garden", "music", "50%_off"],
                        "price": [None, 1.5, 10.0, 20.0, 99.75]},
     "Plan Changed": {"plan": [None, "free", "pro", "premium", "promo"]},
 }
@@ -243,7 +243,9 @@ def random_filter(rng: random.Random, subject: str, name: str, domain: list[Any]
     if op in ("in", "not_in"):
         f["value"] = rng.sample(present, rng.randint(1, 3))
     elif op in ("contains", "starts_with"):
-        f["value"] = rng.choice(["us", "u", "g", "pro", "es", "x", "", "premium"])
+        # % and _ are LIKE's wildcards: they must match only themselves
+        f["value"] = rng.choice(["us", "u", "g", "pro", "es", "x", "", "premium", "%", "_",
+                                 "0%_", "5"])
     else:
         f["value"] = rng.choice([*present, "zz" if text else 7.0])
     return f

@@ -7,6 +7,7 @@ import json
 import sqlite3
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,46 @@ def test_a_unique_list_read_from_the_state_database_itself_is_a_sorted_list(
     sent = {json.loads(line)["userId"]: json.loads(line)["traits"]["currencies"]
             for line in (tmp_path / "out.jsonl").read_text().splitlines()}
     assert sent == {"a": ["usd"], "b": ["eur"], "c": ["gbp", "usd"]}
+
+
+def test_event_tables_follow_the_source_schema_and_tables_events(
+        pg_admin_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`schema:` qualifies Segment's tables; `tables.events` names an event's own table,
+    `schema.table` kept as written."""
+    segment, shop = f"seg_{uuid.uuid4().hex[:8]}", f"shop_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(pg_admin_url)
+    with engine.begin() as conn:
+        for schema in (segment, shop):
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        conn.execute(text(f"CREATE TABLE {segment}.users (id text, email text, plan text)"))
+        conn.execute(text(f"CREATE TABLE {segment}.tracks "
+                          "(user_id text, event text, timestamp timestamptz)"))
+        conn.execute(text(f"CREATE TABLE {shop}.orders (user_id text, timestamp text, "
+                          "total float)"))
+        conn.execute(text(f"INSERT INTO {segment}.users VALUES ('a', 'a@x.io', 'premium'), "
+                          "('b', 'b@x.io', 'premium')"))
+        yesterday = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+        conn.execute(text(f"INSERT INTO {shop}.orders VALUES ('a', :t, 150), ('b', :t, 5)"),
+                     {"t": yesterday})
+    try:
+        config = write_config(tmp_path / "config.yaml", {
+            "state_db": f"sqlite:///{tmp_path / 'state.db'}",
+            "sources": {"w": {"url": pg_admin_url, "schema": segment,
+                              "tables": {"events": {"Order Completed": f"{shop}.orders"}}}},
+            "destinations": {"file": {"type": "jsonl", "path": "out.jsonl"}},
+            "audiences": [{"name": "Big", "source": "w", "destinations": ["file"], "where": [
+                {"event": "Order Completed", "within": "30d",
+                 "where": [{"property": "total", "op": ">", "value": 100}]},
+                {"trait": {"name": "plan", "op": "=", "value": "premium"}}]}],
+        })
+        code, out, err = cli(capsys, "--config", str(config), "compile", "big", "--at", AT)
+        assert code == 0, err
+        assert f"{shop}.orders" in out and f"{segment}.users" in out
+        code, out, err = cli(capsys, "--config", str(config), "preview", "big", "--json")
+        assert code == 0, err
+        assert [u["user_id"] for u in json.loads(out)["sample"]] == ["a"]
+    finally:
+        with engine.begin() as conn:
+            for schema in (segment, shop):
+                conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
