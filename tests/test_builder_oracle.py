@@ -222,7 +222,10 @@ def test_compiled_traits_match_the_evaluator(source: tuple[Source, Engine]) -> N
 
 @pytest.mark.slow
 def test_compiled_definitions_match_the_evaluator_at_scale(
-        source: tuple[Source, Engine]) -> None:
+        source: tuple[Source, Engine], request: pytest.FixtureRequest) -> None:
+    """Ten times the definitions: minutes, so only when asked (`pytest -m slow`)."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("the big run: pytest -m slow")
     _check_audiences(source, SLOW_DEFINITIONS, seed=3)
     _check_traits(source, SLOW_DEFINITIONS // 2, seed=4)
 
