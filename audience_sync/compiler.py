@@ -4,9 +4,9 @@ Each condition becomes a set of user ids (a SELECT of `user_id`), combined with 
 UNION and EXCEPT; only negative forms (`at_most`, `exactly: 0`, `none`, `not_exists` traits)
 read the universe (`users.id` with every non-null `tracks.user_id`), and trait conditions of
 the top-level `all` filter the join that fetches contact traits, so a common audience costs
-what a hand-written query does (bench/bench_builder.py). Sets never hold a null id, so no three-valued
-logic leaks into NOT. Window bounds are bound parameters computed from the run's clock:
-no dialect-specific "now". Timestamps may be native (naive means UTC) or ISO-8601 text.
+what a hand-written query does (bench/bench_builder.py). Sets never hold a null id, so no
+three-valued logic leaks into NOT. Window bounds are bound parameters computed from the run's
+clock: no dialect-specific "now". Timestamps may be native (naive means UTC) or ISO-8601 text.
 """
 
 from __future__ import annotations
