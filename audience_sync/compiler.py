@@ -11,6 +11,7 @@ clock: no dialect-specific "now". Timestamps may be native (naive means UTC) or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -42,7 +43,7 @@ from sqlalchemy import (
     union,
 )
 from sqlalchemy.engine import Inspector
-from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, NoSuchTableError, SQLAlchemyError
 from sqlalchemy.sql.expression import TableClause, column, table
 from sqlalchemy.types import NullType
 
@@ -396,9 +397,11 @@ class _Compiler:
         if isinstance(cond, Funnel):
             return self.funnel(cond.steps)
         if isinstance(cond, QueryAudience):
-            sub = text(cond.query).bindparams(
-                bindparam("now", bind_now(self.engine.dialect.name, self.now))
-            ).columns(column("user_id")).subquery(cond.key)
+            query = text(cond.query)
+            with contextlib.suppress(ArgumentError):  # a query need not use :now
+                query = query.bindparams(
+                    bindparam("now", bind_now(self.engine.dialect.name, self.now)))
+            sub = query.columns(column("user_id")).subquery(cond.key)
             return select(sub.c.user_id).where(sub.c.user_id.is_not(None))
         raise SourceError(f"unresolved audience reference {cond!r}")
 

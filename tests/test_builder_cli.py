@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from freezegun import freeze_time
 from sqlalchemy import create_engine, text
 
 from tests.helpers import cli, write_config
@@ -142,7 +143,8 @@ def test_check_names_missing_event_tables_properties_and_traits(
 
 def test_sync_sends_a_where_audience_and_computed_traits(
         config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = cli(capsys, "--config", str(config), "sync")
+    with freeze_time(AT):
+        code, out, err = cli(capsys, "--config", str(config), "sync")
     assert code == 0, out + err
     sent: dict[str, dict[str, Any]] = {}
     for line in (tmp_path / "out.jsonl").read_text().splitlines():
@@ -151,7 +153,7 @@ def test_sync_sends_a_where_audience_and_computed_traits(
         sent.setdefault(key, {})[message["userId"]] = message["traits"][key]
     assert sent["big_spenders"] == {"a": True}
     assert sent["currencies"] == {"a": ["usd"], "b": ["eur"], "c": ["gbp", "usd"]}
-    assert set(sent["spend"]) == {"a", "b", "c"}  # within 30d of the real clock: all recent
+    assert sent["spend"] == {"a": 270, "b": 800, "c": 20}  # c's 999 is older than 30 days
 
 
 @pytest.fixture
@@ -256,3 +258,19 @@ def test_event_tables_follow_the_source_schema_and_tables_events(
             for schema in (segment, shop):
                 conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         engine.dispose()
+
+
+def test_a_referenced_query_audience_is_read_as_a_subquery(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = _warehouse(tmp_path / "w.db")
+    recent = {"name": "Recent", "query": "SELECT user_id FROM order_completed "
+              "WHERE julianday(timestamp) > julianday(:now) - 60"}  # binds :now
+    config = _config(tmp_path, url, [PREMIUM, recent, {
+        "name": "Premium Buyers", "key": "premium_buyers",
+        "where": [{"audience": "premium"}, {"audience": "recent"},
+                  {"event": "Order Completed", "count": {"at_least": 2}}]}])
+    with freeze_time(AT):
+        code, out, err = cli(capsys, "--config", str(config), "preview", "premium_buyers",
+                             "--json")
+    assert code == 0, err
+    assert [u["user_id"] for u in json.loads(out)["sample"]] == ["a", "c"]
