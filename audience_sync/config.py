@@ -8,7 +8,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +27,7 @@ from pydantic import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from audience_sync import builder
 from audience_sync.config_yaml import load_yaml
 from audience_sync.errors import ConfigError
 from audience_sync.keys import check_key, derive_key, reserved_key_reason
@@ -187,6 +188,8 @@ class ScheduleOverride(_Frozen):
 class Tables(_Frozen):
     tracks: str = "tracks"
     users: str = "users"
+    # Event tables that do not follow Segment's naming (`Order Completed` -> order_completed).
+    events: dict[str, str] = Field(default_factory=dict)
 
 
 class Columns(_Frozen):
@@ -339,18 +342,26 @@ class _ComputationModel(_Frozen):
 class AudienceModel(_ComputationModel):
     query: str | None = None
     rule: Rule | None = None
+    where: Any = None  # builder conditions, parsed in _build where their paths are known
 
     @model_validator(mode="after")
     def _one_definition(self) -> AudienceModel:
-        if (self.query is None) == (self.rule is None):
-            raise ValueError("give exactly one of query or rule")
+        if [self.query, self.rule, self.where].count(None) != 2:
+            raise ValueError("give exactly one of query, rule or where")
         if self.query is not None and not self.query.strip():
             raise ValueError("query is empty")
         return self
 
 
 class TraitModel(_ComputationModel):
-    query: str = Field(min_length=1)
+    query: str | None = Field(default=None, min_length=1)
+    compute: Any = None  # a computed-trait template, parsed in _build
+
+    @model_validator(mode="after")
+    def _one_definition(self) -> TraitModel:
+        if (self.query is None) == (self.compute is None):
+            raise ValueError("give exactly one of query or compute")
+        return self
 
 
 class ConfigModel(_Frozen):
@@ -389,12 +400,16 @@ class Computation:
     jitter: timedelta
     max_removal_fraction: float
     path: str
+    # A `where:` audience (references inlined) or a `compute:` trait.
+    definition: builder.Definition | None = None
 
     @property
     def definition_hash(self) -> str:
         body = {"kind": self.kind, "query": self.query,
                 "rule": self.rule.model_dump(mode="json") if self.rule else None,
                 "source": self.source_name}
+        if self.definition is not None:
+            body["definition"] = builder.to_plain(self.definition)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -589,5 +604,47 @@ def _build(config_path: Path, model: ConfigModel) -> Config:
             max_removal_fraction=(override.max_removal_fraction
                                   or model.schedule.max_removal_fraction),
             path=path,
+            definition=_definition(item, path),
         ))
+    computations = _inline_audiences(computations, model)
     return Config(path=config_path, model=model, computations=tuple(computations))
+
+
+def _definition(item: _ComputationModel, path: str) -> builder.Definition | None:
+    try:
+        if isinstance(item, AudienceModel) and item.where is not None:
+            return builder.parse_where(item.where, f"{path}.where")
+        if isinstance(item, TraitModel) and item.compute is not None:
+            return builder.parse_compute(item.compute, f"{path}.compute")
+    except builder.DefinitionError as exc:
+        raise ConfigError(exc.path, exc.message) from None
+    return None
+
+
+def _inline_audiences(computations: list[Computation], model: ConfigModel) -> list[Computation]:
+    """Replace `audience:` references by the definitions they name; cycles are errors."""
+    audiences = []
+    for comp in computations:
+        if comp.kind != "audience":
+            continue
+        condition: builder.Condition | None = None
+        if isinstance(comp.definition, builder.Group):
+            condition = comp.definition
+        elif comp.rule is not None:
+            rule = comp.rule
+            condition = builder.rule_condition(rule.event, rule.within, rule.at_least,
+                                               rule.at_most, rule.not_performed)
+        audiences.append(builder.Audience(comp.key, comp.name, comp.path, comp.source_name,
+                                          condition, comp.query))
+    try:
+        inlined = builder.inline_references(audiences)
+    except builder.DefinitionError as exc:
+        raise ConfigError(exc.path, exc.message) from None
+    resolved = []
+    for comp in computations:
+        if isinstance(comp.definition, builder.Group):
+            where = inlined[comp.key]
+            assert isinstance(where, builder.Group)  # inlining keeps the top-level group
+            comp = replace(comp, definition=where)
+        resolved.append(comp)
+    return resolved

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from audience_sync.clock import Clock, utcnow
+from audience_sync.compiler import value_decoder
 from audience_sync.config import Computation, Config
 from audience_sync.errors import SourceError, StoreError
 from audience_sync.sources import SkipCounts, SourceRows, create_source_engine
@@ -97,7 +98,9 @@ def run_computation(
         kind = RunKind.RESYNC if resync else RunKind.INCREMENTAL
     result = RunResult(key=comp.key, kind=kind, status=RunStatus.PLANNED,
                        previous_members=row.member_count if row else 0)
-    same_db = comp.source.url == config.state_db
+    # In the state database itself the rows go stage-ward in SQL, unless their values need
+    # Python to become JSON (a unique_list is JSON text on SQLite).
+    same_db = comp.source.url == config.state_db and value_decoder(comp.definition) is None
     log.info("%s: %s run started (loading snapshot from source %r)", comp.key, kind,
              comp.source_name)
     try:

@@ -35,7 +35,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, NoSuchTableError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.expression import TableClause, column
@@ -187,6 +187,32 @@ def ping_source(source: Source) -> str | None:
     return None
 
 
+def check_definitions(comps: Sequence[Computation]) -> list[tuple[Computation, str]]:
+    """Builder definitions naming an event table, property or trait the source lacks."""
+    from audience_sync.compiler import check_definition
+
+    found = []
+    reachable: dict[str, bool] = {}
+    for comp in comps:
+        if comp.definition is None:
+            continue
+        if comp.source_name not in reachable:  # an unreachable source is reported once
+            reachable[comp.source_name] = ping_source(comp.source) is None
+        if not reachable[comp.source_name]:
+            continue
+        try:
+            engine = create_source_engine(comp.source.url)
+            problem = check_definition(comp.definition, comp.source, engine)
+            engine.dispose()
+        except SourceError as exc:
+            problem = exc.message
+        except SQLAlchemyError as exc:
+            problem = describe_db_error(exc)
+        if problem is not None:
+            found.append((comp, problem))
+    return found
+
+
 # -- values ---------------------------------------------------------------------------------------
 
 def canonical_json(value: Any) -> str:
@@ -307,11 +333,17 @@ def bind_now(engine_dialect: str, now: datetime) -> Any:
     return now.astimezone(UTC).isoformat() if engine_dialect == "sqlite" else now
 
 
-def computation_statement(comp: Computation, engine: Engine, now: datetime) \
+def computation_statement(comp: Computation, engine: Engine, now: datetime,
+                          connection: Connection | None = None) \
         -> tuple[Select[Any] | TextClause, dict[str, Any]]:
-    """The statement that yields the snapshot, and its parameters."""
+    """The statement that yields the snapshot, and its parameters. A builder definition
+    reads its tables' columns through `connection` when given (else one of its own)."""
     if comp.query is not None:
         return text(comp.query), {"now": bind_now(engine.dialect.name, now)}
+    if comp.definition is not None:
+        from audience_sync.compiler import compile_definition  # it builds on this module
+
+        return compile_definition(comp.definition, comp.source, engine, now, connection), {}
     assert comp.rule is not None
     try:
         return compile_rule(comp.rule, comp.source, engine, now), {}
@@ -338,9 +370,11 @@ class SourceRows:
 
     def __iter__(self) -> Iterator[list[tuple[Any, ...]]]:
         comp = self.comp
-        statement, params = computation_statement(comp, self.engine, self.now)
         try:
             with self.engine.connect() as conn:
+                # On the connection that runs it: one connection per run (a DuckDB open
+                # costs more than reading a definition's columns).
+                statement, params = computation_statement(comp, self.engine, self.now, conn)
                 names, fetch = _open_cursor(conn, statement, params)
                 positions, self.columns = _positions(comp, names)
                 if positions == [0] and len(names) == 1:
@@ -351,16 +385,25 @@ class SourceRows:
                 else:
                     pick = itemgetter(*positions)
                 has_value = self.columns[-1] == "value"
+                decode = _value_decoder(comp)
                 while chunk := fetch():
                     rows = list(chunk) if pick is None else [pick(row) for row in chunk]
                     if not _ids_all_valid(rows):
                         rows = _drop_bad_ids(rows, self.skipped)
+                    if has_value and decode is not None:
+                        rows = [(*row[:-1], decode(row[-1])) for row in rows]
                     if has_value:
                         rows = _json_values(rows, self.skipped)
                     yield rows
         except _driver_errors() as exc:
             raise SourceError(f"{comp.path} ({comp.key}): source {comp.source_name!r} query "
                               f"failed: {describe_db_error(exc)}") from exc
+
+
+def _value_decoder(comp: Computation) -> Callable[[Any], Any] | None:
+    from audience_sync.compiler import value_decoder
+
+    return value_decoder(comp.definition)
 
 
 def _open_cursor(conn: Connection, statement: Select[Any] | TextClause, params: dict[str, Any]) \
@@ -521,3 +564,63 @@ def _reflect_optional(engine: Engine, name: str, key: str | None) -> TableClause
     if key is not None and key not in found.c:
         return None
     return found
+
+
+# -- compile and preview: what a definition runs, and who it selects (nothing written) ---------
+
+@dataclass(frozen=True)
+class CompiledSql:
+    sql: str
+    unbound: dict[str, Any]  # values the dialect cannot write as literals, listed beside
+    dialect: str
+
+
+@dataclass(frozen=True)
+class Preview:
+    columns: tuple[str, ...]
+    count: int
+    sample: list[tuple[Any, ...]]  # the smallest ids: the same sample for the same result
+    skipped: SkipCounts
+
+
+def compiled_sql(comp: Computation, now: datetime) -> CompiledSql:
+    """The SQL a definition runs on its source, its values written in where the dialect can
+    render them as literals."""
+    engine = create_source_engine(comp.source.url)
+    try:
+        statement, params = computation_statement(comp, engine, now)
+        if isinstance(statement, TextClause):
+            for key, value in params.items():
+                with contextlib.suppress(ArgumentError):  # a query need not use :now
+                    statement = statement.bindparams(**{key: value})
+        try:
+            literal = statement.compile(dialect=engine.dialect,
+                                        compile_kwargs={"literal_binds": True})
+            return CompiledSql(str(literal), {}, engine.dialect.name)
+        except (SQLAlchemyError, NotImplementedError, TypeError, ValueError):
+            compiled = statement.compile(dialect=engine.dialect)
+            return CompiledSql(str(compiled), dict(compiled.params), engine.dialect.name)
+    except SQLAlchemyError as exc:
+        raise SourceError(f"{comp.path} ({comp.key}): {describe_db_error(exc)}") from exc
+    finally:
+        engine.dispose()
+
+
+def preview(comp: Computation, now: datetime, limit: int) -> Preview:
+    """Run a definition on its source: how many distinct users, and a sample of `limit`."""
+    import heapq
+
+    engine = create_source_engine(comp.source.url)
+    skipped = SkipCounts()
+    rows = SourceRows(comp, engine, now, skipped)
+    seen: set[str] = set()
+    sample: list[tuple[Any, ...]] = []
+    try:
+        for chunk in rows:
+            fresh = [row for row in chunk if row[0] not in seen]
+            skipped.duplicate += len(chunk) - len(fresh)
+            seen.update(row[0] for row in fresh)
+            sample = heapq.nsmallest(limit, [*sample, *fresh], key=lambda row: row[0])
+    finally:
+        engine.dispose()
+    return Preview(rows.columns, len(seen), sample, skipped)

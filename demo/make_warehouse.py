@@ -2,8 +2,11 @@
 
 Deterministic: the same seed gives the same users and events; event times are laid out over
 the 90 days before the day the file is made, so the demo's "last 30 days" audiences are never
-empty. SQLite by default; a path ending in `.duckdb` writes the same rows as DuckDB (needs the
-`duckdb` package: `pip install '.[duckdb]'`), with native `TIMESTAMP` columns.
+empty. Each event with properties also has a table of its own, as Segment writes them:
+`order_completed` (total, currency), `product_viewed` (category, price) and `plan_changed`
+(plan); users carry a `plan` trait. SQLite by default; a path ending in `.duckdb` writes the
+same rows as DuckDB (needs the `duckdb` package: `pip install '.[duckdb]'`), with native
+`TIMESTAMP` columns.
 
     python demo/make_warehouse.py [PATH] [--force]
 """
@@ -25,13 +28,24 @@ EVENT_MIX = [("Page Viewed", 60), ("Product Viewed", 25), ("Order Completed", 10
 FIRST = ["Ann", "Ben", "Chloé", "Dev", "Eva", "Femi", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea"]
 LAST = ["Berg", "Costa", "Dahl", "Eze", "Faye", "Grün", "Hale", "Ito", "Jain", "Kerr", "Lund"]
 TITLES = ["CTO", "Data Engineer", "Head of Growth", "Analyst", "VP Sales", "Founder", None]
+PLANS = ["free", "free", "pro", "premium"]
+CATEGORIES = ["books", "games", "garden", "music", "toys"]
+CURRENCIES = ["usd", "eur", "gbp"]
+PLAN_CHANGES = 3_000
+# Event -> (its table, its property columns with their SQL types).
+EVENT_TABLES = {
+    "Order Completed": ("order_completed", (("total", "REAL"), ("currency", "TEXT"))),
+    "Product Viewed": ("product_viewed", (("category", "TEXT"), ("price", "REAL"))),
+    "Plan Changed": ("plan_changed", (("plan", "TEXT"),)),
+}
 
 
 Row = tuple[object, ...]
 
 
 def generate(now: datetime) -> tuple[list[Row], list[Row]]:
-    """The demo's users and events (user_id, event, ISO-8601 UTC timestamp), oldest first."""
+    """The demo's users and events (user_id, event, ISO-8601 UTC timestamp, then the event's
+    properties), oldest first."""
     rng = random.Random(SEED)
     users = []
     for i in range(1, USERS + 1):
@@ -40,6 +54,9 @@ def generate(now: datetime) -> tuple[list[Row], list[Row]]:
                       f"{first} {last}", rng.choice(TITLES), f"c{rng.randint(1, 400):04d}",
                       round(rng.lognormvariate(5.5, 1.2), 2),
                       (now - timedelta(days=rng.randint(90, 900))).strftime("%Y-%m-%dT%H:%M:%SZ")))
+    # Properties from a generator of their own: the users and events above stay as they were.
+    extra = random.Random(SEED + 1)
+    users = [(*u, extra.choice(PLANS)) for u in users]
     names = [name for name, _ in EVENT_MIX]
     weights = [w for _, w in EVENT_MIX]
     # A few heavy users, a long tail, and a third of users with no recent events at all.
@@ -50,8 +67,38 @@ def generate(now: datetime) -> tuple[list[Row], list[Row]]:
             if rng.random() < 0.3 else rng.choice(active)
         at = now - timedelta(seconds=rng.randint(0, DAYS * 86400))
         events.append((user, rng.choices(names, weights)[0], at.strftime("%Y-%m-%dT%H:%M:%SZ")))
+    for _ in range(PLAN_CHANGES):
+        at = now - timedelta(seconds=extra.randint(0, DAYS * 86400))
+        events.append((extra.choice(active), "Plan Changed", at.strftime("%Y-%m-%dT%H:%M:%SZ")))
+    events = [(*e, *_properties(extra, str(e[1]))) for e in events]
     events.sort(key=lambda e: str(e[2]))
     return users, events
+
+
+def _properties(rng: random.Random, event: str) -> Row:
+    if event == "Order Completed":
+        return (round(rng.lognormvariate(4, 0.8), 2), rng.choice(CURRENCIES))
+    if event == "Product Viewed":
+        return (rng.choice(CATEGORIES), round(rng.uniform(2, 200), 2))
+    if event == "Plan Changed":
+        return (rng.choice(PLANS),)
+    return ()
+
+
+def _event_rows(events: list[Row]) -> dict[str, list[Row]]:
+    """Each event table's rows: user_id, timestamp, then its properties."""
+    rows: dict[str, list[Row]] = {table: [] for table, _ in EVENT_TABLES.values()}
+    for e in events:
+        if e[1] in EVENT_TABLES:
+            rows[EVENT_TABLES[str(e[1])][0]].append((e[0], e[2], *e[3:]))
+    return rows
+
+
+def _event_tables_sql(timestamp: str, real: str) -> str:
+    return "".join(
+        f"CREATE TABLE {table} (user_id TEXT, timestamp {timestamp}, "
+        + ", ".join(f"{name} {real if kind == 'REAL' else kind}" for name, kind in columns)
+        + ");\n" for table, columns in EVENT_TABLES.values())
 
 
 def build(path: Path, now: datetime) -> None:
@@ -69,11 +116,15 @@ def _write_sqlite(path: Path, users: list[Row], events: list[Row]) -> None:
     db = sqlite3.connect(path)
     db.executescript("""
         CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT, name TEXT, title TEXT,
-                            company_id TEXT, lifetime_value REAL, created_at TEXT);
+                            company_id TEXT, lifetime_value REAL, created_at TEXT, plan TEXT);
         CREATE TABLE tracks (id INTEGER PRIMARY KEY, user_id TEXT, event TEXT, timestamp TEXT);
-    """)
-    db.executemany("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?, ?)", users)
-    db.executemany("INSERT INTO tracks (user_id, event, timestamp) VALUES (?, ?, ?)", events)
+    """ + _event_tables_sql("TEXT", "REAL"))
+    db.executemany("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?, ?, ?)", users)
+    db.executemany("INSERT INTO tracks (user_id, event, timestamp) VALUES (?, ?, ?)",
+                   [e[:3] for e in events])
+    for table, rows in _event_rows(events).items():
+        marks = ", ".join("?" * len(rows[0]))
+        db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
     db.execute("CREATE INDEX ix_tracks_event_timestamp ON tracks (event, timestamp)")
     db.commit()
     db.close()
@@ -89,17 +140,19 @@ def _write_duckdb(path: Path, users: list[Row], events: list[Row]) -> None:
     # well under a second.
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
-        for name, rows in (("users", users), ("tracks", events)):
+        tables = {"users": users, "tracks": [e[:3] for e in events], **_event_rows(events)}
+        for name, rows in tables.items():
             files[name] = str(Path(tmp) / f"{name}.csv")
             with open(files[name], "w", newline="", encoding="utf-8") as out:
                 csv.writer(out).writerows(rows)
         db = duckdb.connect(str(path))
         db.execute("""
             CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT, name TEXT, title TEXT,
-                                company_id TEXT, lifetime_value DOUBLE, created_at TIMESTAMP);
+                                company_id TEXT, lifetime_value DOUBLE, created_at TIMESTAMP,
+                                plan TEXT);
             CREATE TABLE tracks (user_id TEXT, event TEXT, timestamp TIMESTAMP);
-        """)
-        for name in ("users", "tracks"):
+        """ + _event_tables_sql("TIMESTAMP", "DOUBLE"))
+        for name in tables:
             db.execute(f"INSERT INTO {name} SELECT * FROM read_csv(?, header = false, "
                        "all_varchar = true)", [files[name]])
         db.close()
@@ -117,7 +170,8 @@ def main() -> None:
     args.path.parent.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     build(args.path, now)
-    print(f"demo warehouse {args.path}: {USERS} users, {EVENTS} events over {DAYS} days")
+    print(f"demo warehouse {args.path}: {USERS} users, {EVENTS + PLAN_CHANGES} events over "
+          f"{DAYS} days")
 
 
 if __name__ == "__main__":

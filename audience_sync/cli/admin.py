@@ -35,7 +35,7 @@ def db_upgrade(ctx: typer.Context) -> None:
 def check(ctx: typer.Context) -> None:
     """Validate the config and reach every source and destination; print what is wrong."""
     from audience_sync.destinations import check_destination
-    from audience_sync.sources import ping_source, read_only_note
+    from audience_sync.sources import check_definitions, ping_source, read_only_note
     from audience_sync.state.store import open_without_writing
 
     config = open_config(ctx)
@@ -62,6 +62,9 @@ def check(ctx: typer.Context) -> None:
         note = read_only_note(source.url)
         if note is not None:
             say(f"sources.{name}: note: {note}")
+    for comp, problem in check_definitions(config.computations):
+        problems += 1
+        say(f"{comp.path} ({comp.key}): FAILED: {problem}")
     for name, dest in config.destinations.items():
         ok, message = check_destination(name, dest)
         problems += not ok
