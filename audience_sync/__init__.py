@@ -13,8 +13,12 @@ The parts, each owning one thing and importing only the parts below it:
 - `state/`: the only code that speaks SQL to the state database. `schema`, `store` (engine,
   transactions, migrations), `staging` (snapshot, diff), `apply` (the run transaction),
   `outbox` (claims, outcomes), `leases` (lease and rate-slot statements), `queries`
-  (everything a reader asks, as frozen objects). SQLAlchemy errors leave it as StoreError.
-- `sources`: the only code that reads source databases.
+  (everything a reader asks, as frozen objects), `dashboard` (the dashboard's aggregates).
+  SQLAlchemy errors leave it as StoreError.
+- `ui/`: the read-only dashboard (a WSGI app, Jinja2 templates, SVG charts, token rules),
+  served by the `ui` command and on the daemon's health port.
+- `sources`, `compiler`: the only code that reads source databases (`compiler` turns a
+  `where:`/`compute:` definition, parsed by `builder`, into one SELECT).
 - `destinations/`: one class per wire format behind the `Destination` Protocol; never touches
   the state database.
 - `config`: the validated config file.
