@@ -1,10 +1,10 @@
 """Benchmark: one `rule:` audience over the same events on a SQLite and on a DuckDB source.
 
-Writes N events (default 1,000,000) for U users (default 100,000) into Segment's warehouse
-schema twice, as SQLite (ISO-8601 text timestamps, indexed by event and time, as the demo) and
-as DuckDB (native TIMESTAMP), then times the rule's compiled SELECT read to the end through
-the source engine audience-sync uses (read-only), best of three. Prints
-`sqlite_s=`, `duckdb_s=`, `members=` (equal on both, or the benchmark fails) and
+Writes N events (default 1,000,000) for U users (default 100,000, with their emails) into
+Segment's warehouse schema twice: as SQLite (ISO-8601 text timestamps, indexed by event and
+time, as the demo) and as DuckDB (native TIMESTAMP). Then times the rule's compiled SELECT,
+read to the end through the source engine audience-sync uses (read-only), best of three.
+Prints `sqlite_s=`, `duckdb_s=`, `members=` (equal on both, or the benchmark fails) and
 `duckdb_over_sqlite=`.
 
     python bench/bench_rule_dialects.py [--events 1000000] [--users 100000]
@@ -34,8 +34,11 @@ def write(folder: Path, events: int, users: int) -> tuple[str, str]:
     rows = [(f"u{rng.randrange(users):07d}", rng.choice(EVENTS),
              (NOW - timedelta(seconds=rng.randrange(90 * 86400))).strftime("%Y-%m-%dT%H:%M:%SZ"))
             for _ in range(events)]
+    people = [(f"u{i:07d}", f"u{i}@example.com") for i in range(users)]
     lite = folder / "w.db"
     db = sqlite3.connect(lite)
+    db.execute("CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT)")
+    db.executemany("INSERT INTO users VALUES (?, ?)", people)
     db.execute("CREATE TABLE tracks (user_id TEXT, event TEXT, timestamp TEXT)")
     db.executemany("INSERT INTO tracks VALUES (?, ?, ?)", rows)
     db.execute("CREATE INDEX ix_tracks_event_timestamp ON tracks (event, timestamp)")
@@ -43,11 +46,16 @@ def write(folder: Path, events: int, users: int) -> tuple[str, str]:
     db.close()
     import duckdb
 
-    flat = folder / "tracks.csv"
+    flat, flat_users = folder / "tracks.csv", folder / "users.csv"
     with open(flat, "w", newline="") as out:
         csv.writer(out).writerows(rows)
+    with open(flat_users, "w", newline="") as out:
+        csv.writer(out).writerows(people)
     duck = folder / "w.duckdb"
     ddb = duckdb.connect(str(duck))
+    ddb.execute("CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT)")
+    ddb.execute("INSERT INTO users SELECT * FROM read_csv(?, header = false, "
+                "all_varchar = true)", [str(flat_users)])
     ddb.execute("CREATE TABLE tracks (user_id TEXT, event TEXT, timestamp TIMESTAMP)")
     ddb.execute("INSERT INTO tracks SELECT * FROM read_csv(?, header = false, "
                 "all_varchar = true)", [str(flat)])
