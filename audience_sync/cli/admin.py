@@ -6,7 +6,15 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from audience_sync.cli.common import app, console, iso, open_config, open_store, print_json
+from audience_sync.cli.common import (
+    SCHEMA_VERSION,
+    app,
+    console,
+    iso,
+    open_config,
+    open_store,
+    print_json,
+)
 from audience_sync.errors import AudienceSyncError
 from audience_sync.states import DeliveryStatus
 from audience_sync.urls import mask_urls_in
@@ -32,45 +40,65 @@ def db_upgrade(ctx: typer.Context) -> None:
 
 
 @app.command()
-def check(ctx: typer.Context) -> None:
-    """Validate the config and reach every source and destination; print what is wrong."""
+def check(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Validate the config, reach every source and destination, and prepare every audience's
+    and trait's query against its source (LIMIT 0): print what is wrong."""
+    from audience_sync.clock import utcnow
     from audience_sync.destinations import check_destination
-    from audience_sync.sources import check_definitions, ping_source, read_only_note
+    from audience_sync.sources import ping_source, prove_definitions, read_only_note
     from audience_sync.state.store import open_without_writing
 
     config = open_config(ctx)
     out = console()
+    items: list[dict[str, Any]] = []
 
-    def say(line: str) -> None:
+    def found(kind: str, name: str, problem: str | None, shown: str | None = None,
+              **more: Any) -> None:
         # A base_url or database URL may carry a password or a key in its query; whatever
         # a driver or a destination put in its message, no URL is printed unmasked.
-        out.print(mask_urls_in(line), markup=False)
+        items.append({"kind": kind, "name": name, "ok": problem is None,
+                      "problem": mask_urls_in(problem) if problem else None, **more})
+        if not as_json:
+            columns = more.get("columns")
+            text = shown or "ok" + (f" (columns: {', '.join(columns)})" if columns else "") \
+                if problem is None else f"FAILED: {problem}"
+            out.print(mask_urls_in(f"{name}: {text}"), markup=False)
 
-    problems = 0
-    say(f"config {config.path}: ok ({len(config.computations)} audiences and traits)")
+    found("config", f"config {config.path}", None)
     try:
         # check writes nothing: a missing or old schema is reported, not created or migrated.
         open_without_writing(config.state_db).dispose()
-        say("state_db: ok")
+        found("state_db", "state_db", None)
     except AudienceSyncError as exc:
-        problems += 1
-        say(f"state_db: FAILED: {exc}")
+        found("state_db", "state_db", str(exc))
     for name, source in config.sources.items():
-        error = ping_source(source)
-        problems += error is not None
-        say(f"sources.{name}: " + ("ok" if error is None else f"FAILED: {error}"))
+        found("source", f"sources.{name}", ping_source(source),
+              note=read_only_note(source.url))
         note = read_only_note(source.url)
-        if note is not None:
-            say(f"sources.{name}: note: {note}")
-    for comp, problem in check_definitions(config.computations):
-        problems += 1
-        say(f"{comp.path} ({comp.key}): FAILED: {problem}")
+        if note is not None and not as_json:
+            out.print(mask_urls_in(f"sources.{name}: note: {note}"), markup=False)
+    for proof in prove_definitions(config.computations, utcnow()):
+        comp = proof.comp
+        found(comp.kind, f"{comp.path} ({comp.key})", proof.problem, key=comp.key,
+              columns=list(proof.columns) if proof.ok else None)
     for name, dest in config.destinations.items():
         ok, message = check_destination(name, dest)
-        problems += not ok
-        say(f"destinations.{name}: " + (message if ok else f"FAILED: {message}"))
+        found("destination", f"destinations.{name}", None if ok else message,
+              shown=message if ok else None, note=message if ok else None)
+    problems = sum(not item["ok"] for item in items)
+    if as_json:
+        for item in items:
+            item.setdefault("key", None)
+            item.setdefault("columns", None)
+            item.setdefault("note", None)
+        print_json({"schema_version": SCHEMA_VERSION, "ok": not problems,
+                    "problems": problems, "checks": items})
+    elif problems:
+        out.print(f"{problems} problem(s) found", markup=False)
     if problems:
-        say(f"{problems} problem(s) found")
         raise typer.Exit(1)
 
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from audience_sync import __version__
 from audience_sync.clock import iso, utcnow
 from audience_sync.errors import ConfigError, UsageError
-from audience_sync.logs import LOG_FORMATS, setup_logging
+from audience_sync.logs import LOG_FORMATS, same_stream, setup_logging
 
 # Commands import what they use: `--help` and `--version` must not load SQLAlchemy, alembic,
 # httpx or psycopg (test_help_and_version_import_no_database_or_http_library).
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 __all__ = ["iso"]  # re-exported for the command modules
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
+# The version of the --json documents' shapes (README, "JSON output"): bumped when a field
+# changes meaning or goes away; new fields do not bump it.
+SCHEMA_VERSION = 1
 
 app = typer.Typer(
     name="audience-sync",
@@ -60,6 +63,7 @@ def _callback(
         None, "--config", "-c", envvar="AUDIENCE_SYNC_CONFIG",
         help="Path to config.yaml (default ./config.yaml, or $AUDIENCE_SYNC_CONFIG)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Tracebacks and debug logs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors in the logs."),
     log_format: str = typer.Option(
         "plain", "--log-format", help="Log lines: plain or json (also after the command)."),
     _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
@@ -68,7 +72,8 @@ def _callback(
     if log_format not in LOG_FORMATS:
         raise UsageError(f"--log-format: {log_format!r} is not plain or json")
     ctx.obj = Globals(config_path=config, verbose=verbose, log_format=log_format)
-    setup_logging(log_format, verbose)
+    # One stream for both (2>&1, a terminal): the summaries are printed, not logged too.
+    setup_logging(log_format, verbose, quiet=quiet, drop_summaries=same_stream())
 
 
 def globals_of(ctx: typer.Context) -> Globals:
