@@ -16,6 +16,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
+from audience_sync.clock import duration
+
 log = logging.getLogger("audience_sync.progress")
 
 EVERY_SECONDS = 10.0
@@ -23,21 +25,6 @@ EVERY_FRACTION = 0.1
 # The rate is measured over the last few minutes: a 6-hour delivery's ETA follows the
 # destination's current pace, not its first minute's.
 RATE_WINDOW_SECONDS = 300.0
-
-
-def duration(seconds: float) -> str:
-    """`45 s`, `12 min`, `1 h 48 min`, `2 d 3 h`: an ETA or an age, to the unit that matters."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes = seconds // 60
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h" if hours else f"{days} d"
 
 
 class Tracker(Protocol):
@@ -79,7 +66,7 @@ class Meter:
         return max(0, self.total - self.done) / rate
 
     def line(self) -> str:
-        """`planhat: delivered 1,200/5,000 (24%), 40/s, ETA 1 min`; with no total
+        """`planhat: 1,200/5,000 delivered (24%), 40/s, ETA 1 min`; with no total
         `snapshot: 120,000 rows, 60,000/s`."""
         unit = f" {self.unit}" if self.unit else ""
         if self.total is None:
@@ -182,7 +169,7 @@ class DeliveryProgress:
     def tracker(self, name: str, total: int) -> Tracker:
         if self._bars is not None:
             return self._bars.tracker(f"{name}: sending", total)
-        return LogLines(Meter(f"{name}: delivered", total, unit="", clock=self.clock),
+        return LogLines(Meter(name, total, unit="delivered", clock=self.clock),
                         every=self.every, step=self.step)
 
     def __enter__(self) -> DeliveryProgress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -16,7 +17,7 @@ from audience_sync.cli.common import (
     print_json,
 )
 from audience_sync.errors import AudienceSyncError
-from audience_sync.states import DeliveryStatus
+from audience_sync.states import DeliveryStatus, InitialState
 from audience_sync.urls import mask_urls_in
 
 if TYPE_CHECKING:
@@ -107,13 +108,14 @@ def status(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Per audience and trait: key, members, last run, next due, deliveries pending and failed."""
-    from rich.table import Table
-
+    """Per audience and trait: members, last run, next due, deliveries pending and failed, and
+    an initial sync's progress (sent/total, rate, ETA)."""
+    from audience_sync.clock import utcnow
     from audience_sync.state import queries
 
     config = open_config(ctx)
     store = open_store(config)
+    now = utcnow()
     rows = {row.key: row for row in queries.computations(store)}
     counts = queries.delivery_counts(store)
     items: list[dict[str, Any]] = []
@@ -125,6 +127,8 @@ def status(
                    if cid == row.id and st == DeliveryStatus.PENDING}
         failed = {dest: n for (cid, dest, st), n in counts.items()
                   if cid == row.id and st == DeliveryStatus.FAILED}
+        progress = queries.initial_progress(store, row.id, now) \
+            if row.initial_state == InitialState.DELIVERING else None
         items.append({
             "key": key,
             "name": row.name,
@@ -133,39 +137,85 @@ def status(
             "destinations": list(comp.destinations) if comp else [],
             "members": row.member_count,
             "initial_sync": row.initial_state,
+            "initial_progress": _progress_item(progress),
             "last_run": _run_summary(last_run),
             "last_success_at": iso(row.last_success_at),
             "next_due_at": iso(row.next_due_at) if key in configured else None,
             "pending": pending,
             "failed": failed,
             "lease_owner": row.lease_owner,
+            "_next": row.next_due_at if key in configured else None,
+            "_last": last_run.clock if last_run else None,
+            "_progress": progress,
         })
     if as_json:
-        print_json({"state_db": store.dialect, "computations": items})
+        print_json({"schema_version": SCHEMA_VERSION, "state_db": store.dialect,
+                    "computations": [{k: v for k, v in item.items() if not k.startswith("_")}
+                                     for item in items]})
         return
-    table = Table(title=None, show_edge=False)
-    for column in ("key", "kind", "members", "initial", "last run", "next due", "pending",
-                   "failed"):
-        table.add_column(column)
+    _print_status(items, now)
+
+
+def _progress_item(progress: queries.Progress | None) -> dict[str, Any] | None:
+    if progress is None:
+        return None
+    return {"run_id": progress.run_id, "started_at": iso(progress.started_at),
+            "total": progress.total, "done": progress.done, "pending": progress.pending,
+            "failed": progress.failed, "rate_per_second": progress.rate,
+            "eta_seconds": progress.eta_seconds}
+
+
+def _print_status(items: list[dict[str, Any]], now: datetime) -> None:
+    """A table that stays readable at 80 columns (times: UTC to the second, and how far
+    from now), then one line per initial sync still delivering."""
+    import shutil
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from audience_sync.clock import duration, table_time
+
+    table = Table(title=None, show_edge=False, pad_edge=False)
+    table.add_column("audience / trait", overflow="fold")
+    table.add_column("members", justify="right")
+    table.add_column("last run", overflow="fold")
+    table.add_column("next due", overflow="fold")
+    table.add_column("pending / failed", overflow="fold")
     for item in items:
         run = item["last_run"]
         run_text = "-" if run is None else (
-            f"{run['kind']} {run['status']} +{run['entered']} -{run['exited']} ~{run['changed']}")
+            f"{run['kind']} {run['status']} +{run['entered']} -{run['exited']} "
+            f"~{run['changed']}\n{table_time(item['_last'], now)}")
         table.add_row(
-            item["key"] + (" (orphaned)" if item["orphaned"] else ""),
-            item["kind"], str(item["members"]), item["initial_sync"], run_text,
-            item["next_due_at"] or "-",
-            _per_destination(item["pending"]), _per_destination(item["failed"]))
-    console().print(table)
+            item["key"] + (" (orphaned)" if item["orphaned"] else "")
+            + f"\n{item['kind']}, initial sync {item['initial_sync']}",
+            f"{item['members']:,}", run_text, table_time(item["_next"], now),
+            _per_destination(item["pending"]) + "\nfailed: "
+            + _per_destination(item["failed"]))
+    width = shutil.get_terminal_size((120, 24)).columns  # honours COLUMNS
+    out = Console(highlight=False, width=width, soft_wrap=False)
+    out.print(table)
+    for item in items:
+        progress: queries.Progress | None = item["_progress"]
+        if progress is None:
+            continue
+        percent = 100 * progress.done / progress.total if progress.total else 100.0
+        rate = f"{progress.rate:,.1f}/s" if progress.rate else "rate not known yet"
+        eta = f"ETA {duration(progress.eta_seconds)}" if progress.eta_seconds else "ETA unknown"
+        out.print(f"{item['key']}: initial sync since {table_time(progress.started_at, now)}: "
+                  f"{progress.done:,}/{progress.total:,} delivered ({percent:.0f}%), {rate}, "
+                  f"{eta}", markup=False)
 
 
 def _run_summary(run: queries.RunRecord | None) -> dict[str, Any] | None:
-    """The run record's one mapping, as status has always named it: `id`, no key, no forced."""
+    """The run record's one mapping; `id` too, as status has always named it."""
     if run is None:
         return None
-    return {("id" if name == "run_id" else name): value for name, value in run.as_dict().items()
-            if name not in ("key", "forced")}
+    document = {name: value for name, value in run.as_dict().items()
+                if name not in ("key", "forced")}
+    document["id"] = run.id
+    return document
 
 
 def _per_destination(counts: dict[str, int]) -> str:
-    return ", ".join(f"{dest}: {n}" for dest, n in sorted(counts.items())) or "0"
+    return ", ".join(f"{dest}: {n:,}" for dest, n in sorted(counts.items())) or "0"

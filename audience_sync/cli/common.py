@@ -36,7 +36,8 @@ app = typer.Typer(
     help="Engage-style audience sync: compute audiences from your SQL database, "
     "keep their history, send the changes to Planhat and Segment-spec destinations.",
     no_args_is_help=True,
-    add_completion=False,
+    # `audience-sync --install-completion` / `--show-completion` (bash, zsh, fish, PowerShell).
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -136,6 +137,17 @@ def print_drain_report(report: DrainReport) -> None:
         print(line)
 
 
+def unknown_name(name: str, config: Config) -> str:
+    """`unknown audience 'hgh_scorers' (did you mean 'high_scorers'?; known: ...)`."""
+    import difflib
+
+    names = [c.key for c in config.computations] + [c.name for c in config.computations]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?; " if close else ""
+    known = ", ".join(c.key for c in config.computations)
+    return f"unknown audience {name!r} ({hint}known: {known})"
+
+
 def resolve(config: Config, names: list[str]) -> list[Computation]:
     """Audiences and traits by name or key (all of them for no names); unknown is usage."""
     if not names:
@@ -145,8 +157,7 @@ def resolve(config: Config, names: list[str]) -> list[Computation]:
         try:
             comp = config.find(name)
         except ConfigError:
-            known = ", ".join(c.key for c in config.computations)
-            raise UsageError(f"unknown audience {name!r} (known: {known})") from None
+            raise UsageError(unknown_name(name, config)) from None
         if comp not in found:
             found.append(comp)
     return found
