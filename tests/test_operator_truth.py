@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -272,3 +274,88 @@ def test_table_time_is_utc_to_the_second_with_relative() -> None:
     assert table_time(now - timedelta(minutes=12, seconds=3), now) == \
         "2026-11-30 11:47:57 (12 min ago)"
     assert table_time(None, now) == "-"
+
+
+# -- log levels, one stream, 80 columns ---------------------------------------------------------
+
+def test_failed_run_logs_error_and_held_run_warning(
+        tmp_path: Path, state_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path, state_url)
+    with freeze_time(T0):
+        code, _, err = _sync(capsys, config)
+    assert code == 0 and " INFO audience_sync.runner: fans: initial run succeeded" in err
+    set_users(tmp_path / "warehouse.db", [])
+    with freeze_time(T0 + timedelta(hours=1)):
+        code, _, err = _sync(capsys, config)
+    assert code == 3 and " WARNING audience_sync.runner: fans: incremental run held" in err
+    config.write_text(config.read_text().replace("FROM users", "FROM gone"))
+    with freeze_time(T0 + timedelta(hours=2)):
+        code, _, err = _sync(capsys, config)
+    assert code == 1 and " ERROR audience_sync.runner: fans: incremental run failed" in err
+
+
+def test_a_drain_paused_by_its_slice_logs_info_not_warning(
+        tmp_path: Path, state_url: str, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    from audience_sync.config import load_config
+    from audience_sync.drain import DrainControl, drain
+    from audience_sync.leases import hold_all
+    from audience_sync.runner import run_computation
+
+    config_path = _config(tmp_path, state_url)
+    config = load_config(config_path)
+    store = Store(state_url)
+    store.upgrade()
+    store.register(config.computations, datetime.now(UTC))
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        leases = hold_all(stack, store, ["fans"], "test:owner")
+        run_computation(store, config, config.computations[0],
+                        fencing_token=leases[0].token)
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="audience_sync")
+        report = drain(store, config, leases,
+                       control=DrainControl(reason=lambda: "slice used up; resumes next tick"))
+    assert report.destinations["file1"].paused
+    paused = [r for r in caplog.records if "drain paused" in r.getMessage()]
+    assert [r.levelname for r in paused] == ["INFO"]
+    store.dispose()
+
+
+def _run(*args: str, env: dict[str, str] | None = None,
+         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    from tests.daemon_harness import AUDIENCE_SYNC
+
+    return subprocess.run([AUDIENCE_SYNC, *args], cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_one_stream_carries_each_outcome_once(tmp_path: Path, state_url: str) -> None:
+    config = _config(tmp_path, state_url)
+    done = _run("--config", str(config), "sync")  # stdout and stderr: one pipe
+    assert done.returncode == 0, done.stdout
+    assert [line for line in done.stdout.splitlines() if "initial" in line and
+            "10 members" in line] == [
+        line for line in done.stdout.splitlines() if line.startswith("fans: initial")]
+    assert done.stdout.count("10 members") == 1, done.stdout
+    # -q after the command: no log lines at all, the summary still.
+    done = _run("--config", str(config), "sync", "-q")
+    assert done.returncode == 0
+    assert done.stdout.splitlines()[0].startswith("fans: incremental succeeded")
+    assert " INFO " not in done.stdout
+
+
+def test_status_is_readable_at_80_columns(tmp_path: Path, state_url: str) -> None:
+    config = _config(tmp_path, state_url, destinations=2)
+    assert _run("--config", str(config), "sync").returncode == 0
+    done = _run("--config", str(config), "status", env={"COLUMNS": "80"})
+    assert done.returncode == 0, done.stdout
+    lines = done.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), "\n" + done.stdout
+    text = done.stdout
+    assert text.startswith("fans  audience, 10 members, initial sync complete\n")
+    assert "initial succeeded +10 -0 ~0, 20" in text and "(in " in text

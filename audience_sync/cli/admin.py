@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -166,45 +167,33 @@ def _progress_item(progress: queries.Progress | None) -> dict[str, Any] | None:
 
 
 def _print_status(items: list[dict[str, Any]], now: datetime) -> None:
-    """A table that stays readable at 80 columns (times: UTC to the second, and how far
-    from now), then one line per initial sync still delivering."""
-    import shutil
-
-    from rich.console import Console
-    from rich.table import Table
-
+    """A block per audience or trait, readable at 80 columns (times: UTC to the second, and
+    how far from now), with an initial sync's progress while it delivers."""
     from audience_sync.clock import duration, table_time
 
-    table = Table(title=None, show_edge=False, pad_edge=False)
-    table.add_column("audience / trait", overflow="fold")
-    table.add_column("members", justify="right")
-    table.add_column("last run", overflow="fold")
-    table.add_column("next due", overflow="fold")
-    table.add_column("pending / failed", overflow="fold")
+    if not items:
+        print("(no audiences or traits yet)", file=sys.stderr)
     for item in items:
         run = item["last_run"]
-        run_text = "-" if run is None else (
-            f"{run['kind']} {run['status']} +{run['entered']} -{run['exited']} "
-            f"~{run['changed']}\n{table_time(item['_last'], now)}")
-        table.add_row(
-            item["key"] + (" (orphaned)" if item["orphaned"] else "")
-            + f"\n{item['kind']}, initial sync {item['initial_sync']}",
-            f"{item['members']:,}", run_text, table_time(item["_next"], now),
-            _per_destination(item["pending"]) + "\nfailed: "
-            + _per_destination(item["failed"]))
-    width = shutil.get_terminal_size((120, 24)).columns  # honours COLUMNS
-    out = Console(highlight=False, width=width, soft_wrap=False)
-    out.print(table)
-    for item in items:
+        print(f"{item['key']}" + (" (orphaned)" if item["orphaned"] else "")
+              + f"  {item['kind']}, {item['members']:,} members, "
+              f"initial sync {item['initial_sync']}")
+        print("  last run   " + ("-" if run is None else
+              f"{run['kind']} {run['status']} +{run['entered']} -{run['exited']} "
+              f"~{run['changed']}, {table_time(item['_last'], now)}"))
+        print(f"  next due   {table_time(item['_next'], now)}")
+        print(f"  pending    {_per_destination(item['pending'])}")
+        if item["failed"]:
+            print(f"  failed     {_per_destination(item['failed'])}")
         progress: queries.Progress | None = item["_progress"]
-        if progress is None:
-            continue
-        percent = 100 * progress.done / progress.total if progress.total else 100.0
-        rate = f"{progress.rate:,.1f}/s" if progress.rate else "rate not known yet"
-        eta = f"ETA {duration(progress.eta_seconds)}" if progress.eta_seconds else "ETA unknown"
-        out.print(f"{item['key']}: initial sync since {table_time(progress.started_at, now)}: "
-                  f"{progress.done:,}/{progress.total:,} delivered ({percent:.0f}%), {rate}, "
-                  f"{eta}", markup=False)
+        if progress is not None:
+            percent = 100 * progress.done / progress.total if progress.total else 100.0
+            rate = f"{progress.rate:,.1f}/s" if progress.rate else "rate not known yet"
+            eta = f"ETA {duration(progress.eta_seconds)}" if progress.eta_seconds \
+                else "ETA unknown"
+            print(f"  delivering since {table_time(progress.started_at, now)}")
+            print(f"             {progress.done:,}/{progress.total:,} delivered "
+                  f"({percent:.0f}%), {rate}, {eta}")
 
 
 def _run_summary(run: queries.RunRecord | None) -> dict[str, Any] | None:
