@@ -26,7 +26,8 @@ def run_summary(run: RunRow | None) -> dict[str, Any] | None:
     if run is None:
         return None
     return {
-        "id": run.id, "run_id": run.id, "kind": run.kind, "status": run.status, "clock": iso(run.clock),
+        "id": run.id, "run_id": run.id, "kind": run.kind, "status": run.status,
+        "clock": iso(run.clock),
         "finished_at": iso(run.finished_at), "members": run.members, "entered": run.entered,
         "exited": run.exited, "changed": run.changed, "queued": run.queued,
         "skipped": _skipped(run), "error": run.error,
