@@ -359,3 +359,11 @@ def test_status_is_readable_at_80_columns(tmp_path: Path, state_url: str) -> Non
     text = done.stdout
     assert text.startswith("fans  audience, 10 members, initial sync complete\n")
     assert "initial succeeded +10 -0 ~0, 20" in text and "(in " in text
+
+
+def test_shell_completion_completes_commands(tmp_path: Path) -> None:
+    shown = _run("--show-completion", "bash")
+    assert shown.returncode == 0 and "_audience_sync_completion" in shown.stdout
+    done = _run(env={"_AUDIENCE_SYNC_COMPLETE": "complete_bash",
+                     "COMP_WORDS": "audience-sync res", "COMP_CWORD": "1"}, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.split() == ["resync"]
