@@ -109,7 +109,10 @@ def run_computation(
     try:
         with run_session(store, comp.key) as session:
             columns = _stage(session, comp, now, same_db, result, progress)
-            phase(f"snapshot loaded: {result.members:,} rows; computing the diff")
+            loaded = time.monotonic() - started
+            phase(f"snapshot loaded: {result.members:,} rows"
+                  + (f", {result.members / loaded:,.0f} rows/s" if loaded > 0 else "")
+                  + "; computing the diff")
             members_ids_only = row is not None and row.applied_columns == IDS_ONLY
             if comp.kind == "audience":
                 # Only membership changes cause an audience's calls; contact traits
@@ -147,6 +150,8 @@ def run_computation(
                         held_columns=_held_columns(kind, columns, row.applied_columns if row
                                                    else None))
                     result.status = RunStatus.SUCCEEDED
+            if result.status == RunStatus.SUCCEEDED:
+                phase(f"applied: run #{result.run_id} committed")
         if result.status == RunStatus.SUCCEEDED:
             refresh_statistics(store, comp, kind, _figures(result), result.previous_members)
     except SourceError as exc:

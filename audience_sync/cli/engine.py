@@ -49,9 +49,8 @@ def _progress(label: str) -> Iterator[Callable[[int], None] | None]:
         from audience_sync.progress import LogLines, Meter
 
         # No total is known while a query streams: rows so far and their rate.
-        lines = LogLines(Meter(label, None, unit="rows"))
-        yield lines.advance
-        lines.close()
+        # The runner says when the load ends, with its rate: no closing line here.
+        yield LogLines(Meter(label, None, unit="rows")).advance
         return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"),
                   TextColumn("{task.completed:,} rows"), TimeElapsedColumn(),
