@@ -59,7 +59,7 @@ class DestinationReport:
         return {"sent": self.sent, "failed": self.failed, "deferred": self.deferred,
                 "requests": self.requests, "retries": self.retries,
                 "throttled": self.throttled, "error": self.error, "waiting": self.waiting,
-                "reason": self.reason}
+                "reason": self.reason, "paused": self.paused}
 
 
 @dataclass

@@ -70,6 +70,9 @@ def test_sync_exit_codes_0_done_1_failed_2_usage_3_held(
     with freeze_time(T0):
         code, doc, _ = _sync(capsys, config)
     assert (code, doc["exit_code"], doc["ok"], doc["schema_version"]) == (0, 0, True, 1)
+    assert doc["deliveries"]["file1"] == {
+        "sent": 10, "failed": 0, "deferred": 0, "requests": 0, "retries": 0, "throttled": 0,
+        "error": None, "waiting": 0, "reason": None, "paused": False}
     # Every member leaving is held by the guard: 3, nothing failed.
     set_users(tmp_path / "warehouse.db", [])
     with freeze_time(T0 + timedelta(hours=1)):
