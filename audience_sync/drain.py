@@ -25,6 +25,7 @@ from audience_sync.config import Config, JsonlConfig
 from audience_sync.destinations import Destination, Outcome, make_destination
 from audience_sync.errors import AudienceSyncError
 from audience_sync.leases import Lease
+from audience_sync.progress import Tracker
 from audience_sync.ratelimit import shared_limiter
 from audience_sync.state.outbox import (
     DEFAULT_RETRY_LATER,
@@ -52,12 +53,13 @@ class DestinationReport:
     # (deferred or stopped), and the last reason a delivery was deferred.
     waiting: int = 0
     reason: str | None = None
+    paused: bool = False  # stopped by the drain's owner (DrainControl), not by a problem
 
     def as_dict(self) -> dict[str, Any]:
         return {"sent": self.sent, "failed": self.failed, "deferred": self.deferred,
                 "requests": self.requests, "retries": self.retries,
                 "throttled": self.throttled, "error": self.error, "waiting": self.waiting,
-                "reason": self.reason}
+                "reason": self.reason, "paused": self.paused}
 
 
 @dataclass
@@ -79,11 +81,18 @@ class DrainReport:
         return {name: r.as_dict() for name, r in self.destinations.items()}
 
 
+# Asked, per destination, for what follows its delivery: (name, deliveries due) -> a tracker
+# told the deliveries done so far (progress.DeliveryProgress.tracker).
+ProgressFactory = Callable[[str, int], Tracker]
+
+
 def drain(store: Store, config: Config, leases: Sequence[Lease], *,
           clients: Mapping[str, Destination] | None = None,
-          clock: Clock = utcnow, control: DrainControl | None = None) -> DrainReport:
+          clock: Clock = utcnow, control: DrainControl | None = None,
+          progress: ProgressFactory | None = None) -> DrainReport:
     """Send every due pending delivery of the leased audiences to its destination, each
-    destination in a thread of its own (until `control` gives a reason to stop).
+    destination in a thread of its own (until `control` gives a reason to stop), telling
+    `progress` how far each has got.
 
     Only audiences whose lease the caller holds are drained (and only configured ones: an
     orphaned audience sends nothing more); a lease taken over meanwhile stops the drain.
@@ -97,23 +106,31 @@ def drain(store: Store, config: Config, leases: Sequence[Lease], *,
         with ThreadPoolExecutor(len(names), thread_name_prefix="drain") as pool:
             for name in names:
                 pool.submit(_drain_guarded, store, config, name, leased, clients, clock,
-                            report.destinations[name], control or DrainControl())
+                            report.destinations[name], control or DrainControl(), progress)
     mark_initial_syncs_complete(store)
     return report
 
 
 def _drain_guarded(store: Store, config: Config, name: str, leases: list[Lease],
                    clients: Mapping[str, Destination] | None, clock: Clock,
-                   report: DestinationReport, control: DrainControl) -> None:
+                   report: DestinationReport, control: DrainControl,
+                   progress: ProgressFactory | None) -> None:
     try:
-        _drain_destination(store, config, name, leases, clients, clock, report, control)
+        _drain_destination(store, config, name, leases, clients, clock, report, control,
+                           progress)
     except AudienceSyncError as exc:
         report.error = exc.message
     except Exception as exc:  # a bug in one destination must not take the others down
         log.exception("destination %s: drain failed", name)
         report.error = f"destination {name!r}: unexpected {type(exc).__name__}"
     if report.error:
-        log.warning("%s", report.error)
+        # A drain paused by its owner (the daemon's slice used up, a stop) is routine; a
+        # destination refusing credentials or unusable needs a person.
+        log.log(logging.INFO if report.paused else logging.WARNING, "%s", report.error,
+                extra={"summary": True})  # the CLI prints it in its drain report
+    if report.failed:
+        log.warning("destination %s: %d deliveries failed for good (see `audience-sync "
+                    "deliveries --failed`, then `retry`)", name, report.failed)
 
 
 class DrainControl:
@@ -153,9 +170,11 @@ class _Pipeline:
     """
 
     def __init__(self, claims: Claims, client: Destination, report: DestinationReport,
-                 name: str, retry_later: timedelta, control: DrainControl) -> None:
+                 name: str, retry_later: timedelta, control: DrainControl,
+                 tracker: Tracker | None = None) -> None:
         self.claims, self.client, self.report, self.name, self.retry_later = \
             claims, client, report, name, retry_later
+        self.tracker = tracker
         self.control = control
         self.loading = threading.Lock()
         self.changed = threading.Condition()  # over on_wire, stopped, halted and the report
@@ -172,6 +191,9 @@ class _Pipeline:
                     if not _tally(self.report, outcomes, self.name):
                         self.stopped = True
                         self.halted = self.halted or any(o.halt for o in outcomes)
+                    report = self.report
+                    if self.tracker is not None:
+                        self.tracker.update(report.sent + report.failed + report.deferred)
                 self.claims.finish(claim, outcomes, self.retry_later)
                 with self.changed:
                     self.on_wire.remove(claim)
@@ -192,6 +214,7 @@ class _Pipeline:
                     self.stopped = True
                     self.report.error = self.report.error or \
                         f"destination {self.name!r}: drain paused ({reason})"
+                    self.report.paused = True
                 return None
             claim = self.claims.next()
             with self.changed:
@@ -208,7 +231,8 @@ class _Pipeline:
 
 def _drain_destination(store: Store, config: Config, name: str, leases: list[Lease],
                        clients: Mapping[str, Destination] | None, clock: Clock,
-                       report: DestinationReport, control: DrainControl) -> None:
+                       report: DestinationReport, control: DrainControl,
+                       progress: ProgressFactory | None = None) -> None:
     settings = config.destinations[name]
     retry_later = (DEFAULT_RETRY_LATER if isinstance(settings, JsonlConfig)
                    else settings.retry_later)
@@ -221,7 +245,9 @@ def _drain_destination(store: Store, config: Config, name: str, leases: list[Lea
     # outcomes commit as soon as it is answered, while the others keep the destination busy.
     window = max(1, client.window)
     claims = Claims(store, name, lambda: _claim_size(client), leases, clock)
-    pipeline = _Pipeline(claims, client, report, name, retry_later, control)
+    tracker = progress(name, count_pending(store, name, claims.comp_ids)) \
+        if progress is not None else None
+    pipeline = _Pipeline(claims, client, report, name, retry_later, control, tracker)
     try:
         if window == 1:
             pipeline.work()
@@ -230,6 +256,8 @@ def _drain_destination(store: Store, config: Config, name: str, leases: list[Lea
                 for worker in [workers.submit(pipeline.work) for _ in range(window)]:
                     worker.result()
     finally:
+        if tracker is not None:
+            tracker.close()
         claims.abandon()
         wire = client.stats.take()
         report.requests += wire["requests"]

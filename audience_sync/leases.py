@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -77,27 +78,36 @@ def try_acquire(store: Store, key: str, owner: str, *, ttl: timedelta,
 
 def acquire(store: Store, key: str, owner: str, *, ttl: timedelta, clock: Clock,
             wait: bool = True, on_wait: Callable[[Holder], None] | None = None,
-            cancelled: threading.Event | None = None) -> Lease:
-    """Take the lease, waiting for the holder to release it or let it expire.
+            cancelled: threading.Event | None = None,
+            max_wait: float | None = None) -> Lease:
+    """Take the lease, waiting (at most `max_wait` seconds, when given) for the holder to
+    release it or let it expire.
 
-    :raises LeaseBusy: wait is False (or the wait was cancelled) and another owner holds it.
+    :raises LeaseBusy: wait is False (or the wait was cancelled or ran out) and another owner
+        holds it.
     """
     told = False
+    deadline = None if max_wait is None else time.monotonic() + max_wait
     while True:
         lease = try_acquire(store, key, owner, ttl=ttl, at=clock())
         if lease is not None:
             return lease
         current = holder(store, key)
-        if not wait or (cancelled is not None and cancelled.is_set()):
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        if not wait or out_of_time or (cancelled is not None and cancelled.is_set()):
             until = f" until {current.expires_at.isoformat()}" if current.expires_at else ""
-            raise LeaseBusy(f"{key}: {current.owner or 'another process'} holds the lease{until}")
+            waited = f" (gave up after waiting {max_wait:g}s)" if out_of_time else ""
+            raise LeaseBusy(f"{key}: {current.owner or 'another process'} holds the lease"
+                            f"{until}{waited}")
         if not told and on_wait is not None:
             on_wait(current)
             told = True
+        pause = WAIT_POLL_SECONDS if deadline is None else \
+            max(0.0, min(WAIT_POLL_SECONDS, deadline - time.monotonic()))
         if cancelled is not None:
-            cancelled.wait(WAIT_POLL_SECONDS)
+            cancelled.wait(pause)
         else:
-            threading.Event().wait(WAIT_POLL_SECONDS)
+            threading.Event().wait(pause)
 
 
 class Renewer:
@@ -154,7 +164,8 @@ def held(store: Store, lease: Lease, *, ttl: timedelta, clock: Clock) -> Iterato
 
 def hold_all(stack: ExitStack, store: Store, keys: Iterable[str], owner: str, *,
              ttl: timedelta = DEFAULT_TTL, clock: Clock = utcnow, wait: bool = True,
-             on_wait: Callable[[str, Holder], None] | None = None) -> list[Lease]:
+             on_wait: Callable[[str, Holder], None] | None = None,
+             max_wait: float | None = None) -> list[Lease]:
     """Take the leases of several audiences and keep them renewed until `stack` closes.
 
     In key order, so two processes taking overlapping sets never wait on each other in a
@@ -166,7 +177,8 @@ def hold_all(stack: ExitStack, store: Store, keys: Iterable[str], owner: str, *,
             if on_wait is not None:
                 on_wait(key, current)
 
-        lease = acquire(store, key, owner, ttl=ttl, clock=clock, wait=wait, on_wait=tell)
+        lease = acquire(store, key, owner, ttl=ttl, clock=clock, wait=wait, on_wait=tell,
+                        max_wait=max_wait)
         stack.enter_context(held(store, lease, ttl=ttl, clock=clock))
         leases.append(lease)
     return leases

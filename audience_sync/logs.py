@@ -6,8 +6,10 @@ One timestamp format everywhere: ISO-8601 in UTC with a Z and milliseconds
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -65,17 +67,41 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return None
 
 
-def setup_logging(fmt: str = "plain", verbose: bool = False, *, daemon: bool = False) -> None:
+def same_stream() -> bool:
+    """stdout and stderr are one file, pipe or terminal (`2>&1`, or both on a terminal)."""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+
+
+class DropSummaries(logging.Filter):
+    """Drops the log lines a command prints as its summary anyway (records logged with
+    extra={"summary": True}): one stream must not carry every outcome twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "summary", False)
+
+
+def setup_logging(fmt: str = "plain", verbose: bool = False, *, daemon: bool = False,
+                  quiet: bool = False, drop_summaries: bool = False) -> None:
     """Log lines on stderr in `fmt` (plain or json). Commands log at INFO when stderr is not a
-    terminal (a progress bar shows otherwise); the daemon always does; -v is DEBUG."""
+    terminal (a progress bar shows otherwise), WARNING on one; the daemon always at INFO;
+    -v is DEBUG, -q ERROR. `drop_summaries`: the command prints its summary on the same
+    stream, so the log lines that say the same are left out."""
     if verbose:
         level = logging.DEBUG
+    elif quiet:
+        level = logging.ERROR
     elif daemon or not sys.stderr.isatty():
         level = logging.INFO
     else:
         level = logging.WARNING
     handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    if drop_summaries:
+        handler.addFilter(DropSummaries())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -83,5 +109,5 @@ def setup_logging(fmt: str = "plain", verbose: bool = False, *, daemon: bool = F
     package.handlers[:] = []
     package.setLevel(level)
     package.propagate = True
-    for name, quiet in _QUIET.items():
-        logging.getLogger(name).setLevel(quiet)
+    for name, floor in _QUIET.items():
+        logging.getLogger(name).setLevel(floor)

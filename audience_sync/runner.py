@@ -45,6 +45,8 @@ class RunResult:
     exited: int = 0
     changed: int = 0
     queued: int = 0
+    # What this run sends (or, dry, what a forced run would send) to each destination.
+    per_destination: dict[str, int] = field(default_factory=dict)
     skipped: SkipCounts = field(default_factory=SkipCounts)
     error: str | None = None
     sample_entered: list[str] = field(default_factory=list)
@@ -60,7 +62,7 @@ class RunResult:
             "key": self.key, "kind": self.kind, "status": self.status, "run_id": self.run_id,
             "members": self.members, "previous_members": self.previous_members,
             "entered": self.entered, "exited": self.exited, "changed": self.changed,
-            "queued": self.queued,
+            "queued": self.queued, "per_destination": self.per_destination,
             "skipped": self.skipped.as_dict(),
             "error": self.error, "sample_entered": self.sample_entered,
             "sample_exited": self.sample_exited, "seconds": round(self.seconds, 3),
@@ -103,9 +105,14 @@ def run_computation(
     same_db = comp.source.url == config.state_db and value_decoder(comp.definition) is None
     log.info("%s: %s run started (loading snapshot from source %r)", comp.key, kind,
              comp.source_name)
+    phase = _phases(comp.key)
     try:
         with run_session(store, comp.key) as session:
             columns = _stage(session, comp, now, same_db, result, progress)
+            loaded = time.monotonic() - started
+            phase(f"snapshot loaded: {result.members:,} rows"
+                  + (f", {result.members / loaded:,.0f} rows/s" if loaded > 0 else "")
+                  + "; computing the diff")
             members_ids_only = row is not None and row.applied_columns == IDS_ONLY
             if comp.kind == "audience":
                 # Only membership changes cause an audience's calls; contact traits
@@ -121,34 +128,65 @@ def run_computation(
                 result.members = result.previous_members - diff.exited + diff.entered
                 _fill(result, diff)
                 held = _hold_reason(comp, result, force)
+                sends = result.queued
+                # A dry run tells what a forced run would send, to each destination.
+                result.per_destination = {name: sends for name in comp.destinations}
+                result.queued = sends * len(comp.destinations)
                 if held or dry_run:
                     tx.rollback()
                     if held:
                         result.status = RunStatus.HELD
                         result.error = held
-                        result.queued = 0  # as its run record says: nothing was queued
+                    if held and not dry_run:
+                        # As its run record says: nothing was queued.
+                        result.queued = 0
+                        result.per_destination = {}
                 else:
-                    result.queued *= len(comp.destinations)
+                    phase(f"diff: +{result.entered:,} -{result.exited:,} ~{result.changed:,}; "
+                          f"applying ({result.queued:,} deliveries to queue)")
                     result.run_id = tx.apply(
                         comp, cid, kind, now, _figures(result), force=force,
                         fencing_token=fencing_token, clock=clock,
                         held_columns=_held_columns(kind, columns, row.applied_columns if row
                                                    else None))
                     result.status = RunStatus.SUCCEEDED
+            if result.status == RunStatus.SUCCEEDED:
+                phase(f"applied: run #{result.run_id} committed")
         if result.status == RunStatus.SUCCEEDED:
             refresh_statistics(store, comp, kind, _figures(result), result.previous_members)
     except SourceError as exc:
         result.status = RunStatus.FAILED
         result.error = exc.message
+        # Nothing changed: the audience still has the members it had before this run.
+        result.members = result.previous_members
+        result.entered = result.exited = result.changed = result.queued = 0
+        result.per_destination = {}
     result.seconds = time.monotonic() - started
-    log.info("%s: %s run %s: %d members, +%d -%d ~%d, %d queued, %d rows skipped, %.2fs%s",
-             comp.key, kind, result.status, result.members, result.entered, result.exited,
-             result.changed, result.queued, result.skipped.total, result.seconds,
-             f" ({result.error})" if result.error else "")
+    # The outcome line: what the CLI prints as its summary too (`summary`: it drops this
+    # line when its stdout and stderr are one stream).
+    log.log(_LEVELS.get(result.status, logging.INFO),
+            "%s: %s run %s: %d members, +%d -%d ~%d, %d queued, %d rows skipped, %.2fs%s",
+            comp.key, kind, result.status, result.members, result.entered, result.exited,
+            result.changed, result.queued, result.skipped.total, result.seconds,
+            f" ({result.error})" if result.error else "", extra={"summary": True})
     if result.status in (RunStatus.FAILED, RunStatus.HELD) and not dry_run:
         result.run_id = record_unapplied(store, comp, cid, kind, now, _figures(result),
                                          fencing_token, clock)
     return result
+
+
+_LEVELS = {RunStatus.FAILED: logging.ERROR, RunStatus.HELD: logging.WARNING}
+
+
+def _phases(key: str) -> Callable[[str], None]:
+    """Logs each phase of a run as it begins, with the seconds the previous one took."""
+    last = [time.monotonic()]
+
+    def phase(what: str) -> None:
+        now = time.monotonic()
+        log.info("%s: %s (%.1fs)", key, what, now - last[0])
+        last[0] = now
+    return phase
 
 
 def _not_before_last_run(key: str, now: datetime, last_run_at: datetime | None) -> datetime:

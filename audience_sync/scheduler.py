@@ -24,7 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from audience_sync.cadence import Cadence, due_keys, is_due
-from audience_sync.clock import Clock, utcnow
+from audience_sync.clock import Clock, duration, utcnow
 from audience_sync.config import Computation, Config
 from audience_sync.destinations import Destination, make_destination
 from audience_sync.drain import DrainControl, DrainReport, drain
@@ -34,6 +34,7 @@ from audience_sync.ratelimit import shared_limiter
 from audience_sync.runner import RunResult, run_computation
 from audience_sync.state import queries
 from audience_sync.state.store import Store
+from audience_sync.states import InitialState
 
 log = logging.getLogger("audience_sync.daemon")
 
@@ -176,13 +177,23 @@ class Daemon:
                        clock=self.clock, control=self._control)
         self.observer.drained(report)
         paused = bool(self._gate.tripped)
+        progress = self._initial_progress(comp)
         for name, dest in report.destinations.items():
             if dest.sent or dest.failed or (dest.error and not paused):
-                log.info("%s -> %s: %d sent, %d failed, %d to retry%s", comp.key, name,
-                         dest.sent, dest.failed, dest.deferred,
+                # Per slice: what it did, then where the initial sync stands (sent/total,
+                # percent, the rate over the last minutes, ETA): a 6-hour sync is followable.
+                where, fields = _progress_text(progress)
+                log.info("%s -> %s: %d sent, %d failed, %d to retry this slice%s%s", comp.key,
+                         name, dest.sent, dest.failed, dest.deferred, where,
                          f" ({dest.error})" if dest.error else "",
                          extra=_fields(audience=comp.key, destination=name, sent=dest.sent,
-                                       failed=dest.failed, deferred=dest.deferred))
+                                       failed=dest.failed, deferred=dest.deferred, **fields))
+
+    def _initial_progress(self, comp: Computation) -> queries.Progress | None:
+        row = self.store.computation(comp.key)
+        if row is None or row.initial_state != InitialState.DELIVERING:
+            return None
+        return queries.initial_progress(self.store, row.id, self.clock())
 
     def _clients_for(self, comp: Computation) -> dict[str, Destination] | None:
         for name in comp.destinations:
@@ -279,6 +290,18 @@ class Daemon:
 def _fields(**values: Any) -> dict[str, Any]:
     """Structured fields for the JSON log format."""
     return {"fields": values}
+
+
+def _progress_text(progress: queries.Progress | None) -> tuple[str, dict[str, Any]]:
+    if progress is None:
+        return "", {}
+    percent = 100 * progress.done / progress.total if progress.total else 100.0
+    rate = f", {progress.rate:,.1f}/s over the last minutes" if progress.rate else ""
+    eta = f", ETA {duration(progress.eta_seconds)}" if progress.eta_seconds else ""
+    return (f"; initial sync {progress.done:,}/{progress.total:,} delivered ({percent:.0f}%)"
+            f"{rate}{eta}",
+            {"done": progress.done, "total": progress.total, "rate": progress.rate,
+             "eta_seconds": progress.eta_seconds})
 
 
 def _log_run(result: RunResult) -> None:

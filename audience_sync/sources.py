@@ -187,30 +187,61 @@ def ping_source(source: Source) -> str | None:
     return None
 
 
-def check_definitions(comps: Sequence[Computation]) -> list[tuple[Computation, str]]:
-    """Builder definitions naming an event table, property or trait the source lacks."""
-    from audience_sync.compiler import check_definition
+@dataclass(frozen=True)
+class Proof:
+    """What `check` learnt of one definition: the columns it returns, or why it cannot run."""
 
-    found = []
-    reachable: dict[str, bool] = {}
-    for comp in comps:
-        if comp.definition is None:
-            continue
-        if comp.source_name not in reachable:  # an unreachable source is reported once
-            reachable[comp.source_name] = ping_source(comp.source) is None
-        if not reachable[comp.source_name]:
-            continue
-        try:
-            engine = create_source_engine(comp.source.url)
-            problem = check_definition(comp.definition, comp.source, engine)
-            engine.dispose()
-        except SourceError as exc:
-            problem = exc.message
-        except SQLAlchemyError as exc:
-            problem = describe_db_error(exc)
-        if problem is not None:
-            found.append((comp, problem))
-    return found
+    comp: Computation
+    columns: tuple[str, ...] = ()
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def prove_definitions(comps: Sequence[Computation], now: datetime) -> list[Proof]:
+    """Prepare every definition's statement against its source, wrapped as a subquery with
+    LIMIT 0 (the database plans it, names its columns and reads no row). A query without
+    user_id, or a trait's without value, is a problem too. Definitions of an unreachable
+    source are skipped (the source is reported once, by ping_source)."""
+    proofs: list[Proof] = []
+    engines: dict[str, Engine | None] = {}
+    try:
+        for comp in comps:
+            if comp.source_name not in engines:
+                engines[comp.source_name] = None if ping_source(comp.source) is not None \
+                    else create_source_engine(comp.source.url)
+            engine = engines[comp.source_name]
+            if engine is not None:
+                proofs.append(_prove(comp, engine, now))
+    finally:
+        for engine in engines.values():
+            if engine is not None:
+                engine.dispose()
+    return proofs
+
+
+def _prove(comp: Computation, engine: Engine, now: datetime) -> Proof:
+    try:
+        with engine.connect() as conn:
+            statement, params = computation_statement(comp, engine, now, conn)
+            if isinstance(statement, TextClause):
+                # The query's text as the user wrote it, less a trailing semicolon.
+                body = statement.text.strip().rstrip(";")
+                probe: Any = text(f"SELECT * FROM ({body}) AS proof LIMIT 0")
+            else:
+                probe = select(statement.subquery("proof")).limit(0)
+            names = list(conn.execute(probe, params).keys())
+        _positions(comp, names)
+    except SourceError as exc:
+        message = exc.message
+        prefix = f"{comp.path} ({comp.key}): "
+        return Proof(comp, problem=message[len(prefix):] if message.startswith(prefix)
+                     else message)
+    except _driver_errors() as exc:
+        return Proof(comp, problem=describe_db_error(exc))
+    return Proof(comp, columns=tuple(names))
 
 
 # -- values ---------------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ def test_cli_sync_waits_for_the_lease_or_gives_up_with_no_wait(
     try:
         assert waiting.stderr is not None
         line = waiting.stderr.readline()
-        assert "waiting for the lease held by daemon@host-7" in line
+        assert "for the lease held by daemon@host-7" in line
         assert waiting.poll() is None
         release(store, lease)
         out, err = waiting.communicate(timeout=60)

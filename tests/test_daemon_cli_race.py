@@ -110,7 +110,7 @@ def test_retry_beside_a_draining_daemon_sends_no_message_twice(
         daemons.append(daemon)
         wait_until(lambda: len(planhat.acked) >= 100, "the daemon to start draining", 60)
         left = DELIVERIES - 200 - len(planhat.acked)
-        retried = _cli(config, "retry")
+        retried = _cli(config, "retry", "--drain")
         # It started while the daemon still had most of the outbox to send.
         assert left > DELIVERIES / 2, f"only {left} deliveries left when retry started"
         assert retried.returncode == 0, retried.stderr

@@ -151,7 +151,7 @@ def test_partial_bulk_failure_fails_exactly_those_members(
 
     # The operator fixes the data on Planhat's side, then asks for a retry.
     planhat.known_domains.add("nowhere.org")
-    code, out, err = cli(capsys, "--config", str(config), "retry", "power_users")
+    code, out, err = cli(capsys, "--config", str(config), "retry", "power_users", "--drain")
     assert code == 0, err
     assert "re-queued 1" in out
     assert planhat.endusers["u5"]["custom"] == {"power_users": True}

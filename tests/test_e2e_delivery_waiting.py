@@ -87,7 +87,7 @@ def test_retry_exits_1_when_what_it_requeued_is_still_waiting(
         conn.execute(update(t.deliveries).values(status="failed"))
     store.dispose()
     planhat.fail_next(10_000, "500")
-    code, out, err = cli(capsys, "--config", str(config), "retry")
+    code, out, err = cli(capsys, "--config", str(config), "retry", "--drain")
     assert code == 1, out + err
     assert _waiting_line(err).startswith(f"planhat: {MEMBERS} deliveries still waiting (HTTP 500")
 

@@ -250,7 +250,7 @@ def test_removal_guard_holds_then_force_applies(project: Project,
     with freeze_time(T0 + timedelta(hours=2)):
         doc = sync(capsys, project, "high_scorers")
     run = by_key(doc)["high_scorers"]
-    assert doc["exit_code"] == 1
+    assert doc["exit_code"] == 3  # held by the guard, nothing failed
     assert run["status"] == "held" and "--force" in run["error"]
     assert snapshot_state(project) == before
     # Half the audience leaving (3 of 5 > 50%) is held too.

@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 # Options of the whole program that may also be given after the command
 # (`audience-sync sync --log-format json -v`); the ones taking a value are listed True.
-GLOBAL_OPTIONS = {"-v": False, "--verbose": False, "--log-format": True}
+GLOBAL_OPTIONS = {"-v": False, "--verbose": False, "-q": False, "--quiet": False,
+                  "--log-format": True}
 
 
 def hoist_global_options(args: list[str]) -> list[str]:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import sys
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from audience_sync.cli.common import app, console, iso, open_config, open_store, print_json
+from audience_sync.cli.common import (
+    SCHEMA_VERSION,
+    app,
+    console,
+    iso,
+    open_config,
+    open_store,
+    print_json,
+)
 from audience_sync.errors import AudienceSyncError
-from audience_sync.states import DeliveryStatus
+from audience_sync.states import DeliveryStatus, InitialState
 from audience_sync.urls import mask_urls_in
 
 if TYPE_CHECKING:
@@ -32,45 +42,65 @@ def db_upgrade(ctx: typer.Context) -> None:
 
 
 @app.command()
-def check(ctx: typer.Context) -> None:
-    """Validate the config and reach every source and destination; print what is wrong."""
+def check(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Validate the config, reach every source and destination, and prepare every audience's
+    and trait's query against its source (LIMIT 0): print what is wrong."""
+    from audience_sync.clock import utcnow
     from audience_sync.destinations import check_destination
-    from audience_sync.sources import check_definitions, ping_source, read_only_note
+    from audience_sync.sources import ping_source, prove_definitions, read_only_note
     from audience_sync.state.store import open_without_writing
 
     config = open_config(ctx)
     out = console()
+    items: list[dict[str, Any]] = []
 
-    def say(line: str) -> None:
+    def found(kind: str, name: str, problem: str | None, shown: str | None = None,
+              **more: Any) -> None:
         # A base_url or database URL may carry a password or a key in its query; whatever
         # a driver or a destination put in its message, no URL is printed unmasked.
-        out.print(mask_urls_in(line), markup=False)
+        items.append({"kind": kind, "name": name, "ok": problem is None,
+                      "problem": mask_urls_in(problem) if problem else None, **more})
+        if not as_json:
+            columns = more.get("columns")
+            text = shown or "ok" + (f" (columns: {', '.join(columns)})" if columns else "") \
+                if problem is None else f"FAILED: {problem}"
+            out.print(mask_urls_in(f"{name}: {text}"), markup=False)
 
-    problems = 0
-    say(f"config {config.path}: ok ({len(config.computations)} audiences and traits)")
+    found("config", f"config {config.path}", None)
     try:
         # check writes nothing: a missing or old schema is reported, not created or migrated.
         open_without_writing(config.state_db).dispose()
-        say("state_db: ok")
+        found("state_db", "state_db", None)
     except AudienceSyncError as exc:
-        problems += 1
-        say(f"state_db: FAILED: {exc}")
+        found("state_db", "state_db", str(exc))
     for name, source in config.sources.items():
-        error = ping_source(source)
-        problems += error is not None
-        say(f"sources.{name}: " + ("ok" if error is None else f"FAILED: {error}"))
+        found("source", f"sources.{name}", ping_source(source),
+              note=read_only_note(source.url))
         note = read_only_note(source.url)
-        if note is not None:
-            say(f"sources.{name}: note: {note}")
-    for comp, problem in check_definitions(config.computations):
-        problems += 1
-        say(f"{comp.path} ({comp.key}): FAILED: {problem}")
+        if note is not None and not as_json:
+            out.print(mask_urls_in(f"sources.{name}: note: {note}"), markup=False)
+    for proof in prove_definitions(config.computations, utcnow()):
+        comp = proof.comp
+        found(comp.kind, f"{comp.path} ({comp.key})", proof.problem, key=comp.key,
+              columns=list(proof.columns) if proof.ok else None)
     for name, dest in config.destinations.items():
         ok, message = check_destination(name, dest)
-        problems += not ok
-        say(f"destinations.{name}: " + (message if ok else f"FAILED: {message}"))
+        found("destination", f"destinations.{name}", None if ok else message,
+              shown=message if ok else None, note=message if ok else None)
+    problems = sum(not item["ok"] for item in items)
+    if as_json:
+        for item in items:
+            item.setdefault("key", None)
+            item.setdefault("columns", None)
+            item.setdefault("note", None)
+        print_json({"schema_version": SCHEMA_VERSION, "ok": not problems,
+                    "problems": problems, "checks": items})
+    elif problems:
+        out.print(f"{problems} problem(s) found", markup=False)
     if problems:
-        say(f"{problems} problem(s) found")
         raise typer.Exit(1)
 
 
@@ -79,13 +109,14 @@ def status(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Per audience and trait: key, members, last run, next due, deliveries pending and failed."""
-    from rich.table import Table
-
+    """Per audience and trait: members, last run, next due, deliveries pending and failed, and
+    an initial sync's progress (sent/total, rate, ETA)."""
+    from audience_sync.clock import utcnow
     from audience_sync.state import queries
 
     config = open_config(ctx)
     store = open_store(config)
+    now = utcnow()
     rows = {row.key: row for row in queries.computations(store)}
     counts = queries.delivery_counts(store)
     items: list[dict[str, Any]] = []
@@ -97,6 +128,8 @@ def status(
                    if cid == row.id and st == DeliveryStatus.PENDING}
         failed = {dest: n for (cid, dest, st), n in counts.items()
                   if cid == row.id and st == DeliveryStatus.FAILED}
+        progress = queries.initial_progress(store, row.id, now) \
+            if row.initial_state == InitialState.DELIVERING else None
         items.append({
             "key": key,
             "name": row.name,
@@ -105,39 +138,73 @@ def status(
             "destinations": list(comp.destinations) if comp else [],
             "members": row.member_count,
             "initial_sync": row.initial_state,
+            "initial_progress": _progress_item(progress),
             "last_run": _run_summary(last_run),
             "last_success_at": iso(row.last_success_at),
             "next_due_at": iso(row.next_due_at) if key in configured else None,
             "pending": pending,
             "failed": failed,
             "lease_owner": row.lease_owner,
+            "_next": row.next_due_at if key in configured else None,
+            "_last": last_run.clock if last_run else None,
+            "_progress": progress,
         })
     if as_json:
-        print_json({"state_db": store.dialect, "computations": items})
+        print_json({"schema_version": SCHEMA_VERSION, "state_db": store.dialect,
+                    "computations": [{k: v for k, v in item.items() if not k.startswith("_")}
+                                     for item in items]})
         return
-    table = Table(title=None, show_edge=False)
-    for column in ("key", "kind", "members", "initial", "last run", "next due", "pending",
-                   "failed"):
-        table.add_column(column)
+    _print_status(items, now)
+
+
+def _progress_item(progress: queries.Progress | None) -> dict[str, Any] | None:
+    if progress is None:
+        return None
+    return {"run_id": progress.run_id, "started_at": iso(progress.started_at),
+            "total": progress.total, "done": progress.done, "pending": progress.pending,
+            "failed": progress.failed, "rate_per_second": progress.rate,
+            "eta_seconds": progress.eta_seconds}
+
+
+def _print_status(items: list[dict[str, Any]], now: datetime) -> None:
+    """A block per audience or trait, readable at 80 columns (times: UTC to the second, and
+    how far from now), with an initial sync's progress while it delivers."""
+    from audience_sync.clock import duration, table_time
+
+    if not items:
+        print("(no audiences or traits yet)", file=sys.stderr)
     for item in items:
         run = item["last_run"]
-        run_text = "-" if run is None else (
-            f"{run['kind']} {run['status']} +{run['entered']} -{run['exited']} ~{run['changed']}")
-        table.add_row(
-            item["key"] + (" (orphaned)" if item["orphaned"] else ""),
-            item["kind"], str(item["members"]), item["initial_sync"], run_text,
-            item["next_due_at"] or "-",
-            _per_destination(item["pending"]), _per_destination(item["failed"]))
-    console().print(table)
+        print(f"{item['key']}" + (" (orphaned)" if item["orphaned"] else "")
+              + f"  {item['kind']}, {item['members']:,} members, "
+              f"initial sync {item['initial_sync']}")
+        print("  last run   " + ("-" if run is None else
+              f"{run['kind']} {run['status']} +{run['entered']} -{run['exited']} "
+              f"~{run['changed']}, {table_time(item['_last'], now)}"))
+        print(f"  next due   {table_time(item['_next'], now)}")
+        print(f"  pending    {_per_destination(item['pending'])}")
+        if item["failed"]:
+            print(f"  failed     {_per_destination(item['failed'])}")
+        progress: queries.Progress | None = item["_progress"]
+        if progress is not None:
+            percent = 100 * progress.done / progress.total if progress.total else 100.0
+            rate = f"{progress.rate:,.1f}/s" if progress.rate else "rate not known yet"
+            eta = f"ETA {duration(progress.eta_seconds)}" if progress.eta_seconds \
+                else "ETA unknown"
+            print(f"  delivering since {table_time(progress.started_at, now)}")
+            print(f"             {progress.done:,}/{progress.total:,} delivered "
+                  f"({percent:.0f}%), {rate}, {eta}")
 
 
 def _run_summary(run: queries.RunRecord | None) -> dict[str, Any] | None:
-    """The run record's one mapping, as status has always named it: `id`, no key, no forced."""
+    """The run record's one mapping; `id` too, as status has always named it."""
     if run is None:
         return None
-    return {("id" if name == "run_id" else name): value for name, value in run.as_dict().items()
-            if name not in ("key", "forced")}
+    document = {name: value for name, value in run.as_dict().items()
+                if name not in ("key", "forced")}
+    document["id"] = run.id
+    return document
 
 
 def _per_destination(counts: dict[str, int]) -> str:
-    return ", ".join(f"{dest}: {n}" for dest, n in sorted(counts.items())) or "0"
+    return ", ".join(f"{dest}: {n:,}" for dest, n in sorted(counts.items())) or "0"

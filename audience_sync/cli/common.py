@@ -15,7 +15,7 @@ from rich.console import Console
 from audience_sync import __version__
 from audience_sync.clock import iso, utcnow
 from audience_sync.errors import ConfigError, UsageError
-from audience_sync.logs import LOG_FORMATS, setup_logging
+from audience_sync.logs import LOG_FORMATS, same_stream, setup_logging
 
 # Commands import what they use: `--help` and `--version` must not load SQLAlchemy, alembic,
 # httpx or psycopg (test_help_and_version_import_no_database_or_http_library).
@@ -27,13 +27,17 @@ if TYPE_CHECKING:
 __all__ = ["iso"]  # re-exported for the command modules
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
+# The version of the --json documents' shapes (README, "JSON output"): bumped when a field
+# changes meaning or goes away; new fields do not bump it.
+SCHEMA_VERSION = 1
 
 app = typer.Typer(
     name="audience-sync",
     help="Engage-style audience sync: compute audiences from your SQL database, "
     "keep their history, send the changes to Planhat and Segment-spec destinations.",
     no_args_is_help=True,
-    add_completion=False,
+    # `audience-sync --install-completion` / `--show-completion` (bash, zsh, fish, PowerShell).
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -60,6 +64,7 @@ def _callback(
         None, "--config", "-c", envvar="AUDIENCE_SYNC_CONFIG",
         help="Path to config.yaml (default ./config.yaml, or $AUDIENCE_SYNC_CONFIG)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Tracebacks and debug logs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors in the logs."),
     log_format: str = typer.Option(
         "plain", "--log-format", help="Log lines: plain or json (also after the command)."),
     _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
@@ -68,7 +73,8 @@ def _callback(
     if log_format not in LOG_FORMATS:
         raise UsageError(f"--log-format: {log_format!r} is not plain or json")
     ctx.obj = Globals(config_path=config, verbose=verbose, log_format=log_format)
-    setup_logging(log_format, verbose)
+    # One stream for both (2>&1, a terminal): the summaries are printed, not logged too.
+    setup_logging(log_format, verbose, quiet=quiet, drop_summaries=same_stream())
 
 
 def globals_of(ctx: typer.Context) -> Globals:
@@ -131,6 +137,17 @@ def print_drain_report(report: DrainReport) -> None:
         print(line)
 
 
+def unknown_name(name: str, config: Config) -> str:
+    """`unknown audience 'hgh_scorers' (did you mean 'high_scorers'?; known: ...)`."""
+    import difflib
+
+    names = [c.key for c in config.computations] + [c.name for c in config.computations]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?; " if close else ""
+    known = ", ".join(c.key for c in config.computations)
+    return f"unknown audience {name!r} ({hint}known: {known})"
+
+
 def resolve(config: Config, names: list[str]) -> list[Computation]:
     """Audiences and traits by name or key (all of them for no names); unknown is usage."""
     if not names:
@@ -140,8 +157,7 @@ def resolve(config: Config, names: list[str]) -> list[Computation]:
         try:
             comp = config.find(name)
         except ConfigError:
-            known = ", ".join(c.key for c in config.computations)
-            raise UsageError(f"unknown audience {name!r} (known: {known})") from None
+            raise UsageError(unknown_name(name, config)) from None
         if comp not in found:
             found.append(comp)
     return found

@@ -11,6 +11,7 @@ import typer
 
 from audience_sync.cli.common import (
     JSON_OPTION,
+    SCHEMA_VERSION,
     app,
     iso,
     open_config,
@@ -18,7 +19,14 @@ from audience_sync.cli.common import (
     print_json,
     resolve,
 )
-from audience_sync.cli.engine import NO_WAIT_OPTION, report_drain, take_leases
+from audience_sync.cli.engine import (
+    NO_WAIT_OPTION,
+    WAIT_OPTION,
+    delivery_progress,
+    parse_wait,
+    report_drain,
+    take_leases,
+)
 from audience_sync.errors import UsageError
 from audience_sync.states import DeliveryStatus
 
@@ -83,14 +91,21 @@ def retry(
     ctx: typer.Context,
     audience: str = typer.Argument(None, help="Name or key; every audience when omitted."),
     destination: str = typer.Option(None, "--destination", help="Only this destination."),
-    queue_only: bool = typer.Option(False, "--queue-only",
-                                    help="Re-queue but leave sending to the next sync or tick."),
+    drain_now: bool = typer.Option(False, "--drain",
+                                   help="Also send them now, in the foreground, with progress, "
+                                   "under the audiences' leases."),
+    queue_only: bool = typer.Option(False, "--queue-only", hidden=True,
+                                    help="What retry does without --drain (kept for scripts)."),
     no_wait: bool = NO_WAIT_OPTION,
+    wait: str = WAIT_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Re-queue failed deliveries and send them now, under the audiences' leases."""
-    from audience_sync.drain import drain
+    """Re-queue failed deliveries: the daemon or the next sync sends them (--drain: now)."""
     from audience_sync.state.outbox import requeue_failed
 
+    max_wait = parse_wait(wait)
+    if drain_now and queue_only:
+        raise UsageError("--drain and --queue-only contradict each other")
     config = open_config(ctx)
     key = _find(config, audience)
     _check_destination(config, destination)
@@ -100,15 +115,28 @@ def retry(
         row = store.computation(key)
         ids = [row.id] if row else []
     requeued, superseded = requeue_failed(store, ids, destination)
-    print(f"re-queued {requeued} failed deliveries"
-          + (f" ({superseded} superseded by newer changes)" if superseded else ""))
-    if queue_only or not requeued:
-        return
-    # Under the same leases sync and the daemon take: on SQLite they alone keep a delivery
-    # from being sent by this drain and a daemon's at once.
-    with ExitStack() as stack:
-        leases = take_leases(stack, store, resolve(config, [key] if key else []), no_wait)
-        report = drain(store, config, leases)
-    report_drain(report, as_json=False)
-    if not report.ok:
+    document: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "ok": True,
+                                "key": key, "destination": destination,
+                                "requeued": requeued, "superseded": superseded,
+                                "drained": False, "deliveries": None}
+    if not as_json:
+        print(f"re-queued {requeued} failed deliveries"
+              + (f" ({superseded} superseded by newer changes)" if superseded else "")
+              + ("" if drain_now or not requeued
+                 else "; the daemon or the next sync sends them (--drain: now)"))
+    if drain_now and requeued:
+        from audience_sync.drain import drain
+
+        # Under the same leases sync and the daemon take: on SQLite they alone keep a
+        # delivery from being sent by this drain and a daemon's at once.
+        with ExitStack() as stack:
+            leases = take_leases(stack, store, resolve(config, [key] if key else []), no_wait,
+                                 max_wait)
+            with delivery_progress() as progress:
+                report = drain(store, config, leases, progress=progress.tracker)
+        report_drain(report, as_json)
+        document.update(ok=report.ok, drained=True, deliveries=report.as_dict())
+    if as_json:
+        print_json(document)
+    if not document["ok"]:
         raise typer.Exit(1)

@@ -12,6 +12,7 @@ import typer
 
 from audience_sync.cli.common import (
     JSON_OPTION,
+    SCHEMA_VERSION,
     app,
     console,
     iso,
@@ -29,11 +30,15 @@ if TYPE_CHECKING:
     from audience_sync.config import Computation, Config
     from audience_sync.drain import DrainReport
     from audience_sync.leases import Holder, Lease
+    from audience_sync.progress import DeliveryProgress
     from audience_sync.runner import RunResult
     from audience_sync.state.store import Store
 
 NO_WAIT_OPTION = typer.Option(False, "--no-wait", help="Exit 1 when another process (a daemon) "
                               "holds an audience's lease, instead of waiting for it.")
+WAIT_OPTION = typer.Option("60s", "--wait", metavar="DURATION",
+                           help="Wait at most this long (30s, 5m) for another process's lease, "
+                           "then exit 1 naming the holder.")
 
 
 @contextmanager
@@ -41,7 +46,11 @@ def _progress(label: str) -> Iterator[Callable[[int], None] | None]:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     if not sys.stderr.isatty():
-        yield None
+        from audience_sync.progress import LogLines, Meter
+
+        # No total is known while a query streams: rows so far and their rate.
+        # The runner says when the load ends, with its rate: no closing line here.
+        yield LogLines(Meter(label, None, unit="rows")).advance
         return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"),
                   TextColumn("{task.completed:,} rows"), TimeElapsedColumn(),
@@ -50,18 +59,28 @@ def _progress(label: str) -> Iterator[Callable[[int], None] | None]:
         yield lambda n: bar.advance(task, n)
 
 
+def parse_wait(value: str) -> float:
+    from audience_sync.config import parse_duration
+
+    try:
+        return parse_duration(value).total_seconds()
+    except ValueError as exc:
+        raise UsageError(f"--wait: {exc}") from None
+
+
 def take_leases(stack: ExitStack, store: Store, comps: list[Computation],
-                no_wait: bool) -> list[Lease]:
+                no_wait: bool, max_wait: float | None = None) -> list[Lease]:
     """The same per-audience leases the daemon takes, held (renewed) until `stack` closes:
     through run and drain for sync and resync, through the drain for retry."""
     from audience_sync.leases import default_owner, hold_all
 
     def tell(key: str, current: Holder) -> None:
-        print(f"{key}: waiting for the lease held by {current.owner} "
+        limit = f" for at most {max_wait:g}s" if max_wait is not None else ""
+        print(f"{key}: waiting{limit} for the lease held by {current.owner} "
               "(--no-wait to give up instead)", file=sys.stderr, flush=True)
 
     return hold_all(stack, store, [c.key for c in comps], f"cli:{default_owner()}",
-                    clock=utcnow, wait=not no_wait, on_wait=tell)
+                    clock=utcnow, wait=not no_wait, on_wait=tell, max_wait=max_wait)
 
 
 def report_drain(report: DrainReport, as_json: bool) -> None:
@@ -73,22 +92,41 @@ def report_drain(report: DrainReport, as_json: bool) -> None:
         print(line, file=sys.stderr)
 
 
+# Exit codes of sync and resync (documented in the README): 1 wins over 3.
+EXIT_OK, EXIT_FAILED, EXIT_HELD = 0, 1, 3
+
+
+def exit_code(results: list[RunResult], report: DrainReport | None) -> int:
+    """1 when a run or a delivery failed (or tried deliveries still wait), else 3 when the
+    guard held a run, else 0."""
+    from audience_sync.states import RunStatus
+
+    if any(r.status == RunStatus.FAILED for r in results) or (report is not None
+                                                               and not report.ok):
+        return EXIT_FAILED
+    if any(r.status == RunStatus.HELD for r in results):
+        return EXIT_HELD
+    return EXIT_OK
+
+
 def _execute(ctx: typer.Context, names: list[str], *, resync: bool, dry_run: bool, force: bool,
-             as_json: bool, no_wait: bool = False) -> None:
+             as_json: bool, no_wait: bool = False, wait: str = "60s") -> None:
+    max_wait = parse_wait(wait)
     config = open_config(ctx)
     comps = resolve(config, names)
     # A dry run writes nothing: not even the schema or the audiences' registration.
     store = _open_for_dry_run(config) if dry_run else open_store(config)
     with ExitStack() as stack:
-        leases = [] if dry_run else take_leases(stack, store, comps, no_wait)
-        results, report = _run_and_drain(store, config, comps, leases, resync=resync,
-                                         dry_run=dry_run, force=force, as_json=as_json)
-    ok = all(r.ok for r in results) and (report is None or report.ok)
+        leases = [] if dry_run else take_leases(stack, store, comps, no_wait, max_wait)
+        runs, results, report = _run_and_drain(store, config, comps, leases, resync=resync,
+                                               dry_run=dry_run, force=force, as_json=as_json)
+    code = exit_code(results, report)
     if as_json:
-        print_json({"ok": ok, "dry_run": dry_run, "runs": [r.as_dict() for r in results],
+        print_json({"schema_version": SCHEMA_VERSION, "ok": code == EXIT_OK,
+                    "exit_code": code, "dry_run": dry_run, "runs": runs,
                     "deliveries": report.as_dict() if report else None})
-    if not ok:
-        raise typer.Exit(1)
+    if code:
+        raise typer.Exit(code)
 
 
 def _open_for_dry_run(config: Config) -> Store:
@@ -102,57 +140,84 @@ def _open_for_dry_run(config: Config) -> Store:
 
 def _run_and_drain(store: Store, config: Config, comps: list[Computation],
                    leases: list[Lease], *, resync: bool, dry_run: bool, force: bool,
-                   as_json: bool) -> tuple[list[RunResult], DrainReport | None]:
+                   as_json: bool) -> tuple[list[dict[str, Any]], list[RunResult],
+                                           DrainReport | None]:
     from audience_sync.drain import drain
     from audience_sync.runner import run_computation
 
     tokens = {lease.key: lease.token for lease in leases}
     results: list[RunResult] = []
+    runs: list[dict[str, Any]] = []
     for comp in comps:
         with _progress(f"{comp.key}: loading snapshot") as progress:
             result = run_computation(store, config, comp, resync=resync, force=force,
                                      dry_run=dry_run, progress=progress,
                                      fencing_token=tokens.get(comp.key))
         results.append(result)
+        runs.append(run_document(store, result))
         if not as_json:
-            _print_result(result, dry_run, _run_record(store, result))
+            _print_result(runs[-1], dry_run)
     report: DrainReport | None = None
     if not dry_run:
-        report = drain(store, config, leases)
+        with delivery_progress() as progress:
+            report = drain(store, config, leases, progress=progress.tracker)
         report_drain(report, as_json)
-    return results, report
+    return runs, results, report
 
 
-def _run_record(store: Store, result: RunResult) -> dict[str, Any] | None:
+def delivery_progress() -> DeliveryProgress:
+    """Per destination: a rich bar on a terminal, else plain log lines every ~10 s or 10%."""
+    from audience_sync.progress import DeliveryProgress
+
+    return DeliveryProgress(sys.stderr.isatty())
+
+
+def run_document(store: Store, result: RunResult) -> dict[str, Any]:
+    """One run as printed and as --json: its run record's figures when it left one (the one
+    source of truth), the plan's when it did not (a dry run); nulls rather than missing keys."""
     from audience_sync.state import queries
 
-    if result.run_id is None:
-        return None
-    record = queries.run_record(store, result.run_id)
-    return record.as_dict() if record is not None else None
+    document = result.as_dict()
+    record = queries.run_record(store, result.run_id) if result.run_id is not None else None
+    if record is not None:
+        # The record keeps four of the skip reasons; the run counted them all.
+        document.update({k: v for k, v in record.as_dict().items() if k != "skipped"})
+    else:
+        document.update({"clock": None, "finished_at": None, "forced": None})
+    return document
 
 
-def _print_result(result: RunResult, dry_run: bool, record: dict[str, Any] | None) -> None:
-    """The figures of the run record when the run left one (a held run queued nothing)."""
-    skipped = result.skipped
-    figures = record if record is not None else result.as_dict()
-    parts = [f"{result.key}: {result.kind} {'plan' if dry_run and result.ok else result.status}",
-             f"{figures['members']} members (+{figures['entered']} -{figures['exited']} "
-             f"~{figures['changed']})",
-             f"{figures['queued']} queued" if not dry_run
-             else f"{figures['queued']} would be sent"]
-    if skipped.total:
-        reasons = ", ".join(f"{reason.replace('_', ' ')} {n}"
-                            for reason, n in skipped.as_dict().items())
-        parts.append(f"skipped {skipped.total} rows ({reasons})")
-    print(", ".join(parts))
-    if result.error:
-        print(f"  {result.error}", file=sys.stderr)
+def _print_result(run: dict[str, Any], dry_run: bool) -> None:
+    """One line from the run's document (its run record's figures)."""
+    skipped = run["skipped"]
+    held = run["status"] == "held"
+    status = ("plan, held by the guard" if held else "plan") if dry_run and run["status"] in (
+        "planned", "held") else run["status"]
+    parts = [f"{run['key']}: {run['kind']} {status}" + (
+        f" (run #{run['run_id']})" if run["run_id"] is not None else ""),
+             f"{run['members']} members (+{run['entered']} -{run['exited']} "
+             f"~{run['changed']})"]
     if dry_run:
-        if result.sample_entered:
-            print(f"  would enter: {', '.join(result.sample_entered)}")
-        if result.sample_exited:
-            print(f"  would exit: {', '.join(result.sample_exited)}")
+        per = run["per_destination"]
+        sends = max(per.values(), default=0)
+        who = "a forced run" if held else "it"
+        parts.append(f"{who} would send {sends} to each of {', '.join(sorted(per))} "
+                     f"({run['queued']} deliveries)" if per else "no destinations")
+    else:
+        parts.append(f"{run['queued']} queued")
+    total = sum(skipped.values())
+    if total:
+        reasons = ", ".join(f"{reason.replace('_', ' ')} {n}"
+                            for reason, n in skipped.items())
+        parts.append(f"skipped {total} rows ({reasons})")
+    print(", ".join(parts))
+    if run["error"]:
+        print(f"  {run['error']}", file=sys.stderr)
+    if dry_run:
+        if run["sample_entered"]:
+            print(f"  would enter: {', '.join(run['sample_entered'])}")
+        if run["sample_exited"]:
+            print(f"  would exit: {', '.join(run['sample_exited'])}")
 
 
 @app.command()
@@ -162,11 +227,15 @@ def sync(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     force: bool = typer.Option(False, "--force", help="Apply a run the removal guard held."),
     no_wait: bool = NO_WAIT_OPTION,
+    wait: str = WAIT_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Evaluate audiences now, whatever their cadence, and deliver the changes."""
+    """Evaluate audiences now, whatever their cadence, and deliver the changes.
+
+    Exit codes: 0 done, 1 a run or a delivery failed, 2 bad usage or config, 3 held by the
+    removal guard."""
     _execute(ctx, audiences or [], resync=False, dry_run=dry_run, force=force, as_json=as_json,
-             no_wait=no_wait)
+             no_wait=no_wait, wait=wait)
 
 
 @app.command()
@@ -176,11 +245,14 @@ def resync(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     force: bool = typer.Option(False, "--force", help="Apply a run the removal guard held."),
     no_wait: bool = NO_WAIT_OPTION,
+    wait: str = WAIT_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Send every current member again, and false to those who left since the last run."""
+    """Send every current member again, and false to those who left since the last run.
+
+    Exit codes as for sync."""
     _execute(ctx, [audience], resync=True, dry_run=dry_run, force=force, as_json=as_json,
-             no_wait=no_wait)
+             no_wait=no_wait, wait=wait)
 
 
 def _computation_id(store: Store, comp: Computation) -> int:

@@ -72,6 +72,7 @@ class Progress:
     failed: int
     rate: float | None  # deliveries acknowledged per second over the last minutes
     eta_seconds: float | None
+    started_at: datetime | None = None  # when the initial run began
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def _indexed(conn: Connection, index: str) -> str:
     return f"INDEXED BY {index}" if conn.dialect.name == "sqlite" else ""
 
 
-def _unsent_counts(conn: Connection,
+def unsent_counts(conn: Connection,
                    computation_id: int | None = None) -> dict[tuple[int, str, str], int]:
     """(computation id, destination, status) -> count of pending and failed deliveries, one
     query per status along its partial index (a status IN (...) uses neither)."""
@@ -228,14 +229,16 @@ def _initial_run_id(conn: Connection, computation_id: int) -> int | None:
     return conn.execute(query).scalar()
 
 
-def _progress(conn: Connection, computation_id: int, pending: dict[str, int], failed: int,
+def initial_progress(conn: Connection, computation_id: int, pending: dict[str, int], failed: int,
               at: datetime) -> Progress | None:
     """Deliveries of the initial run: how many are no longer waiting, and at what rate."""
     run_id = _initial_run_id(conn, computation_id)
     if run_id is None:
         return None
     waiting = sum(pending.values())
-    total = int(conn.execute(select(t.runs.c.queued).where(t.runs.c.id == run_id)).scalar_one())
+    queued, started_at = conn.execute(select(t.runs.c.queued, t.runs.c.started_at)
+                                      .where(t.runs.c.id == run_id)).one()
+    total = int(queued)
     d = t.deliveries
     # The drain sends each destination's queue in id order: the newest acknowledged rows lie
     # just below the head of the queue (one index seek per destination), or below the run's
@@ -259,7 +262,8 @@ def _progress(conn: Connection, computation_id: int, pending: dict[str, int], fa
             rate = count / max((at - first).total_seconds(), 1.0)
     return Progress(run_id=run_id, total=total, done=max(0, total - waiting - failed),
                     pending=waiting, failed=failed, rate=rate,
-                    eta_seconds=waiting / rate if rate and waiting else None)
+                    eta_seconds=waiting / rate if rate and waiting else None,
+                    started_at=started_at)
 
 
 def _summary(conn: Connection, row: Row[Any], counts: dict[tuple[int, str, str], int],
@@ -270,7 +274,7 @@ def _summary(conn: Connection, row: Row[Any], counts: dict[tuple[int, str, str],
               if cid == row.id and st == DeliveryStatus.FAILED}
     progress = None
     if row.initial_state == InitialState.DELIVERING:
-        progress = _progress(conn, row.id, pending, sum(failed.values()), at)
+        progress = initial_progress(conn, row.id, pending, sum(failed.values()), at)
     return AudienceSummary(
         id=row.id, key=row.key, name=row.name, kind=row.kind, members=row.member_count,
         initial_state=row.initial_state, next_due_at=row.next_due_at,
@@ -281,7 +285,7 @@ def _summary(conn: Connection, row: Row[Any], counts: dict[tuple[int, str, str],
 
 def overview(conn: Connection, at: datetime) -> list[AudienceSummary]:
     """Every audience and trait the store knows, in the order they were registered."""
-    counts = _unsent_counts(conn)
+    counts = unsent_counts(conn)
     rows = conn.execute(select(*_COMPUTATION_COLUMNS).order_by(t.computations.c.id)).all()
     return [_summary(conn, row, counts, at) for row in rows]
 
@@ -292,7 +296,7 @@ def audience(conn: Connection, key: str, at: datetime, *,
     row = conn.execute(select(*_COMPUTATION_COLUMNS).where(t.computations.c.key == key)).first()
     if row is None:
         return None
-    summary = _summary(conn, row, _unsent_counts(conn, row.id), at)
+    summary = _summary(conn, row, unsent_counts(conn, row.id), at)
     newest = (select(*_RUN_COLUMNS).where(t.runs.c.computation_id == row.id)
               .order_by(t.runs.c.id.desc()))
     series = tuple(reversed([_run(r) for r in conn.execute(newest.limit(CHART_RUNS))]))

@@ -17,13 +17,14 @@ from sqlalchemy import Row, and_, desc, distinct, func, literal, or_, select, un
 
 from audience_sync.clock import iso
 from audience_sync.state import schema as t
+from audience_sync.state.dashboard import Progress
 from audience_sync.state.store import ComputationRow, Store
 from audience_sync.states import DeliveryStatus, RunKind, RunStatus
 
-__all__ = ["AudienceMember", "ComputationRow", "HistoryEvent", "RunRecord", "TraitValue",
-           "UnsentDelivery", "audience_members", "computations", "delivery_counts",
-           "history", "keys_with_due_pending", "run_record", "runs", "trait_values",
-           "unsent_deliveries"]
+__all__ = ["AudienceMember", "ComputationRow", "HistoryEvent", "Progress", "RunRecord",
+           "TraitValue", "UnsentDelivery", "audience_members", "computations", "delivery_counts",
+           "history", "initial_progress", "keys_with_due_pending", "run_record", "runs",
+           "trait_values", "unsent_deliveries"]
 
 
 # -- runs ---------------------------------------------------------------------------------------
@@ -98,6 +99,20 @@ def runs(store: Store, *, key: str | None = None, limit: int | None = 50) -> lis
 
 def computations(store: Store) -> list[ComputationRow]:
     return store.computations()
+
+
+def initial_progress(store: Store, computation_id: int, at: datetime) -> Progress | None:
+    """An initial sync still delivering: started at, done of total, the rate over the last
+    minutes, ETA (the dashboard's own figures: one query for both)."""
+    from audience_sync.state import dashboard
+
+    with store.read() as conn:
+        counts = dashboard.unsent_counts(conn, computation_id)
+        pending = {dest: n for (_cid, dest, st), n in counts.items()
+                   if st == DeliveryStatus.PENDING}
+        failed = sum(n for (_cid, _dest, st), n in counts.items()
+                     if st == DeliveryStatus.FAILED)
+        return dashboard.initial_progress(conn, computation_id, pending, failed, at)
 
 
 def delivery_counts(store: Store) -> dict[tuple[int, str, DeliveryStatus], int]:

@@ -126,7 +126,7 @@ class Dashboard:
         with self.store.read() as conn:
             summaries = dashboard.overview(conn, now)
         if api:
-            return _json({"state_db": self.store.dialect,
+            return _json({"schema_version": 1, "state_db": self.store.dialect,
                           "computations": [shapes.status_item(s, self.configured)
                                            for s in summaries]})
         rows = [(s, self._marks(s)) for s in summaries]

@@ -26,7 +26,8 @@ def run_summary(run: RunRow | None) -> dict[str, Any] | None:
     if run is None:
         return None
     return {
-        "id": run.id, "kind": run.kind, "status": run.status, "clock": iso(run.clock),
+        "id": run.id, "run_id": run.id, "kind": run.kind, "status": run.status,
+        "clock": iso(run.clock),
         "finished_at": iso(run.finished_at), "members": run.members, "entered": run.entered,
         "exited": run.exited, "changed": run.changed, "queued": run.queued,
         "skipped": _skipped(run), "error": run.error,
@@ -52,7 +53,8 @@ def _skipped(run: RunRow) -> dict[str, int]:
 def progress_item(progress: Progress | None) -> dict[str, Any] | None:
     if progress is None:
         return None
-    return {"run_id": progress.run_id, "total": progress.total, "done": progress.done,
+    return {"run_id": progress.run_id, "started_at": iso(progress.started_at),
+            "total": progress.total, "done": progress.done,
             "pending": progress.pending, "failed": progress.failed,
             "rate_per_second": progress.rate, "eta_seconds": progress.eta_seconds}
 
