@@ -519,15 +519,3 @@ class _Compiler:
                 partition_by=table.c[self.cols.user_id], order_by=(by_time, prop.asc()))
                 .label("nth")).where(*clauses).subquery("ranked")
         return select(ranked.c.user_id, ranked.c.v.label("value")).where(ranked.c.nth == 1)
-
-
-
-
-def check_definition(definition: Definition, source: Source, engine: Engine) -> str | None:
-    """None if every table and column the definition names exists in the source, else what
-    is missing (for `check`)."""
-    try:
-        compile_definition(definition, source, engine, datetime.now(UTC))
-    except SourceError as exc:
-        return exc.message
-    return None
