@@ -365,7 +365,10 @@ def test_status_is_readable_at_80_columns(tmp_path: Path, state_url: str) -> Non
 
 
 def test_shell_completion_completes_commands(tmp_path: Path) -> None:
-    shown = _run("--show-completion", "bash")
+    # Typer's own switch: name the shell instead of detecting it from the parent process
+    # (a test runner under a non-shell parent, as CI's, has none to detect).
+    shown = _run("--show-completion", "bash",
+                 env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
     assert shown.returncode == 0 and "_audience_sync_completion" in shown.stdout
     done = _run(env={"_AUDIENCE_SYNC_COMPLETE": "complete_bash",
                      "COMP_WORDS": "audience-sync res", "COMP_CWORD": "1"}, cwd=tmp_path)
