@@ -216,7 +216,8 @@ def _drain_destination(store: Store, config: Config, name: str, leases: list[Lea
     # Every drain of a destination, daemon or CLI, takes its requests from the one budget in
     # the state store: a CLI sync beside a daemon must not double the destination's rate.
     client = clients[name] if clients is not None and injected else \
-        make_destination(name, settings, limiter=shared_limiter(store, name, settings))
+        make_destination(name, settings, limiter=shared_limiter(store, name, settings),
+                         space=config.space or store.space_id())
     # A destination may keep several claims on the wire at once (`window`): each claim's
     # outcomes commit as soon as it is answered, while the others keep the destination busy.
     window = max(1, client.window)

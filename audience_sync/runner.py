@@ -128,12 +128,13 @@ def run_computation(
                         result.error = held
                         result.queued = 0  # as its run record says: nothing was queued
                 else:
-                    result.queued *= len(comp.destinations)
                     result.run_id = tx.apply(
                         comp, cid, kind, now, _figures(result), force=force,
                         fencing_token=fencing_token, clock=clock,
                         held_columns=_held_columns(kind, columns, row.applied_columns if row
                                                    else None))
+                    # Counted as written: a track row only for an entry, exit or new value.
+                    result.queued = tx.queued
                     result.status = RunStatus.SUCCEEDED
         if result.status == RunStatus.SUCCEEDED:
             refresh_statistics(store, comp, kind, _figures(result), result.previous_members)

@@ -105,6 +105,7 @@ class Daemon:
         # The drains' stop signal, checked before each claim (the batch in flight finishes).
         self._control = DrainControl(self._gate.reason, self.observer.progress)
         self._clients: dict[str, Destination] = {}
+        self._space_id: str | None = None
         self._comps: Mapping[str, Computation] = {c.key: c for c in config.computations}
         self._cadences = {c.key: Cadence(c.every, c.jitter) for c in config.computations}
 
@@ -184,6 +185,13 @@ class Daemon:
                          extra=_fields(audience=comp.key, destination=name, sent=dest.sent,
                                        failed=dest.failed, deferred=dest.deferred))
 
+    def _space(self) -> str:
+        if self.config.space is not None:
+            return self.config.space
+        if self._space_id is None:
+            self._space_id = self.store.space_id()
+        return self._space_id
+
     def _clients_for(self, comp: Computation) -> dict[str, Destination] | None:
         for name in comp.destinations:
             if name not in self._clients:
@@ -191,7 +199,8 @@ class Daemon:
                 shared = self.options.shared_budget
                 try:
                     limiter = shared_limiter(self.store, name, settings) if shared else None
-                    inner = make_destination(name, settings, limiter=limiter)
+                    inner = make_destination(name, settings, limiter=limiter,
+                                             space=self._space())
                 except AudienceSyncError as exc:
                     # Only this destination is unusable (its drain reports why); the
                     # audience's other destinations still get their deliveries.

@@ -253,13 +253,16 @@ def basic(token: str) -> str:
 
 
 class FakePlanhat(FakeServer):
-    """/dock/segment (Segment mode) and /endusers (REST API mode)."""
+    """/dock/segment (Segment mode: identify and track), /endusers and /customfields (REST API
+    mode), /analytics/bulk/{tenant token} (user activities, on the analytics host)."""
 
     def __init__(self, tenant_token: str = "", api_token: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tenant_token = tenant_token
         self.api_token = api_token
-        self.messages: list[dict[str, Any]] = []  # identify calls acknowledged
+        self.messages: list[dict[str, Any]] = []  # identify and track calls acknowledged
+        self.activities: list[dict[str, Any]] = []  # user activities acknowledged
+        self.activity_requests = 0
         self.endusers: dict[str, dict[str, Any]] = {}  # externalId -> merged end user
         self.bulk_requests: list[list[dict[str, Any]]] = []
         self.known_domains: set[str] = {"example.com"}
@@ -270,6 +273,8 @@ class FakePlanhat(FakeServer):
     def route(self, method: str, path: str, auth: str, body: bytes) -> Answer:
         if path == "/dock/segment" and method == "POST":
             return self._identify(auth, body)
+        if path.startswith("/analytics/bulk/") and method == "POST":
+            return self._activities(path.removeprefix("/analytics/bulk/"), auth, body)
         if path == "/endusers" and method == "PUT":
             return self._bulk(auth, body)
         if path == "/endusers" and method == "GET":
@@ -293,6 +298,24 @@ class FakePlanhat(FakeServer):
             self.messages.append(message)
             self.acked.append(message["messageId"])
         return Answer(200, {"ok": True})
+
+    def _activities(self, token: str, auth: str, body: bytes) -> Answer:
+        if token != self.tenant_token or auth:
+            return Answer(403, {"message": "invalid tenant token"})
+        items = json.loads(body)
+        if not isinstance(items, list) or len(items) > 5000:
+            return Answer(400, {"message": "expected an array of at most 5000 activities"})
+        for item in items:
+            if not isinstance(item, dict) or not (item.get("externalId") or item.get("email")) \
+                    or not item.get("action"):
+                return Answer(400, {"message": "an activity needs externalId or email, action"})
+        with self.lock:
+            self.activity_requests += 1
+            self.activities.extend(items)
+            self.acked.extend(json.dumps(["activity", i.get("externalId"), i["action"],
+                                          i.get("info"), i.get("date")], sort_keys=True)
+                              for i in items)
+        return Answer(200, {"processed": len(items)})
 
     def _bulk(self, auth: str, body: bytes) -> Answer:
         if auth != f"Bearer {self.api_token}":
@@ -333,11 +356,15 @@ class FakePlanhat(FakeServer):
 
 
 def _identify_problem(message: Any) -> str | None:
-    if not isinstance(message, dict) or message.get("type") != "identify":
-        return "expected one identify call"
+    """Planhat acts on identify and track calls at /dock/segment."""
+    if not isinstance(message, dict) or message.get("type") not in ("identify", "track"):
+        return "expected one identify or track call"
     if not message.get("userId") or message.get("user_id") != message.get("userId"):
         return "userId and user_id are required and must agree"
-    for field in ("traits", "context", "integrations", "messageId", "timestamp"):
+    body = "traits" if message["type"] == "identify" else "properties"
+    if message["type"] == "track" and not message.get("event"):
+        return "a track call needs its event"
+    for field in (body, "context", "integrations", "messageId", "timestamp"):
         if field not in message:
             return f"missing {field}"
     return None

@@ -63,9 +63,10 @@ def test_three_syncs_send_everything_then_changes_then_nothing(
     assert ann["type"] == "identify" and ann["userId"] == ann["user_id"] == "u1"
     assert ann["traits"] == {"email": "ann@example.com", "name": "Ann", "title": "CTO",
                              "companyId": "c1", "power_users": True}
-    assert ann["context"]["personas"] == {"computation_class": "audience",
-                                          "computation_key": "power_users",
-                                          "computation_id": "aud_power_users"}
+    persona = ann["context"]["personas"]
+    space = persona.pop("space_id")
+    assert persona == {"computation_class": "audience", "computation_key": "power_users",
+                       "computation_id": "aud_power_users", "namespace": f"spa_{space}"}
     assert ann["context"]["library"]["name"] == "audience-sync"
     assert ann["integrations"] == {"All": False, "Planhat": True}
     assert ann["messageId"].startswith("as-") and len(ann["messageId"]) <= 100

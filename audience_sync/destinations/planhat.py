@@ -1,7 +1,8 @@
 """The `planhat` destination, in its two modes (reference/wire-formats.md sections 1 and 2).
 
-mode `segment`: what Segment's Planhat destination sends, one identify per request.
-mode `api`: bulk upsert of end users through Planhat's REST API, audience keys as custom fields.
+mode `segment`: what Segment's Planhat destination sends, one identify or track per request.
+mode `api`: bulk upsert of end users through Planhat's REST API, audience keys as custom fields;
+track calls become user activities through the bulk activity endpoint of the analytics host.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from audience_sync.config import PlanhatConfig
+from audience_sync.config import PlanhatConfig, RateLimit
 from audience_sync.destinations.base import Outcome
 from audience_sync.destinations.http import (
     HttpSender,
@@ -23,36 +24,62 @@ from audience_sync.destinations.http import (
     outcomes_of,
     probe,
 )
-from audience_sync.messages import Delivery, identify
+from audience_sync.messages import DEFAULT_STYLE, Delivery, Style, event_name, message, timestamp
 from audience_sync.ratelimit import RateLimiter
 
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
+# User activities: the tenant token in the path, no other auth, on the analytics host.
+ACTIVITY_BULK_PATH = "/analytics/bulk/{token}"
+ANALYTICS_URL = "https://analytics.planhat.com"
 # Planhat's bulk endpoints take at most 5,000 items per request.
 BULK_MAX_ITEMS = 5_000
 # Segment mode claims this many deliveries at a time: about a second of sending at the default
 # rate, so a crash re-sends little and other processes can take the rest.
 SEGMENT_MODE_CLAIM = 100
+# The bulk activity endpoint's items per request (UNCONFIRMED: Planhat documents 5,000 for
+# its bulk upserts; the same bound here keeps a request well under its 32 MB body limit).
+ACTIVITY_BULK_MAX = 5_000
+# The analytics host is Planhat's high-volume tracking host, outside the REST quota: one
+# request at a time at this rate stays far below its 150/s hard limit.
+ACTIVITY_RATE = RateLimit(50, 1)
 # Segment's Planhat destination routes the call to Planhat only.
 INTEGRATIONS = {"All": False, "Planhat": True}
 # Per-item error lists of a bulk upsert answer (200 or 206).
 _ERROR_LISTS = ("createdErrors", "updatedErrors", "permissionErrors")
 
 
-def segment_message(delivery: Delivery) -> dict[str, Any]:
+def segment_message(delivery: Delivery, style: Style = DEFAULT_STYLE) -> dict[str, Any]:
     """Planhat reads `user_id` first and `traits.companyId` for the company: send both ids."""
-    return identify(delivery, integrations=INTEGRATIONS, snake_user_id=True,
-                    company_field="companyId")
+    return message(delivery, style, integrations=INTEGRATIONS, snake_user_id=True,
+                   company_field="companyId")
+
+
+def activity(delivery: Delivery, style: Style = DEFAULT_STYLE) -> dict[str, Any]:
+    """A track call as a Planhat user activity: the event name as its action, the track's
+    properties as its info."""
+    key = delivery.computation_key
+    name = "audience_key" if delivery.computation_kind == "audience" else "trait_key"
+    item: dict[str, Any] = {"externalId": delivery.user_id,
+                            "action": event_name(delivery, style),
+                            "info": {name: key, key: json.loads(delivery.value)},
+                            "date": timestamp(delivery.observed_at)}
+    if delivery.email is not None:
+        item["email"] = delivery.email
+    if delivery.company_id is not None:
+        item["companyExternalId"] = delivery.company_id
+    return item
 
 
 class PlanhatSegmentDestination:
-    """POST {base}/dock/segment, Basic `tenant_token:`, one identify per request."""
+    """POST {base}/dock/segment, Basic `tenant_token:`, one identify or track per request."""
 
     def __init__(self, name: str, config: PlanhatConfig,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, style: Style = DEFAULT_STYLE) -> None:
         assert config.tenant_token is not None
         token = config.tenant_token.get_secret_value()
         self.name = name
+        self.style = style
         self.max_batch = min(config.batch_size, SEGMENT_MODE_CLAIM)
         self.claim_size = self.max_batch
         self.window = 1  # its requests go `concurrency` at a time within one claim
@@ -67,7 +94,7 @@ class PlanhatSegmentDestination:
         return list(self._pool.map(self._send_one, batch))
 
     def _send_one(self, delivery: Delivery) -> Outcome:
-        body = json.dumps(segment_message(delivery), separators=(",", ":")).encode()
+        body = json.dumps(segment_message(delivery, self.style), separators=(",", ":")).encode()
         return outcome_of(delivery.id, self.sender.call("POST", SEGMENT_PATH, content=body))
 
     def check(self) -> tuple[bool, str]:
@@ -86,13 +113,15 @@ class PlanhatSegmentDestination:
 
 
 class PlanhatApiDestination:
-    """PUT {base}/endusers, Bearer API token, up to 5,000 end users per request, sequential."""
+    """PUT {base}/endusers, Bearer API token, up to 5,000 end users per request, sequential;
+    track rows as activities, POST {analytics}/analytics/bulk/{tenant token}."""
 
     def __init__(self, name: str, config: PlanhatConfig,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, style: Style = DEFAULT_STYLE) -> None:
         assert config.api_token is not None
         token = config.api_token.get_secret_value()
         self.name = name
+        self.style = style
         self.max_batch = min(config.batch_size, BULK_MAX_ITEMS)
         self.claim_size = self.max_batch
         self.window = 1  # bulk requests one at a time (200/min)
@@ -102,8 +131,42 @@ class PlanhatApiDestination:
             headers={"Authorization": f"Bearer {token}"}, secrets=[token],
             rate=config.effective_rate_limit, limiter=limiter)
         self.stats = self.sender.stats
+        # The activity endpoint is not counted in the REST quota: a sender of its own, whose
+        # tenant token (in the path) is redacted like any secret.
+        self.activities: HttpSender | None = None
+        self._activity_path = ""
+        if config.tenant_token is not None:
+            tenant = config.tenant_token.get_secret_value()
+            self._activity_path = ACTIVITY_BULK_PATH.format(token=tenant)
+            self.activities = make_sender(
+                name, config.model_copy(update={"concurrency": 1}),
+                base_url=config.analytics_url, auth=None, headers={}, secrets=[tenant, token],
+                rate=ACTIVITY_RATE)
+            self.activities.stats = self.stats
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        tracks = [d for d in batch if d.call == "track"]
+        outcomes = self._send_activities(tracks) if tracks else []
+        if len(tracks) < len(batch):
+            outcomes += self._send_endusers([d for d in batch if d.call != "track"])
+        return outcomes
+
+    def _send_activities(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        if self.activities is None:
+            # Config validation requires the tenant token with track: only a stale row.
+            return [Outcome(d.id, ok=False, permanent=True, attempts=0,
+                            error="track needs tenant_token in mode api (not sent)")
+                    for d in batch]
+        outcomes: list[Outcome] = []
+        for start in range(0, len(batch), ACTIVITY_BULK_MAX):
+            chunk = batch[start:start + ACTIVITY_BULK_MAX]
+            body = json.dumps([activity(d, self.style) for d in chunk],
+                              separators=(",", ":")).encode()
+            reply = self.activities.call("POST", self._activity_path, content=body)
+            outcomes += outcomes_of([d.id for d in chunk], reply)
+        return outcomes
+
+    def _send_endusers(self, batch: Sequence[Delivery]) -> list[Outcome]:
         items, owners = enduser_items(batch)
         outcomes: list[Outcome] = []
         for start in range(0, len(items), self.max_batch):
@@ -144,9 +207,13 @@ class PlanhatApiDestination:
 
     def interrupt(self) -> None:
         self.sender.interrupt()
+        if self.activities is not None:
+            self.activities.interrupt()
 
     def close(self) -> None:
         self.sender.close()
+        if self.activities is not None:
+            self.activities.close()
 
 
 def enduser_items(batch: Sequence[Delivery]) -> tuple[list[dict[str, Any]],

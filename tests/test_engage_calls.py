@@ -1,0 +1,223 @@
+"""What Engage sends: identify and track calls per destination (`send:`), renamed events, the
+personas context, and Segment's reading of every audience message; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from audience_sync.messages import message_id
+from tests.delivery_setup import (
+    API_TOKEN,
+    TENANT_TOKEN,
+    USERS,
+    WRITE_KEY,
+    delivery_config,
+    set_env,
+)
+from tests.fakes import FakePlanhat, FakeSegment
+from tests.helpers import cli, set_users, write_config
+from tests.membership_rule import is_membership
+from tests.test_e2e_delivery_kill import _kill_mid_drain_then_restart
+
+BOTH = {"send": ["identify", "track"]}
+RENAMED = {"entered": "Joined Segment", "exited": "Left Segment", "trait": "Score Changed"}
+
+
+@pytest.fixture
+def planhat() -> Iterator[FakePlanhat]:
+    with FakePlanhat(TENANT_TOKEN, API_TOKEN).running() as fake:
+        assert isinstance(fake, FakePlanhat)
+        yield fake
+
+
+@pytest.fixture
+def segment() -> Iterator[FakeSegment]:
+    with FakeSegment(WRITE_KEY).running() as fake:
+        assert isinstance(fake, FakeSegment)
+        yield fake
+
+
+def _value(m: dict[str, Any]) -> Any:
+    key = m["context"]["personas"]["computation_key"]
+    return (m["traits"] if m["type"] == "identify" else m["properties"])[key]
+
+
+def _calls(messages: list[dict[str, Any]]) -> list[tuple[str, str, str, Any]]:
+    """(user, computation key, type or event, value), sorted."""
+    return sorted((m["userId"], m["context"]["personas"]["computation_key"],
+                   m.get("event", m["type"]), _value(m)) for m in messages)
+
+
+def test_send_identify_and_track_yields_one_of_each_per_change(
+        tmp_path: Path, state_url: str, planhat: FakePlanhat, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = delivery_config(tmp_path, state_url, planhat=planhat.url, segment=segment.url,
+                             overrides={"planhat": BOTH,
+                                        "segment": {**BOTH, "events": RENAMED}})
+    code, out, err = cli(capsys, "--config", str(config), "sync", "--json")
+    assert code == 0, err
+    report = json.loads(out)["deliveries"]
+    # 3 members + 4 trait values, each as an identify and as a track.
+    assert report["planhat"]["sent"] == report["segment"]["sent"] == 14
+
+    # Planhat (Segment mode): track calls go to /dock/segment too, Engage's names.
+    tracks = [m for m in planhat.messages if m["type"] == "track"]
+    ann = next(m for m in tracks if m["userId"] == "u1" and "audience_key" in m["properties"])
+    assert ann["event"] == "Audience Entered" and ann["user_id"] == "u1"
+    assert ann["properties"] == {"audience_key": "power_users", "power_users": True}
+    assert ann["context"]["traits"] == {"email": "ann@example.com", "name": "Ann",
+                                        "title": "CTO", "companyId": "c1"}
+    assert ann["context"]["personas"]["computation_class"] == "audience"
+    score = next(m for m in tracks if m["userId"] == "u4")
+    assert score["event"] == "Trait Computed"
+    assert score["properties"] == {"trait_key": "score", "score": 1.0}
+    ident = next(m for m in planhat.messages if m["type"] == "identify"
+                 and m["userId"] == "u1" and "power_users" in m["traits"])
+    # Each its own deterministic messageId; the identify's is what it always was.
+    run_id = 1
+    assert ident["messageId"] == message_id("power_users", "u1", run_id, "true")
+    assert ann["messageId"] == message_id("power_users", "u1", run_id, "true", "track")
+    assert ann["messageId"] != ident["messageId"]
+
+    # Segment: renamed events; one identify and one track per change.
+    seg = _calls(segment.messages)
+    assert Counter(call for _, _, call, _ in seg) == {"identify": 7, "Joined Segment": 3,
+                                                      "Score Changed": 4}
+    assert segment.messages[0]["messageId"] in {m["messageId"] for m in planhat.messages}
+
+    # Second sync: u1 leaves (5.0), u4 enters (30.0), u2's email alone changes.
+    users = [list(u) for u in USERS]
+    users[0][5], users[3][5] = 5.0, 30.0
+    users[1][1] = "bob@new.example.com"
+    set_users(tmp_path / "warehouse.db", [tuple(u) for u in users])
+    before_ph, before_seg = len(planhat.messages), len(segment.messages)
+    code, out, err = cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert _calls(planhat.messages[before_ph:]) == [
+        ("u1", "power_users", "Audience Exited", False),
+        ("u1", "power_users", "identify", False),
+        ("u1", "score", "Trait Computed", 5.0),
+        ("u1", "score", "identify", 5.0),
+        # A changed email (the trait query's) is an identify, never an event.
+        ("u2", "score", "identify", 20.0),
+        ("u4", "power_users", "Audience Entered", True),
+        ("u4", "power_users", "identify", True),
+        ("u4", "score", "Trait Computed", 30.0),
+        ("u4", "score", "identify", 30.0),
+    ]
+    assert [e for _, _, e, _ in _calls(segment.messages[before_seg:])
+            if e != "identify"] == ["Left Segment", "Score Changed", "Joined Segment",
+                                    "Score Changed"]
+    assert not planhat.duplicates() and not segment.duplicates()
+
+
+def test_crash_between_identify_and_track_resends_only_the_track(
+        tmp_path: Path, state_url: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One claim per call (batch_size 1): killed once the three identifies and one track were
+    acknowledged, the restart sends the two other tracks and nothing twice."""
+    set_env(monkeypatch)
+    with FakePlanhat(TENANT_TOKEN, API_TOKEN).running() as fake:
+        assert isinstance(fake, FakePlanhat)
+        config = delivery_config(tmp_path, state_url, planhat=fake.url, trait=False,
+                                 overrides={"planhat": {**BOTH, "batch_size": 1,
+                                                        "concurrency": 1}})
+        assert _kill_mid_drain_then_restart(fake, config, state_url, capsys, 4) == 4
+    assert fake.duplicates() == {}
+    assert Counter(m["type"] for m in fake.messages) == {"identify": 3, "track": 3}
+    assert [m["type"] for m in fake.messages[:4]] == ["identify"] * 3 + ["track"]
+    assert {m["userId"] for m in fake.messages if m["type"] == "track"} == {"u1", "u2", "u3"}
+
+
+def test_every_audience_message_reads_right_by_segments_membership_rule(
+        tmp_path: Path, state_url: str, planhat: FakePlanhat, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    jsonl = tmp_path / "out.jsonl"
+    config = delivery_config(tmp_path, state_url, planhat=planhat.url, segment=segment.url,
+                             overrides={"planhat": BOTH, "segment": {**BOTH,
+                                                                     "events": RENAMED}})
+    document = yaml.safe_load(config.read_text())
+    document["destinations"]["file"] = {"type": "jsonl", "path": str(jsonl), **BOTH}
+    document["audiences"][0]["destinations"].append("file")
+    document["space"] = "spc_demo"
+    write_config(config, document)
+    code, _, err = cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    users = [list(u) for u in USERS]
+    users[0][5], users[3][5] = 5.0, 30.0
+    set_users(tmp_path / "warehouse.db", [tuple(u) for u in users])
+    code, _out, err = cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+
+    file_messages = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    everything = planhat.messages + segment.messages + file_messages
+    audience = [m for m in everything if m["context"]["personas"]["computation_key"]
+                == "power_users"]
+    # 3 entries, then an exit and an entry; identify and track; three destinations.
+    assert len(audience) == 5 * 2 * 3
+    for m in audience:
+        expected = not (m["userId"] == "u1" and m["timestamp"] != audience[0]["timestamp"])
+        assert is_membership(m) is expected, m
+        persona = m["context"]["personas"]
+        assert persona["space_id"] == "spc_demo" and persona["namespace"] == "spa_spc_demo"
+        assert persona["computation_id"] == "aud_power_users"
+    # A trait message is never read as membership.
+    traits = [m for m in everything if m["context"]["personas"]["computation_class"] == "trait"]
+    assert traits and all(is_membership(m) is None for m in traits)
+
+
+def test_default_space_id_is_stored_once_and_stable(
+        tmp_path: Path, state_url: str, planhat: FakePlanhat,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = delivery_config(tmp_path, state_url, planhat=planhat.url, trait=False)
+    code, _, err = cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    set_users(tmp_path / "warehouse.db", [*USERS, ("u9", None, None, None, "c1", 99.0)])
+    code, _out, err = cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    spaces = {m["context"]["personas"]["space_id"] for m in planhat.messages}
+    assert len(planhat.messages) == 4 and len(spaces) == 1
+    [space] = spaces
+    assert len(space) == 20 and space.isalnum()
+
+
+def test_planhat_api_track_goes_out_as_bulk_activities(
+        tmp_path: Path, state_url: str, planhat: FakePlanhat,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = delivery_config(tmp_path, state_url, planhat_api=planhat.url, trait=False,
+                             overrides={"planhat_api": {
+                                 **BOTH, "tenant_token": "${PLANHAT_TENANT_TOKEN}",
+                                 "analytics_base_url": planhat.url}})
+    code, out, err = cli(capsys, "--config", str(config), "sync", "--json")
+    assert code == 0, err
+    assert json.loads(out)["deliveries"]["planhat_api"]["sent"] == 6
+    assert planhat.activity_requests == 1  # one bulk request for the three entries
+    ann = next(a for a in planhat.activities if a["externalId"] == "u1")
+    assert ann["action"] == "Audience Entered" and ann["companyExternalId"] == "c1"
+    assert ann["info"] == {"audience_key": "power_users", "power_users": True}
+    assert ann["email"] == "ann@example.com" and ann["date"].endswith("Z")
+    assert {u: v["custom"] for u, v in planhat.endusers.items()} == {
+        "u1": {"power_users": True}, "u2": {"power_users": True}, "u3": {"power_users": True}}
+    users = [list(u) for u in USERS]
+    users[0][5] = 5.0
+    set_users(tmp_path / "warehouse.db", [tuple(u) for u in users])
+    code, out, err = cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert planhat.activity_requests == 2
+    assert [(a["externalId"], a["action"]) for a in planhat.activities[3:]] == [
+        ("u1", "Audience Exited")]
+    assert not planhat.duplicates()
+    code, out, err = cli(capsys, "--config", str(config), "status", "--json")
+    assert all(not item["pending"] for item in json.loads(out)["computations"])
+    assert TENANT_TOKEN not in out + err
