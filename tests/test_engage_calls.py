@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from audience_sync.messages import message_id
+from audience_sync.config import PlanhatConfig, SegmentConfig
+from audience_sync.destinations.planhat import ACTIVITY_BULK_MAX, PlanhatApiDestination
+from audience_sync.destinations.segment import SegmentDestination
+from audience_sync.messages import Delivery, Style, message_id
 from tests.delivery_setup import (
     API_TOKEN,
     TENANT_TOKEN,
@@ -221,3 +225,52 @@ def test_planhat_api_track_goes_out_as_bulk_activities(
     code, out, err = cli(capsys, "--config", str(config), "status", "--json")
     assert all(not item["pending"] for item in json.loads(out)["computations"])
     assert TENANT_TOKEN not in out + err
+
+
+def _mixed(count: int, name: str) -> list[Delivery]:
+    """Identify and track rows in turn, for audience and trait, entries and exits."""
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = []
+    for i in range(count):
+        kind, key = ("audience", "aud") if i % 4 < 2 else ("trait", "score")
+        value = ("true" if i % 3 else "false") if kind == "audience" else str(i)
+        rows.append(Delivery(i + 1, key, kind, 1, "d", f"u{i}", value, f"u{i}@example.com",
+                             name, None, "c1", at, 0, "track" if i % 2 else "identify"))
+    return rows
+
+
+def test_segment_batches_stay_within_limits_whatever_the_mix_of_calls(
+        segment: FakeSegment) -> None:
+    """Every mix of identify and track (audience and trait) in batches Segment accepts: the
+    fake refuses any batch over 500 KB or 2,500 messages and any message over 32 KB."""
+    config = SegmentConfig(type="segment", write_key=WRITE_KEY, base_url=segment.url,
+                           rate_limit="2000/s", send=["identify", "track"])
+    destination = SegmentDestination("segment", config, style=Style(space="s1"))
+    try:
+        for name, count in (("x" * 30_000, 40), ("Ann", 6_000), ("y" * 400, 3_000)):
+            before = len(segment.messages)
+            outcomes = destination.send(_mixed(count, name))
+            assert all(o.ok for o in outcomes) and len(outcomes) == count
+            assert len(segment.messages) - before == count
+    finally:
+        destination.close()
+    assert set(segment.statuses) == {200} and segment.batches >= 3 + 2 + 3
+    assert sum(m["type"] == "track" for m in segment.messages) == (40 + 6_000 + 3_000) // 2
+
+
+def test_planhat_activities_batched_within_the_bulk_limit_and_acknowledged(
+        planhat: FakePlanhat) -> None:
+    config = PlanhatConfig(type="planhat", mode="api", api_token=API_TOKEN,
+                           tenant_token=TENANT_TOKEN, base_url=planhat.url,
+                           analytics_base_url=planhat.url, rate_limit="2000/s",
+                           send=["identify", "track"])
+    destination = PlanhatApiDestination("planhat", config)
+    tracks = [d for d in _mixed(2 * ACTIVITY_BULK_MAX + 2_000, "Ann") if d.call == "track"]
+    try:
+        outcomes = destination.send(tracks)
+    finally:
+        destination.close()
+    assert sorted(o.delivery_id for o in outcomes if o.ok) == [d.id for d in tracks]
+    # 6,000 activities: two requests, each within the fake's 5,000.
+    assert planhat.activity_requests == 2 and len(planhat.activities) == len(tracks)
+    assert planhat.bulk_requests == []  # no end-user upsert for track rows
