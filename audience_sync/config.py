@@ -285,6 +285,9 @@ class PlanhatConfig(_HttpConfig):
     analytics_base_url: str | None = None
     rate_limit: Rate | None = None
     batch_size: int = Field(default=5000, ge=1, le=5000)
+    # Mode api: create a missing end-user custom field before the first upsert of its key;
+    # false: a missing field is a `check` error and its deliveries wait.
+    create_fields: bool = True
 
     @field_validator("subdomain")
     @classmethod

@@ -26,6 +26,7 @@ from audience_sync.destinations import Destination, Outcome, make_destination
 from audience_sync.errors import AudienceSyncError
 from audience_sync.leases import Lease
 from audience_sync.ratelimit import shared_limiter
+from audience_sync.state.fields import StoredFields
 from audience_sync.state.outbox import (
     DEFAULT_RETRY_LATER,
     Claim,
@@ -217,7 +218,8 @@ def _drain_destination(store: Store, config: Config, name: str, leases: list[Lea
     # the state store: a CLI sync beside a daemon must not double the destination's rate.
     client = clients[name] if clients is not None and injected else \
         make_destination(name, settings, limiter=shared_limiter(store, name, settings),
-                         space=config.space or store.space_id())
+                         space=config.space or store.space_id(),
+                         fields=StoredFields(store, name))
     # A destination may keep several claims on the wire at once (`window`): each claim's
     # outcomes commit as soon as it is answered, while the others keep the destination busy.
     window = max(1, client.window)

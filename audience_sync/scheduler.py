@@ -33,6 +33,7 @@ from audience_sync.leases import DEFAULT_TTL, Lease, Renewer, held, try_acquire
 from audience_sync.ratelimit import shared_limiter
 from audience_sync.runner import RunResult, run_computation
 from audience_sync.state import queries
+from audience_sync.state.fields import StoredFields
 from audience_sync.state.store import Store
 
 log = logging.getLogger("audience_sync.daemon")
@@ -200,7 +201,8 @@ class Daemon:
                 try:
                     limiter = shared_limiter(self.store, name, settings) if shared else None
                     inner = make_destination(name, settings, limiter=limiter,
-                                             space=self._space())
+                                             space=self._space(),
+                                             fields=StoredFields(self.store, name))
                 except AudienceSyncError as exc:
                     # Only this destination is unusable (its drain reports why); the
                     # audience's other destinations still get their deliveries.

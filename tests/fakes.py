@@ -263,6 +263,11 @@ class FakePlanhat(FakeServer):
         self.messages: list[dict[str, Any]] = []  # identify and track calls acknowledged
         self.activities: list[dict[str, Any]] = []  # user activities acknowledged
         self.activity_requests = 0
+        # Custom fields ({"_id", "name", "type", "parent"}); creating one twice is refused.
+        self.customfields: list[dict[str, Any]] = []
+        self.fields_created: list[tuple[str, str, str]] = []  # (parent, name, type)
+        # Strict: an upsert naming a custom field that does not exist is refused (400).
+        self.strict_fields = False
         self.endusers: dict[str, dict[str, Any]] = {}  # externalId -> merged end user
         self.bulk_requests: list[list[dict[str, Any]]] = []
         self.known_domains: set[str] = {"example.com"}
@@ -277,6 +282,14 @@ class FakePlanhat(FakeServer):
             return self._activities(path.removeprefix("/analytics/bulk/"), auth, body)
         if path == "/endusers" and method == "PUT":
             return self._bulk(auth, body)
+        if path == "/customfields":
+            if auth != f"Bearer {self.api_token}":
+                return Answer(401, {"message": "Invalid token"})
+            if method == "GET":
+                with self.lock:
+                    return Answer(200, list(self.customfields))
+            if method == "POST":
+                return self._create_field(body)
         if path == "/endusers" and method == "GET":
             if auth != f"Bearer {self.api_token}":
                 return Answer(401, {"message": "Invalid token"})
@@ -298,6 +311,20 @@ class FakePlanhat(FakeServer):
             self.messages.append(message)
             self.acked.append(message["messageId"])
         return Answer(200, {"ok": True})
+
+    def _create_field(self, body: bytes) -> Answer:
+        field = json.loads(body)
+        if not isinstance(field, dict) or not all(
+                isinstance(field.get(k), str) for k in ("parent", "name", "type")):
+            return Answer(400, {"message": "a custom field needs parent, name and type"})
+        with self.lock:
+            if any(f["parent"] == field["parent"] and f["name"] == field["name"]
+                   for f in self.customfields):
+                return Answer(400, {"message": f"field {field['name']} already exists"})
+            created = {"_id": f"cf{len(self.customfields)}", **field}
+            self.customfields.append(created)
+            self.fields_created.append((field["parent"], field["name"], field["type"]))
+        return Answer(200, created)
 
     def _activities(self, token: str, auth: str, body: bytes) -> Answer:
         if token != self.tenant_token or auth:
@@ -329,6 +356,12 @@ class FakePlanhat(FakeServer):
                 return self.bulk_answers.popleft()
         if len(items) > 5000:
             return Answer(400, {"message": f"at most 5000 items per request, got {len(items)}"})
+        if self.strict_fields:
+            with self.lock:
+                fields = {f["name"] for f in self.customfields if f["parent"] == "EndUser"}
+            unknown = {k for i in items for k in (i.get("custom") or {})} - fields
+            if unknown:
+                return Answer(400, {"message": f"unknown custom fields {sorted(unknown)}"})
         errors: list[dict[str, Any]] = []
         updated = created = 0
         with self.lock:

@@ -72,7 +72,10 @@ def test_three_syncs_send_everything_then_changes_then_nothing(
     assert ann["messageId"].startswith("as-") and len(ann["messageId"]) <= 100
     assert ISO_MS.match(ann["timestamp"])
     assert audience["u3"]["traits"] == {"companyId": "c3", "power_users": True}
-    assert len(planhat.request_bodies) == 7 + 1  # seven identifies and one bulk upsert
+    # Seven identifies, one bulk upsert, and before it the custom fields: one list, two created.
+    assert len(planhat.request_bodies) == 7 + 1 + 3
+    assert sorted(planhat.fields_created) == [("EndUser", "power_users", "checkbox"),
+                                              ("EndUser", "score", "number")]
     assert set(planhat.auth_headers) == {basic(TENANT_TOKEN), f"Bearer {API_TOKEN}"}
     scores = _by(planhat.messages, "score")
     assert scores["u4"]["traits"]["score"] == 1.0

@@ -66,7 +66,8 @@ def check(ctx: typer.Context) -> None:
         problems += 1
         say(f"{comp.path} ({comp.key}): FAILED: {problem}")
     for name, dest in config.destinations.items():
-        ok, message = check_destination(name, dest)
+        ok, message = check_destination(name, dest, [
+            (c.key, c.kind) for c in config.computations if name in c.destinations])
         problems += not ok
         say(f"destinations.{name}: " + (message if ok else f"FAILED: {message}"))
     if problems:

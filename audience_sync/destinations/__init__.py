@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from audience_sync.config import JsonlConfig, PlanhatConfig, SegmentConfig
-from audience_sync.destinations.base import Destination, Outcome, SendStats
+from audience_sync.destinations.base import Destination, FieldLedger, Outcome, SendStats
 from audience_sync.destinations.jsonl import JsonlDestination
 from audience_sync.errors import AudienceSyncError
 from audience_sync.messages import Style
@@ -28,10 +30,12 @@ def style_of(config: DestinationConfig, space: str) -> Style:
 
 
 def make_destination(name: str, config: DestinationConfig, *,
-                     limiter: RateLimiter | None = None, space: str = "") -> Destination:
+                     limiter: RateLimiter | None = None, space: str = "",
+                     fields: FieldLedger | None = None) -> Destination:
     """limiter: a budget shared beyond this process (ratelimit.shared_limiter); by default a
     limiter of the destination's own, at its configured rate. space: the personas space_id
-    its messages carry (the config's `space:`, else the state store's)."""
+    its messages carry (the config's `space:`, else the state store's). fields: the custom
+    fields the destination is known to have, shared by every process (Planhat mode api)."""
     style = style_of(config, space)
     if isinstance(config, JsonlConfig):
         return JsonlDestination(name, config.path, style)
@@ -45,17 +49,26 @@ def make_destination(name: str, config: DestinationConfig, *,
     if isinstance(config, SegmentConfig):
         return SegmentDestination(name, config, limiter, style)
     if config.mode == "api":
-        return PlanhatApiDestination(name, config, limiter, style)
+        return PlanhatApiDestination(name, config, limiter, style, fields)
     return PlanhatSegmentDestination(name, config, limiter, style)
 
 
-def check_destination(name: str, config: DestinationConfig) -> tuple[bool, str]:
-    """Reach the destination and test its credentials where its API allows, sending nothing."""
+def check_destination(name: str, config: DestinationConfig,
+                      computations: Sequence[tuple[str, str]] = ()) -> tuple[bool, str]:
+    """Reach the destination and test its credentials where its API allows, sending nothing.
+    computations: (key, kind) of what goes there; Planhat mode api checks their fields."""
     try:
         destination = make_destination(name, config)
     except AudienceSyncError as exc:
         return False, exc.message
     try:
-        return destination.check()
+        ok, said = destination.check()
+        check_fields = getattr(destination, "check_fields", None)
+        if ok and check_fields is not None and computations:
+            from audience_sync.destinations.planhat import field_type
+
+            ok, fields = check_fields({key: field_type(kind, []) for key, kind in computations})
+            said = f"{said}; {fields}"
+        return ok, said
     finally:
         destination.close()

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from audience_sync.config import PlanhatConfig, RateLimit
-from audience_sync.destinations.base import Outcome
+from audience_sync.destinations.base import FieldLedger, MemoryFields, Outcome
 from audience_sync.destinations.http import (
     HttpSender,
     Verdict,
@@ -29,6 +29,8 @@ from audience_sync.ratelimit import RateLimiter
 
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
+CUSTOMFIELDS_PATH = "/customfields"
+ENDUSER = "EndUser"
 # User activities: the tenant token in the path, no other auth, on the analytics host.
 ACTIVITY_BULK_PATH = "/analytics/bulk/{token}"
 ANALYTICS_URL = "https://analytics.planhat.com"
@@ -117,11 +119,16 @@ class PlanhatApiDestination:
     track rows as activities, POST {analytics}/analytics/bulk/{tenant token}."""
 
     def __init__(self, name: str, config: PlanhatConfig,
-                 limiter: RateLimiter | None = None, style: Style = DEFAULT_STYLE) -> None:
+                 limiter: RateLimiter | None = None, style: Style = DEFAULT_STYLE,
+                 fields: FieldLedger | None = None) -> None:
         assert config.api_token is not None
         token = config.api_token.get_secret_value()
         self.name = name
         self.style = style
+        self.create_fields = config.create_fields
+        self.fields: FieldLedger = fields if fields is not None else MemoryFields()
+        # Keys whose field this process saw exist: no lookup before their next upsert.
+        self._ready: set[str] = set()
         self.max_batch = min(config.batch_size, BULK_MAX_ITEMS)
         self.claim_size = self.max_batch
         self.window = 1  # bulk requests one at a time (200/min)
@@ -167,8 +174,12 @@ class PlanhatApiDestination:
         return outcomes
 
     def _send_endusers(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        missing = self.ensure_fields(field_types(batch))
+        outcomes = [Outcome(d.id, ok=False, error=missing[d.computation_key], attempts=0)
+                    for d in batch if d.computation_key in missing]
+        if missing:
+            batch = [d for d in batch if d.computation_key not in missing]
         items, owners = enduser_items(batch)
-        outcomes: list[Outcome] = []
         for start in range(0, len(items), self.max_batch):
             chunk = items[start:start + self.max_batch]
             body = json.dumps(chunk, separators=(",", ":")).encode()
@@ -195,6 +206,70 @@ class PlanhatApiDestination:
                                                 attempts=reply.attempts))
         return outcomes
 
+    def ensure_fields(self, wanted: dict[str, str]) -> dict[str, str]:
+        """Make sure an end-user custom field exists for each key (key -> type), creating the
+        missing ones unless create_fields is off; key -> why its deliveries wait."""
+        wanted = {k: v for k, v in wanted.items() if k not in self._ready}
+        if not wanted:
+            return {}
+        known = self.fields.known(ENDUSER)
+        self._ready |= known & set(wanted)
+        wanted = {k: v for k, v in wanted.items() if k not in known}
+        if not wanted:
+            return {}
+        existing, error = self._list_fields()
+        if error is not None:
+            return {key: error for key in wanted}
+        for key in wanted.keys() & existing:
+            self.fields.remember(ENDUSER, key, existing[key])
+            self._ready.add(key)
+        waiting: dict[str, str] = {}
+        for key, kind in wanted.items():
+            if key in existing:
+                continue
+            if not self.create_fields:
+                waiting[key] = (f"Planhat has no end-user custom field {key!r} and "
+                                "create_fields is false: create it in Planhat (or allow "
+                                "create_fields); the deliveries wait")
+                continue
+            problem = self._create_field(key, kind)
+            if problem is None:
+                self._ready.add(key)
+            else:
+                waiting[key] = problem
+        return waiting
+
+    def _list_fields(self) -> tuple[dict[str, str], str | None]:
+        """The end-user custom fields on Planhat (name -> type), or why they are unknown."""
+        reply = self.sender.call("GET", CUSTOMFIELDS_PATH)
+        if reply.verdict is not Verdict.OK:
+            return {}, f"cannot list Planhat's custom fields: {reply.error}"
+        document = reply.json()
+        if not isinstance(document, list):
+            return {}, "cannot list Planhat's custom fields: the answer is not a list"
+        return {str(f["name"]): str(f.get("type", "")) for f in document
+                if isinstance(f, dict) and f.get("parent") == ENDUSER
+                and isinstance(f.get("name"), str)}, None
+
+    def _create_field(self, key: str, kind: str) -> str | None:
+        body = json.dumps({"parent": ENDUSER, "name": key, "type": kind}).encode()
+        # The request slot is taken before the ledger's transaction: a budget shared in the
+        # state store writes there too, and SQLite has one writer.
+        if not self.sender.limiter.acquire(self.sender.halted):
+            return "stopped before creating Planhat custom field " + repr(key)
+        try:
+            with self.fields.creating(ENDUSER, key, kind) as mine:
+                if not mine:
+                    return None  # another process created it (or found it)
+                reply = self.sender.call("POST", CUSTOMFIELDS_PATH, content=body,
+                                         rate_limited=False)
+                if reply.verdict is not Verdict.OK:
+                    raise _NotCreated(f"cannot create Planhat custom field {key!r}: "
+                                      f"{reply.error}")
+        except _NotCreated as exc:
+            return str(exc)
+        return None
+
     def check(self) -> tuple[bool, str]:
         status, text = probe(self.sender, "GET", f"{ENDUSERS_PATH}?limit=1")
         if status is None:
@@ -205,6 +280,21 @@ class PlanhatApiDestination:
             return True, f"ok (API token accepted by {self.sender.shown_url})"
         return False, text
 
+    def check_fields(self, wanted: dict[str, str]) -> tuple[bool, str]:
+        """check: the custom fields the configured keys need (key -> type); none is created
+        here (the first upsert creates them, once)."""
+        existing, error = self._list_fields()
+        if error is not None:
+            return False, error
+        missing = sorted(set(wanted) - set(existing))
+        if not missing:
+            return True, f"custom fields: all {len(wanted)} exist"
+        names = ", ".join(missing)
+        if self.create_fields:
+            return True, f"custom fields to create at the first upsert: {names}"
+        return False, (f"missing end-user custom fields {names} and create_fields is false: "
+                       "create them in Planhat; their deliveries wait until then")
+
     def interrupt(self) -> None:
         self.sender.interrupt()
         if self.activities is not None:
@@ -214,6 +304,28 @@ class PlanhatApiDestination:
         self.sender.close()
         if self.activities is not None:
             self.activities.close()
+
+
+class _NotCreated(Exception):
+    """A custom field's creation failed: its row in the ledger is rolled back."""
+
+
+def field_type(kind: str, values: Sequence[object]) -> str:
+    """checkbox for an audience; number for a trait whose values seen are all numbers, else
+    text."""
+    if kind == "audience":
+        return "checkbox"
+    seen = [v for v in values if v is not None]
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in seen)
+    return "number" if seen and numeric else "text"
+
+
+def field_types(batch: Sequence[Delivery]) -> dict[str, str]:
+    values: dict[tuple[str, str], list[object]] = {}
+    for delivery in batch:
+        values.setdefault((delivery.computation_key, delivery.computation_kind), []).append(
+            json.loads(delivery.value))
+    return {key: field_type(kind, seen) for (key, kind), seen in values.items()}
 
 
 def enduser_items(batch: Sequence[Delivery]) -> tuple[list[dict[str, Any]],

@@ -246,3 +246,16 @@ store_settings = Table(
     Column("name", String(100), primary_key=True),
     Column("value", Text, nullable=False),
 )
+
+# The custom fields each destination is known to have (found on it, or created by this tool):
+# a field is created once, by whichever process first inserts its row (state/fields.py).
+destination_fields = Table(
+    "destination_fields",
+    metadata,
+    Column("destination", String(100), primary_key=True),
+    Column("parent", String(50), primary_key=True),  # EndUser | Company
+    Column("name", String(100), primary_key=True),
+    Column("type", String(20), nullable=False),
+    Column("created", Boolean, nullable=False),  # by this tool (else found)
+    Column("recorded_at", UTCDateTime, nullable=False),
+)

@@ -219,7 +219,7 @@ class Store:
         table = t.store_settings
         try:
             with self.write() as conn:
-                conn.execute(_insert_ignore(conn.dialect.name, table).values(
+                conn.execute(insert_ignore(conn.dialect.name, table).values(
                     name=name, value=default))
                 return str(conn.execute(select(table.c.value).where(
                     table.c.name == name)).scalar_one())
@@ -243,7 +243,7 @@ class Store:
                 row = known.get(comp.key)
                 if row is None:
                     # Several daemons starting at once register the same audiences.
-                    conn.execute(_insert_ignore(self.dialect, t.computations).values(
+                    conn.execute(insert_ignore(self.dialect, t.computations).values(
                         key=comp.key, name=comp.name, kind=comp.kind,
                         definition_hash=comp.definition_hash, created_at=at,
                         initial_state=InitialState.PENDING, next_due_at=at))
@@ -309,7 +309,7 @@ _COMPUTATION_COLUMNS = (
 )
 
 
-def _insert_ignore(dialect: str, table: Table) -> Any:
+def insert_ignore(dialect: str, table: Table) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING, in the dialect's own spelling."""
     if dialect == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
