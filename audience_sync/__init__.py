@@ -13,7 +13,8 @@ The parts, each owning one thing and importing only the parts below it:
 - `state/`: the only code that speaks SQL to the state database. `schema`, `store` (engine,
   transactions, migrations), `staging` (snapshot, diff), `apply` (the run transaction),
   `outbox` (claims, outcomes), `leases` (lease and rate-slot statements), `queries`
-  (everything a reader asks, as frozen objects). SQLAlchemy errors leave it as StoreError.
+  (everything a reader asks, as frozen objects), `fields` (destinations' custom fields).
+  SQLAlchemy errors leave it as StoreError.
 - `sources`: the only code that reads source databases.
 - `destinations/`: one class per wire format behind the `Destination` Protocol; never touches
   the state database.

@@ -60,6 +60,23 @@ def _shared_fragment(kind: str, key: str, style: Style) -> str:
                        "integrations": sample["integrations"]}, separators=(",", ":"))[1:-1]
 
 
+@functools.lru_cache(maxsize=256)
+def _track_fragments(kind: str, key: str, value: str, style: Style) -> tuple[str, str, str]:
+    """A track's constant parts, around what varies per user: (`{"type":"track","event":...,
+    "userId":`, `,"properties":{...},"context":{"personas":{...},"traits":`, `,"library":...},
+    "integrations":...,"messageId":"`). One run's tracks of one audience take two values."""
+    sample = message(Delivery(0, key, kind, 0, "", "", value, None, None, None, None,
+                              datetime(2000, 1, 1, tzinfo=UTC), 0, "track"), style)
+    head = json.dumps({"type": "track", "event": sample["event"]}, separators=(",", ":"))
+    middle = (f',"properties":{json.dumps(sample["properties"], separators=(",", ":"))},'
+              f'"context":{{"personas":'
+              f'{json.dumps(sample["context"]["personas"], separators=(",", ":"))},"traits":')
+    tail = (f',"library":{json.dumps(sample["context"]["library"], separators=(",", ":"))}}},'
+            f'"integrations":{json.dumps(sample["integrations"], separators=(",", ":"))},'
+            '"messageId":"')
+    return head[:-1] + ',"userId":', middle, tail
+
+
 @functools.lru_cache(maxsize=64)
 def _timestamp(observed: datetime | str) -> str:
     return timestamp(utc_datetime(observed))
@@ -82,7 +99,7 @@ def encode(delivery: Delivery, style: Style = DEFAULT_STYLE) -> bytes:
     and a json.dumps per message was most of the time spent building a batch."""
     (_, key, kind, run_id, _, user_id, value, email, name, title, company_id, observed,
      _, call) = delivery
-    if key in _CONTACT or call != "identify":
+    if key in _CONTACT or call not in ("identify", "track"):
         return _dumps(message(delivery, style))
     # Contact traits present on every message (the common case) skip the join below.
     if email is not None and name is not None and title is not None and company_id is not None:
@@ -95,6 +112,11 @@ def encode(delivery: Delivery, style: Style = DEFAULT_STYLE) -> bytes:
             "" if title is None else f'"title":{_str(title)},',
             "" if company_id is None else f'"company_id":{_str(company_id)},',
         ))
+    if call == "track":
+        head, middle, tail = _track_fragments(kind, key, _value(value), style)
+        return (f'{head}{_str(user_id)}{middle}{{{traits[:-1]}}}{tail}'
+                f'{message_id(key, user_id, run_id, value, call)}",'
+                f'"timestamp":"{_timestamp(observed)}"}}').encode()
     return (f'{{"type":"identify","userId":{_str(user_id)},"traits":{{{traits}'
             f'{_str(key)}:{_value(value)}}},{_shared_fragment(kind, key, style)},'
             f'"messageId":"{message_id(key, user_id, run_id, value)}",'
