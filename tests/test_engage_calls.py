@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from audience_sync.config import PlanhatConfig, SegmentConfig
+from audience_sync.config import PlanhatConfig, SegmentConfig, load_config
 from audience_sync.destinations.planhat import ACTIVITY_BULK_MAX, PlanhatApiDestination
 from audience_sync.destinations.segment import SegmentDestination
 from audience_sync.messages import Delivery, Style, message_id
@@ -274,3 +274,43 @@ def test_planhat_activities_batched_within_the_bulk_limit_and_acknowledged(
     # 6,000 activities: two requests, each within the fake's 5,000.
     assert planhat.activity_requests == 2 and len(planhat.activities) == len(tracks)
     assert planhat.bulk_requests == []  # no end-user upsert for track rows
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"send": ["identify", "identify"]}, "lists a call twice"),
+    ({"send": ["page"]}, "send[0]"),
+    ({"send": []}, "send"),
+    ({"events": {"entered": ""}}, "events.entered"),
+    ({"mode": "api", "api_token": "${PLANHAT_API_TOKEN}", "tenant_token": None,
+      "send": ["track"]}, "tenant_token is required in mode api with send: track"),
+])
+def test_send_and_events_settings_are_validated_with_one_clear_line(
+        tmp_path: Path, setting: dict[str, Any], message: str,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = delivery_config(tmp_path, f"sqlite:///{tmp_path}/s.db", planhat="http://x.test",
+                             trait=False)
+    document = yaml.safe_load(config.read_text())
+    document["destinations"]["planhat"].update(setting)
+    document["destinations"]["planhat"] = {k: v for k, v in
+                                           document["destinations"]["planhat"].items()
+                                           if v is not None}
+    write_config(config, document)
+    code, _, err = cli(capsys, "--config", str(config), "status")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_send_is_kept_in_call_order_and_space_must_be_an_id(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = delivery_config(tmp_path, f"sqlite:///{tmp_path}/s.db", planhat="http://x.test",
+                             trait=False, overrides={"planhat": {"send": ["track", "identify"]}})
+    assert load_config(config).computations[0].outbox_calls == (
+        ("planhat", "identify"), ("planhat", "track"))
+    document = yaml.safe_load(config.read_text())
+    document["space"] = "not an id"
+    write_config(config, document)
+    code, _, err = cli(capsys, "--config", str(config), "status")
+    assert code == 2 and "space" in err
