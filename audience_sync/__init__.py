@@ -13,7 +13,8 @@ The parts, each owning one thing and importing only the parts below it:
 - `state/`: the only code that speaks SQL to the state database. `schema`, `store` (engine,
   transactions, migrations), `staging` (snapshot, diff), `apply` (the run transaction),
   `outbox` (claims, outcomes), `leases` (lease and rate-slot statements), `queries`
-  (everything a reader asks, as frozen objects), `dashboard` (the dashboard's aggregates).
+  (everything a reader asks, as frozen objects), `dashboard` (the dashboard's aggregates),
+  `fields` (destinations' custom fields).
   SQLAlchemy errors leave it as StoreError.
 - `ui/`: the read-only dashboard (a WSGI app, Jinja2 templates, SVG charts, token rules),
   served by the `ui` command and on the daemon's health port.

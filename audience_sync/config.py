@@ -218,7 +218,34 @@ class Source(_Frozen):
         return _check_url(value)
 
 
-class _HttpConfig(_Frozen):
+class Events(_Frozen):
+    """Track event names (Engage's by default), renamable per destination."""
+
+    entered: str = Field(default="Audience Entered", min_length=1, max_length=200)
+    exited: str = Field(default="Audience Exited", min_length=1, max_length=200)
+    trait: str = Field(default="Trait Computed", min_length=1, max_length=200)
+
+
+Call = Literal["identify", "track"]
+
+
+class _Calls(_Frozen):
+    """What every destination takes: the calls it is sent and their event names."""
+
+    send: list[Call] = Field(default_factory=lambda: list[Call](["identify"]), min_length=1)
+    events: Events = Events()
+
+    @field_validator("send")
+    @classmethod
+    def _send(cls, value: list[Call]) -> list[Call]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a call twice")
+        # Always in the order a change yields them: identify, then track.
+        order: tuple[Call, ...] = ("identify", "track")
+        return [call for call in order if call in value]
+
+
+class _HttpConfig(_Calls):
     base_url: str | None = None
     timeout: Duration = timedelta(seconds=30)
     max_retries: int = Field(default=5, ge=0, le=50)
@@ -239,7 +266,7 @@ class _HttpConfig(_Frozen):
             raise ValueError("must be between 1s and 7d")
         return value
 
-    @field_validator("base_url")
+    @field_validator("base_url", "analytics_base_url", check_fields=False)
     @classmethod
     def _base_url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^https?://[^\s/]+", value):
@@ -253,8 +280,14 @@ class PlanhatConfig(_HttpConfig):
     tenant_token: Secret | None = None
     api_token: Secret | None = None
     subdomain: str = "api"
+    # The analytics host (user activities, mode api with send: track); tests point it at a
+    # local server.
+    analytics_base_url: str | None = None
     rate_limit: Rate | None = None
     batch_size: int = Field(default=5000, ge=1, le=5000)
+    # Mode api: create a missing end-user custom field before the first upsert of its key;
+    # false: a missing field is a `check` error and its deliveries wait.
+    create_fields: bool = True
 
     @field_validator("subdomain")
     @classmethod
@@ -269,11 +302,18 @@ class PlanhatConfig(_HttpConfig):
             raise ValueError("tenant_token is required in mode segment")
         if self.mode == "api" and not self.api_token:
             raise ValueError("api_token is required in mode api")
+        if self.mode == "api" and "track" in self.send and not self.tenant_token:
+            raise ValueError("tenant_token is required in mode api with send: track "
+                             "(activities go to the analytics host under the tenant token)")
         return self
 
     @property
     def url(self) -> str:
         return self.base_url or f"https://{self.subdomain}.planhat.com"
+
+    @property
+    def analytics_url(self) -> str:
+        return self.analytics_base_url or "https://analytics.planhat.com"
 
     @property
     def effective_rate_limit(self) -> RateLimit:
@@ -298,7 +338,7 @@ class SegmentConfig(_HttpConfig):
         return self.base_url or "https://api.segment.io"
 
 
-class JsonlConfig(_Frozen):
+class JsonlConfig(_Calls):
     type: Literal["jsonl"]
     path: str
 
@@ -366,6 +406,9 @@ class TraitModel(_ComputationModel):
 
 class ConfigModel(_Frozen):
     state_db: str = "sqlite:///audience_sync.db"
+    # context.personas.space_id of every message; by default the state store's own id.
+    space: str | None = Field(default=None, min_length=1, max_length=100,
+                              pattern=r"^[A-Za-z0-9_.-]+$")
     schedule: Schedule = Schedule()
     sources: dict[str, Source] = Field(default_factory=dict)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
@@ -402,6 +445,13 @@ class Computation:
     path: str
     # A `where:` audience (references inlined) or a `compute:` trait.
     definition: builder.Definition | None = None
+    # (destination, call) per outbox row a change yields, from each destination's `send:`;
+    # empty: an identify for each destination.
+    calls: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def outbox_calls(self) -> tuple[tuple[str, str], ...]:
+        return self.calls or tuple((name, "identify") for name in self.destinations)
 
     @property
     def definition_hash(self) -> str:
@@ -435,6 +485,10 @@ class Config:
     @property
     def sources(self) -> Mapping[str, Source]:
         return self.model.sources
+
+    @property
+    def space(self) -> str | None:
+        return self.model.space
 
     @property
     def ui_token(self) -> str | None:
@@ -605,6 +659,8 @@ def _build(config_path: Path, model: ConfigModel) -> Config:
                                   or model.schedule.max_removal_fraction),
             path=path,
             definition=_definition(item, path),
+            calls=tuple((name, call) for name in item.destinations
+                        for call in model.destinations[name].send),
         ))
     computations = _inline_audiences(computations, model)
     return Config(path=config_path, model=model, computations=tuple(computations))

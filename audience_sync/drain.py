@@ -27,6 +27,7 @@ from audience_sync.errors import AudienceSyncError
 from audience_sync.leases import Lease
 from audience_sync.progress import Tracker
 from audience_sync.ratelimit import shared_limiter
+from audience_sync.state.fields import StoredFields
 from audience_sync.state.outbox import (
     DEFAULT_RETRY_LATER,
     Claim,
@@ -240,7 +241,9 @@ def _drain_destination(store: Store, config: Config, name: str, leases: list[Lea
     # Every drain of a destination, daemon or CLI, takes its requests from the one budget in
     # the state store: a CLI sync beside a daemon must not double the destination's rate.
     client = clients[name] if clients is not None and injected else \
-        make_destination(name, settings, limiter=shared_limiter(store, name, settings))
+        make_destination(name, settings, limiter=shared_limiter(store, name, settings),
+                         space=config.space or store.space_id(),
+                         fields=StoredFields(store, name))
     # A destination may keep several claims on the wire at once (`window`): each claim's
     # outcomes commit as soon as it is answered, while the others keep the destination busy.
     window = max(1, client.window)

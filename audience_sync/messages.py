@@ -1,9 +1,11 @@
-"""Segment-spec identify messages, built from an outbox row: a pure function of its inputs."""
+"""Segment-spec identify and track messages, built from an outbox row: a pure function of its
+inputs (the row, and the destination's `Style`: event names, personas space)."""
 
 from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import sha256 as _sha256
 from typing import Any, NamedTuple
@@ -18,6 +20,25 @@ USER_ID_MAX = 255
 LIBRARY = {"name": "audience-sync", "version": __version__}
 # Segment's limit on messageId; ours are far shorter.
 MESSAGE_ID_MAX = 100
+# The calls a destination may be sent (`send:`), in the order a change yields them.
+CALLS = ("identify", "track")
+# Engage's event names (renamable per destination with `events:`).
+ENTERED = "Audience Entered"
+EXITED = "Audience Exited"
+TRAIT = "Trait Computed"
+
+
+@dataclass(frozen=True)
+class Style:
+    """What a destination adds to every message: its event names and the personas space."""
+
+    space: str = ""
+    entered: str = ENTERED
+    exited: str = EXITED
+    trait: str = TRAIT
+
+
+DEFAULT_STYLE = Style()
 
 
 class Delivery(NamedTuple):
@@ -39,6 +60,7 @@ class Delivery(NamedTuple):
     # on use, once per distinct value, since a run's deliveries share one.
     observed: datetime | str
     attempts: int = 0
+    call: str = "identify"  # identify | track
 
     @property
     def observed_at(self) -> datetime:
@@ -46,12 +68,18 @@ class Delivery(NamedTuple):
 
     @property
     def message_id(self) -> str:
-        return message_id(self.computation_key, self.user_id, self.run_id, self.value)
+        return message_id(self.computation_key, self.user_id, self.run_id, self.value,
+                          self.call)
 
 
-def message_id(key: str, user_id: str, run_id: int, value: str) -> str:
-    """Deterministic per (audience, user, run, value): a retried delivery keeps its id."""
-    return "as-" + _sha256(f"{key}\x1f{user_id}\x1f{run_id}\x1f{value}".encode()).hexdigest()[:40]
+def message_id(key: str, user_id: str, run_id: int, value: str, call: str = "identify") -> str:
+    """Deterministic per (audience, user, run, value, call): a retried delivery keeps its id,
+    and the identify and the track of one change have different ones. (An identify's id is
+    what it was before track calls existed.)"""
+    text = f"{key}\x1f{user_id}\x1f{run_id}\x1f{value}"
+    if call != "identify":
+        text += f"\x1f{call}"
+    return "as-" + _sha256(text.encode()).hexdigest()[:40]
 
 
 @functools.lru_cache(maxsize=256)
@@ -83,26 +111,70 @@ def contact_traits(delivery: Delivery, company_field: str = "company_id") -> dic
     return traits
 
 
-def identify(delivery: Delivery, *, integrations: dict[str, bool] | None = None,
-             snake_user_id: bool = False, company_field: str = "company_id") -> dict[str, Any]:
+def personas(kind: str, key: str, space: str) -> dict[str, str]:
+    """`context.personas` as Engage sends it; the namespace is the space's."""
+    return {
+        "computation_class": kind,
+        "computation_key": key,
+        "computation_id": computation_id(kind, key),
+        "space_id": space,
+        "namespace": f"spa_{space}",
+    }
+
+
+def message(delivery: Delivery, style: Style = DEFAULT_STYLE, *,
+            integrations: dict[str, bool] | None = None, snake_user_id: bool = False,
+            company_field: str = "company_id") -> dict[str, Any]:
+    """The call an outbox row delivers: its identify or its track."""
+    build = track if delivery.call == "track" else identify
+    return build(delivery, style, integrations=integrations, snake_user_id=snake_user_id,
+                 company_field=company_field)
+
+
+def identify(delivery: Delivery, style: Style = DEFAULT_STYLE, *,
+             integrations: dict[str, bool] | None = None, snake_user_id: bool = False,
+             company_field: str = "company_id") -> dict[str, Any]:
     """The identify call for one delivery (DESIGN.md section 3)."""
     traits = contact_traits(delivery, company_field)
     traits[delivery.computation_key] = json.loads(delivery.value)
-    message: dict[str, Any] = {
-        "type": "identify",
-        "userId": delivery.user_id,
-    }
+    return _message(delivery, style, {"type": "identify"}, {"traits": traits}, {},
+                    integrations, snake_user_id)
+
+
+def event_name(delivery: Delivery, style: Style = DEFAULT_STYLE) -> str:
+    if delivery.computation_kind != "audience":
+        return style.trait
+    return style.exited if delivery.value == "false" else style.entered
+
+
+def track(delivery: Delivery, style: Style = DEFAULT_STYLE, *,
+          integrations: dict[str, bool] | None = None, snake_user_id: bool = False,
+          company_field: str = "company_id") -> dict[str, Any]:
+    """Engage's track call: `Audience Entered`/`Audience Exited` with
+    `{audience_key: KEY, KEY: bool}`, or `Trait Computed` with `{trait_key: KEY, KEY: VALUE}`;
+    the contact traits go in `context.traits`."""
+    key = delivery.computation_key
+    name = "audience_key" if delivery.computation_kind == "audience" else "trait_key"
+    properties: dict[str, Any] = {name: key}
+    properties[key] = json.loads(delivery.value)
+    return _message(delivery, style, {"type": "track", "event": event_name(delivery, style)},
+                    {"properties": properties},
+                    {"traits": contact_traits(delivery, company_field)},
+                    integrations, snake_user_id)
+
+
+def _message(delivery: Delivery, style: Style, head: dict[str, Any], body: dict[str, Any],
+             context: dict[str, Any], integrations: dict[str, bool] | None,
+             snake_user_id: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {**head, "userId": delivery.user_id}
     if snake_user_id:
         message["user_id"] = delivery.user_id
+    message.update(body)
     message.update({
-        "traits": traits,
         "context": {
-            "personas": {
-                "computation_class": delivery.computation_kind,
-                "computation_key": delivery.computation_key,
-                "computation_id": computation_id(delivery.computation_kind,
-                                                 delivery.computation_key),
-            },
+            "personas": personas(delivery.computation_kind, delivery.computation_key,
+                                 style.space),
+            **context,
             "library": dict(LIBRARY),
         },
         "integrations": dict(integrations or {"All": True}),
@@ -110,3 +182,4 @@ def identify(delivery: Delivery, *, integrations: dict[str, bool] | None = None,
         "timestamp": timestamp(delivery.observed_at),
     })
     return message
+

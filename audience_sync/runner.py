@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -129,9 +129,14 @@ def run_computation(
                 _fill(result, diff)
                 held = _hold_reason(comp, result, force)
                 sends = result.queued
-                # A dry run tells what a forced run would send, to each destination.
-                result.per_destination = {name: sends for name in comp.destinations}
-                result.queued = sends * len(comp.destinations)
+                # A dry run tells what a forced run would send, to each destination: an
+                # identify per change, a track per entry, exit or new trait value.
+                per_call = {"identify": sends, "track": result.entered + result.exited + (
+                    result.changed if comp.kind == "trait" else 0)}
+                result.per_destination = {name: 0 for name in comp.destinations}
+                for name, call in comp.outbox_calls:
+                    result.per_destination[name] += per_call[call]
+                result.queued = sum(result.per_destination.values())
                 if held or dry_run:
                     tx.rollback()
                     if held:
@@ -144,11 +149,15 @@ def run_computation(
                 else:
                     phase(f"diff: +{result.entered:,} -{result.exited:,} ~{result.changed:,}; "
                           f"applying ({result.queued:,} deliveries to queue)")
+                    # apply counts the rows per destination from the changes themselves.
                     result.run_id = tx.apply(
-                        comp, cid, kind, now, _figures(result), force=force,
+                        comp, cid, kind, now, replace(_figures(result), queued=sends),
+                        force=force,
                         fencing_token=fencing_token, clock=clock,
                         held_columns=_held_columns(kind, columns, row.applied_columns if row
                                                    else None))
+                    # Counted as written: a track row only for an entry, exit or new value.
+                    result.queued = tx.queued
                     result.status = RunStatus.SUCCEEDED
             if result.status == RunStatus.SUCCEEDED:
                 phase(f"applied: run #{result.run_id} committed")

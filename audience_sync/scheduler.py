@@ -33,6 +33,7 @@ from audience_sync.leases import DEFAULT_TTL, Lease, Renewer, held, try_acquire
 from audience_sync.ratelimit import shared_limiter
 from audience_sync.runner import RunResult, run_computation
 from audience_sync.state import queries
+from audience_sync.state.fields import StoredFields
 from audience_sync.state.store import Store
 from audience_sync.states import InitialState
 
@@ -106,6 +107,7 @@ class Daemon:
         # The drains' stop signal, checked before each claim (the batch in flight finishes).
         self._control = DrainControl(self._gate.reason, self.observer.progress)
         self._clients: dict[str, Destination] = {}
+        self._space_id: str | None = None
         self._comps: Mapping[str, Computation] = {c.key: c for c in config.computations}
         self._cadences = {c.key: Cadence(c.every, c.jitter) for c in config.computations}
 
@@ -195,6 +197,13 @@ class Daemon:
             return None
         return queries.initial_progress(self.store, row.id, self.clock())
 
+    def _space(self) -> str:
+        if self.config.space is not None:
+            return self.config.space
+        if self._space_id is None:
+            self._space_id = self.store.space_id()
+        return self._space_id
+
     def _clients_for(self, comp: Computation) -> dict[str, Destination] | None:
         for name in comp.destinations:
             if name not in self._clients:
@@ -202,7 +211,9 @@ class Daemon:
                 shared = self.options.shared_budget
                 try:
                     limiter = shared_limiter(self.store, name, settings) if shared else None
-                    inner = make_destination(name, settings, limiter=limiter)
+                    inner = make_destination(name, settings, limiter=limiter,
+                                             space=self._space(),
+                                             fields=StoredFields(self.store, name))
                 except AudienceSyncError as exc:
                     # Only this destination is unusable (its drain reports why); the
                     # audience's other destinations still get their deliveries.

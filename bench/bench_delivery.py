@@ -10,7 +10,10 @@ Prints `ratio=` lines. The fake servers run in child processes (with Python's de
 collector settings), so their CPU is not the measured client's.
 
     python bench/bench_delivery.py [--rate 200] [--seconds 5] [--segment-messages 50000]
-                                   [--rounds 3]
+                                   [--rounds 3] [--send identify,track]
+
+--send: the calls each destination is sent (`send:`); with both, every change is two
+messages (an identify and a track), each its own request to Planhat.
 """
 
 from __future__ import annotations
@@ -101,13 +104,13 @@ def _setup(tmp: Path, name: str, users: int, destination: dict[str, Any]) -> tup
     return store, config
 
 
-def bench_planhat(tmp: Path, rate: float, seconds: float) -> None:
+def bench_planhat(tmp: Path, rate: float, seconds: float, send: list[str]) -> None:
     messages = int(rate * seconds)
     burst = max(2.0, rate / 20)  # Planhat tolerates short bursts; we never rely on them
     server = Server("planhat", rate=rate, burst=burst)
-    store, config = _setup(tmp, "planhat", messages, {
+    store, config = _setup(tmp, "planhat", messages // len(send), {
         "type": "planhat", "tenant_token": TENANT, "base_url": server.url,
-        "rate_limit": f"{rate:g}/s", "concurrency": 4})
+        "rate_limit": f"{rate:g}/s", "concurrency": 4, "send": send})
     started = time.perf_counter()
     with ExitStack() as stack:
         leases = hold_all(stack, store, [c.key for c in config.computations], "bench")
@@ -116,14 +119,15 @@ def bench_planhat(tmp: Path, rate: float, seconds: float) -> None:
     figures = server.finish()
     achieved = report.destinations["planhat"].sent / elapsed
     throttled = figures["statuses"].get(429, 0)
-    print(f"planhat segment mode: allowed {rate:g}/s (fake burst {burst:g}), achieved "
+    print(f"planhat segment mode, send {'+'.join(send)}: allowed {rate:g}/s "
+          f"(fake burst {burst:g}), achieved "
           f"{achieved:.1f}/s, {report.destinations['planhat'].sent} sent in {elapsed:.2f}s, "
           f"429s: {throttled}")
     print(f"ratio={achieved / rate:.3f} planhat_rate_achieved_over_allowed "
           f"(target >= 0.9; 429s={throttled}, must be 0)")
 
 
-def bench_segment(tmp: Path, messages: int, rounds: int) -> None:
+def bench_segment(tmp: Path, messages: int, rounds: int, send: list[str]) -> None:
     ratios = []
     store, config = None, None
     for round_ in range(1, rounds + 1):
@@ -133,9 +137,10 @@ def bench_segment(tmp: Path, messages: int, rounds: int) -> None:
         bare_server, our_server = Server("segment"), Server("segment")
         # The destination's defaults, but for a rate limit out of the way.
         destination = {"type": "segment", "write_key": WRITE_KEY, "base_url": our_server.url,
-                       "rate_limit": "100000/s"}
+                       "rate_limit": "100000/s", "send": send}
         if store is None:
-            store, config = _setup(tmp, "segment", messages, destination)
+            messages -= messages % len(send)  # every change is len(send) messages
+            store, config = _setup(tmp, "segment", messages // len(send), destination)
         else:
             config = _point(tmp, "segment", our_server.url)
             with store.write() as conn:  # the same changes, pending again
@@ -208,11 +213,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the Planhat run")
     parser.add_argument("--segment-messages", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the Segment bench")
+    parser.add_argument("--send", default="identify",
+                        help="the calls sent, comma-separated: identify, track or both")
     args = parser.parse_args()
+    send = [call.strip() for call in args.send.split(",") if call.strip()]
     tune_garbage_collector()  # as the command line does at start
     with tempfile.TemporaryDirectory() as tmp:
-        bench_planhat(Path(tmp), args.rate, args.seconds)
-        bench_segment(Path(tmp), args.segment_messages, args.rounds)
+        bench_planhat(Path(tmp), args.rate, args.seconds, send)
+        bench_segment(Path(tmp), args.segment_messages, args.rounds, send)
 
 
 if __name__ == "__main__":

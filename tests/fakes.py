@@ -253,13 +253,21 @@ def basic(token: str) -> str:
 
 
 class FakePlanhat(FakeServer):
-    """/dock/segment (Segment mode) and /endusers (REST API mode)."""
+    """/dock/segment (Segment mode: identify and track), /endusers and /customfields (REST API
+    mode), /analytics/bulk/{tenant token} (user activities, on the analytics host)."""
 
     def __init__(self, tenant_token: str = "", api_token: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tenant_token = tenant_token
         self.api_token = api_token
-        self.messages: list[dict[str, Any]] = []  # identify calls acknowledged
+        self.messages: list[dict[str, Any]] = []  # identify and track calls acknowledged
+        self.activities: list[dict[str, Any]] = []  # user activities acknowledged
+        self.activity_requests = 0
+        # Custom fields ({"_id", "name", "type", "parent"}); creating one twice is refused.
+        self.customfields: list[dict[str, Any]] = []
+        self.fields_created: list[tuple[str, str, str]] = []  # (parent, name, type)
+        # Strict: an upsert naming a custom field that does not exist is refused (400).
+        self.strict_fields = False
         self.endusers: dict[str, dict[str, Any]] = {}  # externalId -> merged end user
         self.bulk_requests: list[list[dict[str, Any]]] = []
         self.known_domains: set[str] = {"example.com"}
@@ -270,8 +278,18 @@ class FakePlanhat(FakeServer):
     def route(self, method: str, path: str, auth: str, body: bytes) -> Answer:
         if path == "/dock/segment" and method == "POST":
             return self._identify(auth, body)
+        if path.startswith("/analytics/bulk/") and method == "POST":
+            return self._activities(path.removeprefix("/analytics/bulk/"), auth, body)
         if path == "/endusers" and method == "PUT":
             return self._bulk(auth, body)
+        if path == "/customfields":
+            if auth != f"Bearer {self.api_token}":
+                return Answer(401, {"message": "Invalid token"})
+            if method == "GET":
+                with self.lock:
+                    return Answer(200, list(self.customfields))
+            if method == "POST":
+                return self._create_field(body)
         if path == "/endusers" and method == "GET":
             if auth != f"Bearer {self.api_token}":
                 return Answer(401, {"message": "Invalid token"})
@@ -294,6 +312,38 @@ class FakePlanhat(FakeServer):
             self.acked.append(message["messageId"])
         return Answer(200, {"ok": True})
 
+    def _create_field(self, body: bytes) -> Answer:
+        field = json.loads(body)
+        if not isinstance(field, dict) or not all(
+                isinstance(field.get(k), str) for k in ("parent", "name", "type")):
+            return Answer(400, {"message": "a custom field needs parent, name and type"})
+        with self.lock:
+            if any(f["parent"] == field["parent"] and f["name"] == field["name"]
+                   for f in self.customfields):
+                return Answer(400, {"message": f"field {field['name']} already exists"})
+            created = {"_id": f"cf{len(self.customfields)}", **field}
+            self.customfields.append(created)
+            self.fields_created.append((field["parent"], field["name"], field["type"]))
+        return Answer(200, created)
+
+    def _activities(self, token: str, auth: str, body: bytes) -> Answer:
+        if token != self.tenant_token or auth:
+            return Answer(403, {"message": "invalid tenant token"})
+        items = json.loads(body)
+        if not isinstance(items, list) or len(items) > 5000:
+            return Answer(400, {"message": "expected an array of at most 5000 activities"})
+        for item in items:
+            if not isinstance(item, dict) or not (item.get("externalId") or item.get("email")) \
+                    or not item.get("action"):
+                return Answer(400, {"message": "an activity needs externalId or email, action"})
+        with self.lock:
+            self.activity_requests += 1
+            self.activities.extend(items)
+            self.acked.extend(json.dumps(["activity", i.get("externalId"), i["action"],
+                                          i.get("info"), i.get("date")], sort_keys=True)
+                              for i in items)
+        return Answer(200, {"processed": len(items)})
+
     def _bulk(self, auth: str, body: bytes) -> Answer:
         if auth != f"Bearer {self.api_token}":
             return Answer(403, {"message": f"Forbidden: bad token {auth}"})
@@ -306,6 +356,12 @@ class FakePlanhat(FakeServer):
                 return self.bulk_answers.popleft()
         if len(items) > 5000:
             return Answer(400, {"message": f"at most 5000 items per request, got {len(items)}"})
+        if self.strict_fields:
+            with self.lock:
+                fields = {f["name"] for f in self.customfields if f["parent"] == "EndUser"}
+            unknown = {k for i in items for k in (i.get("custom") or {})} - fields
+            if unknown:
+                return Answer(400, {"message": f"unknown custom fields {sorted(unknown)}"})
         errors: list[dict[str, Any]] = []
         updated = created = 0
         with self.lock:
@@ -333,11 +389,15 @@ class FakePlanhat(FakeServer):
 
 
 def _identify_problem(message: Any) -> str | None:
-    if not isinstance(message, dict) or message.get("type") != "identify":
-        return "expected one identify call"
+    """Planhat acts on identify and track calls at /dock/segment."""
+    if not isinstance(message, dict) or message.get("type") not in ("identify", "track"):
+        return "expected one identify or track call"
     if not message.get("userId") or message.get("user_id") != message.get("userId"):
         return "userId and user_id are required and must agree"
-    for field in ("traits", "context", "integrations", "messageId", "timestamp"):
+    body = "traits" if message["type"] == "identify" else "properties"
+    if message["type"] == "track" and not message.get("event"):
+        return "a track call needs its event"
+    for field in (body, "context", "integrations", "messageId", "timestamp"):
         if field not in message:
             return f"missing {field}"
     return None

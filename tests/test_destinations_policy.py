@@ -25,7 +25,7 @@ from audience_sync.destinations.segment import (
     encode,
     pack,
 )
-from audience_sync.messages import Delivery, identify
+from audience_sync.messages import DEFAULT_STYLE, Delivery, Style, message
 from audience_sync.ratelimit import LocalSlots, RateLimiter
 
 
@@ -199,6 +199,10 @@ def test_pack_respects_count_and_bytes() -> None:
     Delivery(5, "k\u2028\"", "trait", 2, "d", "u\x00", '"caf\u00e9\\n"', None, "N\t", None, "c",
              datetime(2026, 1, 1, 23, 59, 59, 999999, tzinfo=UTC)),
 ])
-def test_segment_encode_is_identify_byte_for_byte(delivery: Delivery) -> None:
-    expected = json.dumps(identify(delivery), separators=(",", ":")).encode()
-    assert encode(delivery) == expected
+@pytest.mark.parametrize("call", ["identify", "track"])
+def test_segment_encode_is_the_message_byte_for_byte(delivery: Delivery, call: str) -> None:
+    delivery = delivery._replace(call=call)
+    style = Style(space="sp\u00e9", entered="Entr\u00e9", exited="Left", trait="T \"q\"")
+    for using in (DEFAULT_STYLE, style):
+        expected = json.dumps(message(delivery, using), separators=(",", ":")).encode()
+        assert encode(delivery, using) == expected

@@ -63,15 +63,19 @@ def test_three_syncs_send_everything_then_changes_then_nothing(
     assert ann["type"] == "identify" and ann["userId"] == ann["user_id"] == "u1"
     assert ann["traits"] == {"email": "ann@example.com", "name": "Ann", "title": "CTO",
                              "companyId": "c1", "power_users": True}
-    assert ann["context"]["personas"] == {"computation_class": "audience",
-                                          "computation_key": "power_users",
-                                          "computation_id": "aud_power_users"}
+    persona = ann["context"]["personas"]
+    space = persona.pop("space_id")
+    assert persona == {"computation_class": "audience", "computation_key": "power_users",
+                       "computation_id": "aud_power_users", "namespace": f"spa_{space}"}
     assert ann["context"]["library"]["name"] == "audience-sync"
     assert ann["integrations"] == {"All": False, "Planhat": True}
     assert ann["messageId"].startswith("as-") and len(ann["messageId"]) <= 100
     assert ISO_MS.match(ann["timestamp"])
     assert audience["u3"]["traits"] == {"companyId": "c3", "power_users": True}
-    assert len(planhat.request_bodies) == 7 + 1  # seven identifies and one bulk upsert
+    # Seven identifies, one bulk upsert, and before it the custom fields: one list, two created.
+    assert len(planhat.request_bodies) == 7 + 1 + 3
+    assert sorted(planhat.fields_created) == [("EndUser", "power_users", "checkbox"),
+                                              ("EndUser", "score", "number")]
     assert set(planhat.auth_headers) == {basic(TENANT_TOKEN), f"Bearer {API_TOKEN}"}
     scores = _by(planhat.messages, "score")
     assert scores["u4"]["traits"]["score"] == 1.0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -49,6 +51,42 @@ class SendStats:
                    "throttled": self.throttled}
             self.requests = self.retries = self.throttled = 0
             return out
+
+
+class FieldLedger(Protocol):
+    """The custom fields a destination is known to have, shared by every process (the state
+    store's, state/fields.py): a field is created once."""
+
+    def known(self, parent: str) -> set[str]: ...
+
+    def remember(self, parent: str, name: str, kind: str) -> None: ...
+
+    def creating(self, parent: str, name: str, kind: str) -> AbstractContextManager[bool]:
+        """True: create the field now (an exception in the block forgets it again)."""
+        ...
+
+
+class MemoryFields:
+    """A FieldLedger of this process only (check, and destinations built without a store)."""
+
+    def __init__(self) -> None:
+        self._fields: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def known(self, parent: str) -> set[str]:
+        with self._lock:
+            return {name for p, name in self._fields if p == parent}
+
+    def remember(self, parent: str, name: str, kind: str) -> None:
+        with self._lock:
+            self._fields.add((parent, name))
+
+    @contextlib.contextmanager
+    def creating(self, parent: str, name: str, kind: str) -> Iterator[bool]:
+        with self._lock:
+            mine = (parent, name) not in self._fields
+        yield mine
+        self.remember(parent, name, kind)
 
 
 class Destination(Protocol):

@@ -1,4 +1,4 @@
-"""The `jsonl` destination: appends each identify message to a file (dry runs, demos, pipes)."""
+"""The `jsonl` destination: appends each message to a file (dry runs, demos, pipes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from audience_sync.destinations.base import Outcome, SendStats
 from audience_sync.errors import DestinationError
-from audience_sync.messages import Delivery, identify
+from audience_sync.messages import DEFAULT_STYLE, Delivery, Style, message
 
 
 class JsonlDestination:
@@ -17,13 +17,15 @@ class JsonlDestination:
     claim_size = max_batch
     window = 1
 
-    def __init__(self, name: str, path: str) -> None:
+    def __init__(self, name: str, path: str, style: Style = DEFAULT_STYLE) -> None:
         self.name = name
+        self.style = style
         self.stats = SendStats()  # no wire: stays at zero
         self.path = Path(path)
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
-        lines = "".join(json.dumps(identify(d), separators=(",", ":")) + "\n" for d in batch)
+        lines = "".join(json.dumps(message(d, self.style), separators=(",", ":")) + "\n"
+                        for d in batch)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as handle:

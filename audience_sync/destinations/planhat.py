@@ -1,7 +1,8 @@
 """The `planhat` destination, in its two modes (reference/wire-formats.md sections 1 and 2).
 
-mode `segment`: what Segment's Planhat destination sends, one identify per request.
-mode `api`: bulk upsert of end users through Planhat's REST API, audience keys as custom fields.
+mode `segment`: what Segment's Planhat destination sends, one identify or track per request.
+mode `api`: bulk upsert of end users through Planhat's REST API, audience keys as custom fields;
+track calls become user activities through the bulk activity endpoint of the analytics host.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from audience_sync.config import PlanhatConfig
-from audience_sync.destinations.base import Outcome
+from audience_sync.config import PlanhatConfig, RateLimit
+from audience_sync.destinations.base import FieldLedger, MemoryFields, Outcome
 from audience_sync.destinations.http import (
     HttpSender,
     Verdict,
@@ -23,36 +24,64 @@ from audience_sync.destinations.http import (
     outcomes_of,
     probe,
 )
-from audience_sync.messages import Delivery, identify
+from audience_sync.messages import DEFAULT_STYLE, Delivery, Style, event_name, message, timestamp
 from audience_sync.ratelimit import RateLimiter
 
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
+CUSTOMFIELDS_PATH = "/customfields"
+ENDUSER = "EndUser"
+# User activities: the tenant token in the path, no other auth, on the analytics host.
+ACTIVITY_BULK_PATH = "/analytics/bulk/{token}"
+ANALYTICS_URL = "https://analytics.planhat.com"
 # Planhat's bulk endpoints take at most 5,000 items per request.
 BULK_MAX_ITEMS = 5_000
 # Segment mode claims this many deliveries at a time: about a second of sending at the default
 # rate, so a crash re-sends little and other processes can take the rest.
 SEGMENT_MODE_CLAIM = 100
+# The bulk activity endpoint's items per request (UNCONFIRMED: Planhat documents 5,000 for
+# its bulk upserts; the same bound here keeps a request well under its 32 MB body limit).
+ACTIVITY_BULK_MAX = 5_000
+# The analytics host is Planhat's high-volume tracking host, outside the REST quota: one
+# request at a time at this rate stays far below its 150/s hard limit.
+ACTIVITY_RATE = RateLimit(50, 1)
 # Segment's Planhat destination routes the call to Planhat only.
 INTEGRATIONS = {"All": False, "Planhat": True}
 # Per-item error lists of a bulk upsert answer (200 or 206).
 _ERROR_LISTS = ("createdErrors", "updatedErrors", "permissionErrors")
 
 
-def segment_message(delivery: Delivery) -> dict[str, Any]:
+def segment_message(delivery: Delivery, style: Style = DEFAULT_STYLE) -> dict[str, Any]:
     """Planhat reads `user_id` first and `traits.companyId` for the company: send both ids."""
-    return identify(delivery, integrations=INTEGRATIONS, snake_user_id=True,
-                    company_field="companyId")
+    return message(delivery, style, integrations=INTEGRATIONS, snake_user_id=True,
+                   company_field="companyId")
+
+
+def activity(delivery: Delivery, style: Style = DEFAULT_STYLE) -> dict[str, Any]:
+    """A track call as a Planhat user activity: the event name as its action, the track's
+    properties as its info."""
+    key = delivery.computation_key
+    name = "audience_key" if delivery.computation_kind == "audience" else "trait_key"
+    item: dict[str, Any] = {"externalId": delivery.user_id,
+                            "action": event_name(delivery, style),
+                            "info": {name: key, key: json.loads(delivery.value)},
+                            "date": timestamp(delivery.observed_at)}
+    if delivery.email is not None:
+        item["email"] = delivery.email
+    if delivery.company_id is not None:
+        item["companyExternalId"] = delivery.company_id
+    return item
 
 
 class PlanhatSegmentDestination:
-    """POST {base}/dock/segment, Basic `tenant_token:`, one identify per request."""
+    """POST {base}/dock/segment, Basic `tenant_token:`, one identify or track per request."""
 
     def __init__(self, name: str, config: PlanhatConfig,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, style: Style = DEFAULT_STYLE) -> None:
         assert config.tenant_token is not None
         token = config.tenant_token.get_secret_value()
         self.name = name
+        self.style = style
         self.max_batch = min(config.batch_size, SEGMENT_MODE_CLAIM)
         self.claim_size = self.max_batch
         self.window = 1  # its requests go `concurrency` at a time within one claim
@@ -67,7 +96,7 @@ class PlanhatSegmentDestination:
         return list(self._pool.map(self._send_one, batch))
 
     def _send_one(self, delivery: Delivery) -> Outcome:
-        body = json.dumps(segment_message(delivery), separators=(",", ":")).encode()
+        body = json.dumps(segment_message(delivery, self.style), separators=(",", ":")).encode()
         return outcome_of(delivery.id, self.sender.call("POST", SEGMENT_PATH, content=body))
 
     def check(self) -> tuple[bool, str]:
@@ -86,13 +115,20 @@ class PlanhatSegmentDestination:
 
 
 class PlanhatApiDestination:
-    """PUT {base}/endusers, Bearer API token, up to 5,000 end users per request, sequential."""
+    """PUT {base}/endusers, Bearer API token, up to 5,000 end users per request, sequential;
+    track rows as activities, POST {analytics}/analytics/bulk/{tenant token}."""
 
     def __init__(self, name: str, config: PlanhatConfig,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, style: Style = DEFAULT_STYLE,
+                 fields: FieldLedger | None = None) -> None:
         assert config.api_token is not None
         token = config.api_token.get_secret_value()
         self.name = name
+        self.style = style
+        self.create_fields = config.create_fields
+        self.fields: FieldLedger = fields if fields is not None else MemoryFields()
+        # Keys whose field this process saw exist: no lookup before their next upsert.
+        self._ready: set[str] = set()
         self.max_batch = min(config.batch_size, BULK_MAX_ITEMS)
         self.claim_size = self.max_batch
         self.window = 1  # bulk requests one at a time (200/min)
@@ -102,10 +138,48 @@ class PlanhatApiDestination:
             headers={"Authorization": f"Bearer {token}"}, secrets=[token],
             rate=config.effective_rate_limit, limiter=limiter)
         self.stats = self.sender.stats
+        # The activity endpoint is not counted in the REST quota: a sender of its own, whose
+        # tenant token (in the path) is redacted like any secret.
+        self.activities: HttpSender | None = None
+        self._activity_path = ""
+        if config.tenant_token is not None:
+            tenant = config.tenant_token.get_secret_value()
+            self._activity_path = ACTIVITY_BULK_PATH.format(token=tenant)
+            self.activities = make_sender(
+                name, config.model_copy(update={"concurrency": 1}),
+                base_url=config.analytics_url, auth=None, headers={}, secrets=[tenant, token],
+                rate=ACTIVITY_RATE)
+            self.activities.stats = self.stats
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
-        items, owners = enduser_items(batch)
+        tracks = [d for d in batch if d.call == "track"]
+        outcomes = self._send_activities(tracks) if tracks else []
+        if len(tracks) < len(batch):
+            outcomes += self._send_endusers([d for d in batch if d.call != "track"])
+        return outcomes
+
+    def _send_activities(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        if self.activities is None:
+            # Config validation requires the tenant token with track: only a stale row.
+            return [Outcome(d.id, ok=False, permanent=True, attempts=0,
+                            error="track needs tenant_token in mode api (not sent)")
+                    for d in batch]
         outcomes: list[Outcome] = []
+        for start in range(0, len(batch), ACTIVITY_BULK_MAX):
+            chunk = batch[start:start + ACTIVITY_BULK_MAX]
+            body = json.dumps([activity(d, self.style) for d in chunk],
+                              separators=(",", ":")).encode()
+            reply = self.activities.call("POST", self._activity_path, content=body)
+            outcomes += outcomes_of([d.id for d in chunk], reply)
+        return outcomes
+
+    def _send_endusers(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        missing = self.ensure_fields(field_types(batch))
+        outcomes = [Outcome(d.id, ok=False, error=missing[d.computation_key], attempts=0)
+                    for d in batch if d.computation_key in missing]
+        if missing:
+            batch = [d for d in batch if d.computation_key not in missing]
+        items, owners = enduser_items(batch)
         for start in range(0, len(items), self.max_batch):
             chunk = items[start:start + self.max_batch]
             body = json.dumps(chunk, separators=(",", ":")).encode()
@@ -132,6 +206,70 @@ class PlanhatApiDestination:
                                                 attempts=reply.attempts))
         return outcomes
 
+    def ensure_fields(self, wanted: dict[str, str]) -> dict[str, str]:
+        """Make sure an end-user custom field exists for each key (key -> type), creating the
+        missing ones unless create_fields is off; key -> why its deliveries wait."""
+        wanted = {k: v for k, v in wanted.items() if k not in self._ready}
+        if not wanted:
+            return {}
+        known = self.fields.known(ENDUSER)
+        self._ready |= known & set(wanted)
+        wanted = {k: v for k, v in wanted.items() if k not in known}
+        if not wanted:
+            return {}
+        existing, error = self._list_fields()
+        if error is not None:
+            return {key: error for key in wanted}
+        for key in wanted.keys() & existing:
+            self.fields.remember(ENDUSER, key, existing[key])
+            self._ready.add(key)
+        waiting: dict[str, str] = {}
+        for key, kind in wanted.items():
+            if key in existing:
+                continue
+            if not self.create_fields:
+                waiting[key] = (f"Planhat has no end-user custom field {key!r} and "
+                                "create_fields is false: create it in Planhat (or allow "
+                                "create_fields); the deliveries wait")
+                continue
+            problem = self._create_field(key, kind)
+            if problem is None:
+                self._ready.add(key)
+            else:
+                waiting[key] = problem
+        return waiting
+
+    def _list_fields(self) -> tuple[dict[str, str], str | None]:
+        """The end-user custom fields on Planhat (name -> type), or why they are unknown."""
+        reply = self.sender.call("GET", CUSTOMFIELDS_PATH)
+        if reply.verdict is not Verdict.OK:
+            return {}, f"cannot list Planhat's custom fields: {reply.error}"
+        document = reply.json()
+        if not isinstance(document, list):
+            return {}, "cannot list Planhat's custom fields: the answer is not a list"
+        return {str(f["name"]): str(f.get("type", "")) for f in document
+                if isinstance(f, dict) and f.get("parent") == ENDUSER
+                and isinstance(f.get("name"), str)}, None
+
+    def _create_field(self, key: str, kind: str) -> str | None:
+        body = json.dumps({"parent": ENDUSER, "name": key, "type": kind}).encode()
+        # The request slot is taken before the ledger's transaction: a budget shared in the
+        # state store writes there too, and SQLite has one writer.
+        if not self.sender.limiter.acquire(self.sender.halted):
+            return "stopped before creating Planhat custom field " + repr(key)
+        try:
+            with self.fields.creating(ENDUSER, key, kind) as mine:
+                if not mine:
+                    return None  # another process created it (or found it)
+                reply = self.sender.call("POST", CUSTOMFIELDS_PATH, content=body,
+                                         rate_limited=False)
+                if reply.verdict is not Verdict.OK:
+                    raise _NotCreated(f"cannot create Planhat custom field {key!r}: "
+                                      f"{reply.error}")
+        except _NotCreated as exc:
+            return str(exc)
+        return None
+
     def check(self) -> tuple[bool, str]:
         status, text = probe(self.sender, "GET", f"{ENDUSERS_PATH}?limit=1")
         if status is None:
@@ -142,11 +280,52 @@ class PlanhatApiDestination:
             return True, f"ok (API token accepted by {self.sender.shown_url})"
         return False, text
 
+    def check_fields(self, wanted: dict[str, str]) -> tuple[bool, str]:
+        """check: the custom fields the configured keys need (key -> type); none is created
+        here (the first upsert creates them, once)."""
+        existing, error = self._list_fields()
+        if error is not None:
+            return False, error
+        missing = sorted(set(wanted) - set(existing))
+        if not missing:
+            return True, f"custom fields: all {len(wanted)} exist"
+        names = ", ".join(missing)
+        if self.create_fields:
+            return True, f"custom fields to create at the first upsert: {names}"
+        return False, (f"missing end-user custom fields {names} and create_fields is false: "
+                       "create them in Planhat; their deliveries wait until then")
+
     def interrupt(self) -> None:
         self.sender.interrupt()
+        if self.activities is not None:
+            self.activities.interrupt()
 
     def close(self) -> None:
         self.sender.close()
+        if self.activities is not None:
+            self.activities.close()
+
+
+class _NotCreated(Exception):
+    """A custom field's creation failed: its row in the ledger is rolled back."""
+
+
+def field_type(kind: str, values: Sequence[object]) -> str:
+    """checkbox for an audience; number for a trait whose values seen are all numbers, else
+    text."""
+    if kind == "audience":
+        return "checkbox"
+    seen = [v for v in values if v is not None]
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in seen)
+    return "number" if seen and numeric else "text"
+
+
+def field_types(batch: Sequence[Delivery]) -> dict[str, str]:
+    values: dict[tuple[str, str], list[object]] = {}
+    for delivery in batch:
+        values.setdefault((delivery.computation_key, delivery.computation_kind), []).append(
+            json.loads(delivery.value))
+    return {key: field_type(kind, seen) for (key, kind), seen in values.items()}
 
 
 def enduser_items(batch: Sequence[Delivery]) -> tuple[list[dict[str, Any]],

@@ -22,7 +22,16 @@ from audience_sync.destinations.http import (
     outcomes_of,
     probe,
 )
-from audience_sync.messages import Delivery, identify, message_id, timestamp, utc_datetime
+from audience_sync.messages import (
+    DEFAULT_STYLE,
+    Delivery,
+    Style,
+    identify,
+    message,
+    message_id,
+    timestamp,
+    utc_datetime,
+)
 from audience_sync.ratelimit import RateLimiter
 
 BATCH_PATH = "/v1/batch"
@@ -43,12 +52,29 @@ def _dumps(value: object) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def _shared_fragment(kind: str, key: str) -> str:
-    """`"context":...,"integrations":...`: the same for every message of one audience."""
+def _shared_fragment(kind: str, key: str, style: Style) -> str:
+    """`"context":...,"integrations":...`: the same for every identify of one audience."""
     sample = identify(Delivery(0, key, kind, 0, "", "", "null", None, None, None, None,
-                               datetime(2000, 1, 1, tzinfo=UTC)))
+                               datetime(2000, 1, 1, tzinfo=UTC)), style)
     return json.dumps({"context": sample["context"],
                        "integrations": sample["integrations"]}, separators=(",", ":"))[1:-1]
+
+
+@functools.lru_cache(maxsize=256)
+def _track_fragments(kind: str, key: str, value: str, style: Style) -> tuple[str, str, str]:
+    """A track's constant parts, around what varies per user: (`{"type":"track","event":...,
+    "userId":`, `,"properties":{...},"context":{"personas":{...},"traits":`, `,"library":...},
+    "integrations":...,"messageId":"`). One run's tracks of one audience take two values."""
+    sample = message(Delivery(0, key, kind, 0, "", "", value, None, None, None, None,
+                              datetime(2000, 1, 1, tzinfo=UTC), 0, "track"), style)
+    head = json.dumps({"type": "track", "event": sample["event"]}, separators=(",", ":"))
+    middle = (f',"properties":{json.dumps(sample["properties"], separators=(",", ":"))},'
+              f'"context":{{"personas":'
+              f'{json.dumps(sample["context"]["personas"], separators=(",", ":"))},"traits":')
+    tail = (f',"library":{json.dumps(sample["context"]["library"], separators=(",", ":"))}}},'
+            f'"integrations":{json.dumps(sample["integrations"], separators=(",", ":"))},'
+            '"messageId":"')
+    return head[:-1] + ',"userId":', middle, tail
 
 
 @functools.lru_cache(maxsize=64)
@@ -67,14 +93,14 @@ def _value(canonical: str) -> str:
 _CONTACT = frozenset(("email", "name", "title", "company_id"))
 
 
-def encode(delivery: Delivery) -> bytes:
-    """The bytes of `identify(delivery)` (the same document, key for key), written directly:
-    one run's messages share everything but the user, traits and ids, and a json.dumps per
-    message was most of the time spent building a batch."""
+def encode(delivery: Delivery, style: Style = DEFAULT_STYLE) -> bytes:
+    """The bytes of `message(delivery, style)` (the same document, key for key). An identify
+    is written directly: one run's messages share everything but the user, traits and ids,
+    and a json.dumps per message was most of the time spent building a batch."""
     (_, key, kind, run_id, _, user_id, value, email, name, title, company_id, observed,
-     _) = delivery
-    if key in _CONTACT:
-        return _dumps(identify(delivery))
+     _, call) = delivery
+    if key in _CONTACT or call not in ("identify", "track"):
+        return _dumps(message(delivery, style))
     # Contact traits present on every message (the common case) skip the join below.
     if email is not None and name is not None and title is not None and company_id is not None:
         traits = (f'"email":{_str(email)},"name":{_str(name)},"title":{_str(title)},'
@@ -86,8 +112,13 @@ def encode(delivery: Delivery) -> bytes:
             "" if title is None else f'"title":{_str(title)},',
             "" if company_id is None else f'"company_id":{_str(company_id)},',
         ))
+    if call == "track":
+        head, middle, tail = _track_fragments(kind, key, _value(value), style)
+        return (f'{head}{_str(user_id)}{middle}{{{traits[:-1]}}}{tail}'
+                f'{message_id(key, user_id, run_id, value, call)}",'
+                f'"timestamp":"{_timestamp(observed)}"}}').encode()
     return (f'{{"type":"identify","userId":{_str(user_id)},"traits":{{{traits}'
-            f'{_str(key)}:{_value(value)}}},{_shared_fragment(kind, key)},'
+            f'{_str(key)}:{_value(value)}}},{_shared_fragment(kind, key, style)},'
             f'"messageId":"{message_id(key, user_id, run_id, value)}",'
             f'"timestamp":"{_timestamp(observed)}"}}').encode()
 
@@ -125,9 +156,10 @@ class SegmentDestination:
     """
 
     def __init__(self, name: str, config: SegmentConfig,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, style: Style = DEFAULT_STYLE) -> None:
         key = config.write_key.get_secret_value()
         self.name = name
+        self.style = style
         self.max_batch = MAX_BATCH_MESSAGES
         self.window = config.concurrency
         self.claim_size = FIRST_CLAIM
@@ -144,13 +176,13 @@ class SegmentDestination:
         refused: list[Outcome] = []
         fitting: list[tuple[int, bytes]] = []
         for delivery in batch:
-            message = encode(delivery)
-            if len(message) <= MAX_MESSAGE_BYTES:
-                fitting.append((delivery.id, message))
+            encoded = encode(delivery, self.style)
+            if len(encoded) <= MAX_MESSAGE_BYTES:
+                fitting.append((delivery.id, encoded))
                 continue
             refused.append(Outcome(
                 delivery.id, ok=False, permanent=True, attempts=0,
-                error=f"message is {len(message):,} bytes; Segment accepts at most "
+                error=f"message is {len(encoded):,} bytes; Segment accepts at most "
                       f"{MAX_MESSAGE_BYTES:,} bytes per message (not sent)"))
         if not fitting:
             return refused

@@ -18,6 +18,8 @@ from sqlalchemy import (
     Connection,
     and_,
     delete,
+    false,
+    func,
     insert,
     literal,
     select,
@@ -78,6 +80,7 @@ class RunTransaction:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self.rolled_back = False
+        self.queued = 0
 
     def diff(self, cid: int, *, resync: bool, staged: int, previous: int, skipped: SkipCounts,
              compare_sent: bool, carry_sent: bool) -> Diff:
@@ -91,12 +94,13 @@ class RunTransaction:
     def apply(self, comp: Computation, cid: int, kind: RunKind, now: datetime,
               figures: RunFigures, *, force: bool, fencing_token: int | None, clock: Clock,
               held_columns: str | None) -> int:
-        """Apply the diff; the new run's id.
+        """Apply the diff; the new run's id (`queued`: the outbox rows it wrote).
 
         :raises LeaseLost: the fencing token is no longer current; nothing is committed.
         """
-        return _apply(self._conn, comp, cid, kind, now, figures, force, fencing_token, clock,
-                      held_columns)
+        run_id, self.queued = _apply(self._conn, comp, cid, kind, now, figures, force,
+                                     fencing_token, clock, held_columns)
+        return run_id
 
 
 class RunSession:
@@ -176,8 +180,9 @@ def refresh_statistics(store: Store, comp: Computation, kind: RunKind, result: R
 
 def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: datetime,
            result: RunFigures, force: bool, fencing_token: int | None, clock: Clock,
-           held_columns: str | None) -> int:
-    """Write the run: members, history, outbox, run record, audience row; its run id."""
+           held_columns: str | None) -> tuple[int, int]:
+    """Write the run: members, history, outbox, run record, audience row; its run id and the
+    number of outbox rows it queued."""
     m, h = t.members, t.membership_history
     run_id = int(conn.execute(insert(t.runs).values(
         computation_id=cid, kind=kind, status=RunStatus.SUCCEEDED, clock=now, started_at=now,
@@ -229,18 +234,30 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
     stay_value = literal("true") if comp.kind == "audience" else delta.c.value
     leave_value = literal("false") if comp.kind == "audience" else literal("null")
     outbox_columns = ["computation_id", "run_id", "destination", "user_id", "value",
-                      *CONTACT_TRAITS, "observed_at", "status"]
-    for destination in comp.destinations:
+                      *CONTACT_TRAITS, "observed_at", "status", "call"]
+    # A track call is an event: sent for an entry, an exit or a new trait value, never for a
+    # member whose contact traits alone changed (nor a resync's unchanged member).
+    moved = new if comp.kind == "audience" else new | (delta.c.value_changed == true())
+    per_call = {"identify": result.queued, "track": result.entered + result.exited}
+    if comp.kind == "trait" and any(call == "track" for _, call in comp.outbox_calls):
+        per_call["track"] += int(conn.execute(select(func.count()).select_from(delta).where(
+            delta.c.is_new == false(), delta.c.value_changed == true())).scalar_one())
+    queued = 0
+    for destination, call in comp.outbox_calls:
+        queued += per_call[call]
         for table, value in ((delta, stay_value), (exited, leave_value)):
-            conn.execute(insert(d).from_select(outbox_columns, select(
+            rows = select(
                 literal(cid), literal(run_id), literal(destination), table.c.user_id, value,
                 *(table.c[n] for n in CONTACT_TRAITS), literal(now, t.UTCDateTime),
-                literal(DeliveryStatus.PENDING.value))))
+                literal(DeliveryStatus.PENDING.value), literal(call))
+            if call == "track" and table is delta:
+                rows = rows.where(moved)
+            conn.execute(insert(d).from_select(outbox_columns, rows))
     # The run record and the audience row; the fencing check makes a lost lease fatal.
     finished = clock()
     conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(
         finished_at=finished, members=result.members, entered=result.entered,
-        exited=result.exited, changed=result.changed, queued=result.queued,
+        exited=result.exited, changed=result.changed, queued=queued,
         **_skip_values(result.skipped)))
     values: dict[str, Any] = dict(
         member_count=result.members, last_run_id=run_id, last_run_at=now,
@@ -248,10 +265,10 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
         last_success_at=finished, consecutive_failures=0,
         next_due_at=next_due_after_success(comp.key, finished, comp.every, comp.jitter))
     if kind == RunKind.INITIAL:
-        values["initial_state"] = (InitialState.DELIVERING if result.queued
+        values["initial_state"] = (InitialState.DELIVERING if queued
                                    else InitialState.COMPLETE)
     _update_computation(conn, cid, fencing_token, values)
-    return run_id
+    return run_id, queued
 
 
 # PostgreSQL: the pending deliveries of the changed users, found by one index probe per

@@ -59,7 +59,7 @@ _COLUMNS = (t.deliveries.c.id, t.computations.c.key, t.computations.c.kind,
             t.deliveries.c.value, t.deliveries.c.email, t.deliveries.c.name,
             t.deliveries.c.title, t.deliveries.c.company_id,
             type_coerce(t.deliveries.c.observed_at, String).label("observed_at"),
-            t.deliveries.c.attempts)
+            t.deliveries.c.attempts, t.deliveries.c.call)
 
 
 @functools.cache
@@ -186,8 +186,8 @@ def requeue_failed(store: Store, computation_ids: Collection[int] | None = None,
                    destination: str | None = None) -> tuple[int, int]:
     """Failed deliveries back to pending; (re-queued, superseded).
 
-    A failed delivery with a newer delivery for the same audience, user and destination is
-    marked superseded instead: re-sending it would overwrite the newer value.
+    A failed delivery with a newer delivery for the same audience, user, destination and call
+    is marked superseded instead: re-sending it would overwrite the newer value.
     """
     d = t.deliveries
     newer = d.alias("newer")
@@ -198,7 +198,7 @@ def requeue_failed(store: Store, computation_ids: Collection[int] | None = None,
         condition.append(d.c.destination == destination)
     has_newer = select(newer.c.id).where(
         newer.c.computation_id == d.c.computation_id, newer.c.user_id == d.c.user_id,
-        newer.c.destination == d.c.destination, newer.c.id > d.c.id,
+        newer.c.destination == d.c.destination, newer.c.call == d.c.call, newer.c.id > d.c.id,
         newer.c.status != DeliveryStatus.SUPERSEDED).exists()
     with store.write() as conn:
         superseded = conn.execute(update(d).where(and_(*condition), has_newer)

@@ -198,6 +198,9 @@ deliveries = Table(
     Column("next_attempt_at", UTCDateTime, nullable=True),
     Column("last_error", Text, nullable=True),
     Column("sent_at", UTCDateTime, nullable=True),
+    # The call this row delivers (identify | track): a destination sent both gets one row per
+    # call, each acknowledged on its own, so a crash between them re-sends only the other.
+    Column("call", String(16), nullable=False, server_default="identify"),
     Index(None, "computation_id", "user_id"),
     Index(None, "run_id"),
     # Pending and failed rows are few while sent ones pile up, so they have partial indexes
@@ -232,4 +235,27 @@ rate_budgets = Table(
     metadata,
     Column("destination", String(100), primary_key=True),
     Column("next_free", Float(precision=53), nullable=False),
+)
+
+
+# Values this state store keeps about itself, by name: `space_id`, the stable id that fills
+# `context.personas.space_id` when the config names no `space:`.
+store_settings = Table(
+    "store_settings",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+# The custom fields each destination is known to have (found on it, or created by this tool):
+# a field is created once, by whichever process first inserts its row (state/fields.py).
+destination_fields = Table(
+    "destination_fields",
+    metadata,
+    Column("destination", String(100), primary_key=True),
+    Column("parent", String(50), primary_key=True),  # EndUser | Company
+    Column("name", String(100), primary_key=True),
+    Column("type", String(20), nullable=False),
+    Column("created", Boolean, nullable=False),  # by this tool (else found)
+    Column("recorded_at", UTCDateTime, nullable=False),
 )

@@ -6,6 +6,7 @@ Everything that touches the state database goes through a Store.
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,7 +47,7 @@ SQLITE_POOL_SIZE = 2
 # The newest migration (migrations/versions). A store already there is opened with one SELECT on
 # alembic_version, and alembic, a tenth of a command's start-up, is not even imported;
 # test_head_revision_is_the_newest_migration keeps this in step with the migrations.
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -209,6 +210,27 @@ class Store:
             raise StoreError(
                 f"cannot upgrade the state database: {describe_db_error(exc)}") from exc
 
+    def setting(self, name: str, default: str) -> str:
+        """A value this store keeps about itself: stored once (`default` the first time, by
+        whichever process comes first), the same for every process after.
+
+        :raises StoreError: the state database failed.
+        """
+        table = t.store_settings
+        try:
+            with self.write() as conn:
+                conn.execute(insert_ignore(conn.dialect.name, table).values(
+                    name=name, value=default))
+                return str(conn.execute(select(table.c.value).where(
+                    table.c.name == name)).scalar_one())
+        except SQLAlchemyError as exc:
+            raise StoreError(f"state database error: {describe_db_error(exc)}") from exc
+
+    def space_id(self) -> str:
+        """The personas space_id when the config names no `space:`: random once, then
+        stable for this state store."""
+        return self.setting("space_id", secrets.token_hex(10))
+
     # -- computations --------------------------------------------------------------------------
 
     def register(self, computations: Sequence[Computation], at: datetime) -> None:
@@ -221,7 +243,7 @@ class Store:
                 row = known.get(comp.key)
                 if row is None:
                     # Several daemons starting at once register the same audiences.
-                    conn.execute(_insert_ignore(self.dialect, t.computations).values(
+                    conn.execute(insert_ignore(self.dialect, t.computations).values(
                         key=comp.key, name=comp.name, kind=comp.kind,
                         definition_hash=comp.definition_hash, created_at=at,
                         initial_state=InitialState.PENDING, next_due_at=at))
@@ -287,7 +309,7 @@ _COMPUTATION_COLUMNS = (
 )
 
 
-def _insert_ignore(dialect: str, table: Table) -> Any:
+def insert_ignore(dialect: str, table: Table) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING, in the dialect's own spelling."""
     if dialect == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
