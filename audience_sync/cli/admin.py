@@ -90,6 +90,7 @@ def status(
     counts = queries.delivery_counts(store)
     items: list[dict[str, Any]] = []
     configured = {comp.key for comp in config.computations}
+    disabled = {comp.key for comp in config.disabled}
     for key, row in rows.items():
         comp = next((c for c in config.computations if c.key == key), None)
         last_run = queries.run_record(store, row.last_run_id) if row.last_run_id else None
@@ -101,7 +102,8 @@ def status(
             "key": key,
             "name": row.name,
             "kind": row.kind,
-            "orphaned": key not in configured,
+            "orphaned": key not in configured and key not in disabled,
+            "enabled": key not in disabled,
             "destinations": list(comp.destinations) if comp else [],
             "members": row.member_count,
             "initial_sync": row.initial_state,
@@ -124,7 +126,8 @@ def status(
         run_text = "-" if run is None else (
             f"{run['kind']} {run['status']} +{run['entered']} -{run['exited']} ~{run['changed']}")
         table.add_row(
-            item["key"] + (" (orphaned)" if item["orphaned"] else ""),
+            item["key"] + (" (orphaned)" if item["orphaned"] else "")
+            + ("" if item["enabled"] else " (disabled)"),
             item["kind"], str(item["members"]), item["initial_sync"], run_text,
             item["next_due_at"] or "-",
             _per_destination(item["pending"]), _per_destination(item["failed"]))

@@ -139,7 +139,9 @@ def resolve(config: Config, names: list[str]) -> list[Computation]:
     for name in names:
         try:
             comp = config.find(name)
-        except ConfigError:
+        except ConfigError as exc:
+            if exc.field.endswith(".enabled"):  # a disabled one: say so, not "unknown"
+                raise UsageError(exc.problem) from None
             known = ", ".join(c.key for c in config.computations)
             raise UsageError(f"unknown audience {name!r} (known: {known})") from None
         if comp not in found:

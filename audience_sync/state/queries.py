@@ -102,7 +102,8 @@ def runs(store: Store, *, key: str | None = None, limit: int | None = 50) -> lis
 # -- status -------------------------------------------------------------------------------------
 
 def computations(store: Store) -> list[ComputationRow]:
-    return store.computations()
+    """Every audience and trait the store tracks (not the ones `forget` dropped)."""
+    return [row for row in store.computations() if row.forgotten_at is None]
 
 
 def delivery_counts(store: Store) -> dict[tuple[int, str, DeliveryStatus], int]:

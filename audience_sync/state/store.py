@@ -128,6 +128,7 @@ class ComputationRow:
     lease_expires_at: datetime | None
     fencing_token: int
     applied_columns: str | None
+    forgotten_at: datetime | None = None  # `forget` dropped its current state
 
 
 class Store:
@@ -216,15 +217,22 @@ class Store:
         with self.write() as conn:
             known = {row.key: row for row in conn.execute(
                 select(t.computations.c.key, t.computations.c.name,
-                       t.computations.c.definition_hash, t.computations.c.kind))}
+                       t.computations.c.definition_hash, t.computations.c.kind,
+                       t.computations.c.forgotten_at))}
             for comp in computations:
                 row = known.get(comp.key)
                 if row is None:
                     # Several daemons starting at once register the same audiences.
-                    conn.execute(_insert_ignore(self.dialect, t.computations).values(
+                    conn.execute(insert_ignore(self.dialect, t.computations).values(
                         key=comp.key, name=comp.name, kind=comp.kind,
                         definition_hash=comp.definition_hash, created_at=at,
                         initial_state=InitialState.PENDING, next_due_at=at))
+                elif row.forgotten_at is not None:
+                    # A forgotten key configured again starts over (forget reset its state).
+                    conn.execute(update(t.computations)
+                                 .where(t.computations.c.key == comp.key)
+                                 .values(name=comp.name, definition_hash=comp.definition_hash,
+                                         forgotten_at=None, next_due_at=at))
                 elif (row.name, row.definition_hash) != (comp.name, comp.definition_hash):
                     conn.execute(update(t.computations)
                                  .where(t.computations.c.key == comp.key)
@@ -283,11 +291,11 @@ _COMPUTATION_COLUMNS = (
     t.computations.c.last_run_at, t.computations.c.last_success_at, t.computations.c.next_due_at,
     t.computations.c.consecutive_failures, t.computations.c.lease_owner,
     t.computations.c.lease_expires_at, t.computations.c.fencing_token,
-    t.computations.c.applied_columns,
+    t.computations.c.applied_columns, t.computations.c.forgotten_at,
 )
 
 
-def _insert_ignore(dialect: str, table: Table) -> Any:
+def insert_ignore(dialect: str, table: Table) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING, in the dialect's own spelling."""
     if dialect == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
