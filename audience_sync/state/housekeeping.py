@@ -7,7 +7,7 @@ record and are never pruned (only `forget --purge` drops an orphan's history, on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, update
 
@@ -29,16 +29,17 @@ def prune_deliveries(store: Store, older_than: datetime) -> int:
     return int(sent) + int(superseded)
 
 
+_NEVER = datetime(2000, 1, 1, tzinfo=UTC)
+
+
 def claim_daily(store: Store, task: str, now: datetime,
                 every: timedelta = timedelta(days=1)) -> bool:
     """True when `task` last ran at least `every` ago (or never), marking it as run now: one
     process wins the claim, so a chore runs once a day whatever the ticks and restarts."""
     h = t.housekeeping
     with store.write() as conn:
-        inserted = conn.execute(insert_ignore(store.dialect, h).values(
-            task=task, last_run_at=now)).rowcount
-        if inserted:
-            return True
+        # Never run: a row from long ago, which the update below then claims.
+        conn.execute(insert_ignore(store.dialect, h).values(task=task, last_run_at=_NEVER))
         won = conn.execute(update(h).where(h.c.task == task,
                                            h.c.last_run_at <= now - every)
                            .values(last_run_at=now)).rowcount
