@@ -8,14 +8,14 @@ import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from audience_sync.alerts import AlertState, RunOutcome, Rule, after_drain, after_run
+from audience_sync.alerts import AlertState, Rule, RunOutcome, after_drain, after_run
 from audience_sync.config import load_config
 from audience_sync.states import RunStatus
 from tests.helpers import cli, make_warehouse, set_users, write_config
@@ -253,3 +253,54 @@ def test_an_unreachable_webhook_does_not_fail_the_run(
     assert code == 0
     assert "size_change alert for scored not delivered" in err
     assert SECRET not in out + err and TOKEN not in out + err
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+def test_the_daemon_alerts_once_per_state_change_and_prunes_once_a_day(
+        state_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        receiver: Receiver) -> None:
+    from sqlalchemy import select
+
+    from audience_sync.scheduler import Daemon, DaemonOptions
+    from audience_sync.state import queries
+    from audience_sync.state import schema as t
+    from audience_sync.state.store import Store
+
+    config = load_config(_setup(tmp_path, state_url, monkeypatch, receiver.url))
+    store = Store(state_url)
+    store.upgrade()
+    now = [T0]
+    store.register(config.computations, T0)
+    daemon = Daemon(store, config, DaemonOptions(owner="test"), clock=lambda: now[0])
+
+    def tick(at: datetime) -> None:
+        now[0] = at
+        daemon.tick()
+
+    def last_prune() -> datetime:
+        with store.read() as conn:
+            return conn.execute(select(t.housekeeping.c.last_run_at)).scalar_one()
+
+    try:
+        tick(T0)  # the initial run, its drain, and the first prune
+        assert last_prune() == T0
+        _rename_users(tmp_path, "users", "users_gone")
+        for day in (1, 2, 3):  # a failed run each day (and many ticks between them)
+            tick(T0 + timedelta(days=day))
+            tick(T0 + timedelta(days=day, minutes=1))
+        assert [r.status for r in queries.runs(store)][:3] == ["failed"] * 3
+        assert last_prune() == T0 + timedelta(days=3)  # once a day, not per tick
+        _rename_users(tmp_path, "users_gone", "users")
+        tick(T0 + timedelta(days=5))
+        assert queries.runs(store)[0].status == "succeeded"
+        with store.read() as conn:
+            sent = conn.execute(select(t.deliveries.c.id)).all()
+        assert len(sent) == 10  # sent at T0, kept within the 30d retention
+        tick(T0 + timedelta(days=31))
+        with store.read() as conn:
+            assert conn.execute(select(t.deliveries.c.id)).all() == []
+    finally:
+        daemon.close()  # sends what is queued (bounded)
+        store.dispose()
+    assert receiver.events == ["failed", "recovered"]

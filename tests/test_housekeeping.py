@@ -205,6 +205,7 @@ def test_the_run_record_holds_bad_type_and_non_finite_skips(
                      [{"name": "T", "source": "w", "destinations": ["file"], "query": query}])
     assert cli(capsys, "--config", config, "sync", "T")[0] == 0
     code, out, _ = cli(capsys, "--config", config, "runs", "T", "--json")
+    assert code == 0
     skipped = json.loads(out)[0]["skipped"]
     assert (skipped["bad_type"], skipped["non_finite"]) == (1, 1)
     status = _status(capsys, config)["t"]["last_run"]["skipped"]
