@@ -229,7 +229,7 @@ class Daemon:
 
     def close(self) -> None:
         if self._alerts is not None:
-            self._alerts.close()
+            self._alerts.close(wait=1.0)  # SIGTERM must exit within seconds
         for client in self._clients.values():
             try:
                 client.close()

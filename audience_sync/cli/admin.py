@@ -92,7 +92,8 @@ def status(
     configured = {comp.key for comp in config.computations}
     disabled = {comp.key for comp in config.disabled}
     for key, row in rows.items():
-        comp = next((c for c in config.computations if c.key == key), None)
+        comp = next((c for c in (*config.computations, *config.disabled) if c.key == key),
+                    None)
         last_run = queries.run_record(store, row.last_run_id) if row.last_run_id else None
         pending = {dest: n for (cid, dest, st), n in counts.items()
                    if cid == row.id and st == DeliveryStatus.PENDING}
