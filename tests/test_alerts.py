@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from audience_sync.alerts import AlertState, Rule, RunOutcome, after_drain, after_run
 from audience_sync.config import load_config
@@ -304,3 +305,21 @@ def test_the_daemon_alerts_once_per_state_change_and_prunes_once_a_day(
         daemon.close()  # sends what is queued (bounded)
         store.dispose()
     assert receiver.events == ["failed", "recovered"]
+
+
+def test_permanently_failed_deliveries_alert_once(
+        state_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], receiver: Receiver) -> None:
+    from tests.fakes import EchoServer
+
+    with EchoServer().running() as refuser:  # its first answer is a 400: failed for good
+        config = _setup(tmp_path, state_url, monkeypatch, receiver.url, users=4)
+        document = yaml.safe_load(Path(config).read_text())
+        document["destinations"]["seg"] = {"type": "segment", "write_key": "wk",
+                                           "base_url": refuser.url, "max_retries": 0}
+        document["audiences"][0]["destinations"] = ["seg"]
+        write_config(Path(config), document)
+        assert _sync(capsys, config) == 1
+        _sync(capsys, config)  # nothing new failed: no second alert
+    assert receiver.events == ["deliveries_failed"]
+    assert receiver.bodies[0]["counts"] == {"failed": 4, "new": 4}
