@@ -62,7 +62,8 @@ def test_prune_keeps_pending_and_failed_rows_and_history(
     store = Store(state_url)
     d = t.deliveries
     old = datetime.now(UTC) - timedelta(days=40)
-    ids = [row.id for row in store.engine.connect().execute(select(d.c.id).order_by(d.c.id))]
+    with store.read() as conn:
+        ids = list(conn.execute(select(d.c.id).order_by(d.c.id)).scalars())
     statuses = [DeliveryStatus.SENT, DeliveryStatus.SUPERSEDED, DeliveryStatus.PENDING,
                 DeliveryStatus.FAILED]
     with store.write() as conn:
