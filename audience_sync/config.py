@@ -40,7 +40,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
                "hour": 3600}
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# `${VAR}`, or `${VAR:-default}`: the default when VAR is unset or empty, as in a shell.
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 # Every duration is bounded before it becomes a timedelta: `99999999999d` or `.inf` used to
 # validate and then raise OverflowError in every sync (a datetime plus the cadence). A year
@@ -372,6 +373,8 @@ class _ComputationModel(_Frozen):
     source: str
     destinations: list[str] = Field(min_length=1)
     schedule: ScheduleOverride = ScheduleOverride()
+    # false: kept in config and in the state store, but never run (nor shown as orphaned).
+    enabled: bool = True
 
     @field_validator("key")
     @classmethod
@@ -404,6 +407,54 @@ class TraitModel(_ComputationModel):
         return self
 
 
+AlertEvent = Literal["failed", "held", "recovered", "size_change", "deliveries_failed"]
+ALERT_EVENTS: tuple[AlertEvent, ...] = ("failed", "held", "recovered", "size_change",
+                                        "deliveries_failed")
+
+
+class AlertConfig(_Frozen):
+    """One alert target: a webhook POSTed a JSON body Slack's incoming webhooks accept."""
+
+    type: Literal["webhook"]
+    url: Secret  # a Slack hook's path is its secret: never printed, not even masked
+    on: list[AlertEvent] = Field(default_factory=lambda: list(ALERT_EVENTS), min_length=1)
+    failures: int = Field(default=1, ge=1, le=1000)
+    threshold: float = Field(default=0.2, gt=0, le=100)
+    timeout: Duration = timedelta(seconds=5)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        # YAML 1.1 reads an unquoted `on:` key as the boolean true.
+        if isinstance(data, dict) and True in data:
+            data = dict(data)
+            if "on" in data:
+                raise ValueError("`on` is given twice")
+            data["on"] = data.pop(True)
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        if not re.match(r"^https?://[^\s/]+", value.get_secret_value()):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=0) < value <= timedelta(seconds=60):
+            raise ValueError("must be between 1s and 60s")
+        return value
+
+    @property
+    def target(self) -> str:
+        """A stable name for this entry in the state store: a hash, never the URL."""
+        body = json.dumps([self.url.get_secret_value(), sorted(self.on), self.failures,
+                           self.threshold])
+        return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
 class ConfigModel(_Frozen):
     state_db: str = "sqlite:///audience_sync.db"
     # context.personas.space_id of every message; by default the state store's own id.
@@ -417,6 +468,16 @@ class ConfigModel(_Frozen):
     # The dashboard's token (`audience-sync ui`, the daemon's health port): required to bind
     # it to a non-loopback address.
     ui_token: Secret | None = None
+    alerts: list[AlertConfig] = Field(default_factory=list)
+    # Sent and superseded deliveries older than this are pruned, daily by the daemon.
+    retention: Duration = timedelta(days=30)
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: timedelta) -> timedelta:
+        if value < timedelta(days=1):
+            raise ValueError("must be at least 1d")
+        return value
 
     @field_validator("state_db")
     @classmethod
@@ -448,6 +509,7 @@ class Computation:
     # (destination, call) per outbox row a change yields, from each destination's `send:`;
     # empty: an identify for each destination.
     calls: tuple[tuple[str, str], ...] = ()
+    enabled: bool = True
 
     @property
     def outbox_calls(self) -> tuple[tuple[str, str], ...]:
@@ -467,7 +529,8 @@ class Computation:
 class Config:
     path: Path
     model: ConfigModel
-    computations: tuple[Computation, ...]
+    computations: tuple[Computation, ...]  # the enabled ones: what runs
+    disabled: tuple[Computation, ...] = ()  # `enabled: false`: kept, not run, not orphaned
 
     @property
     def state_db(self) -> str:
@@ -495,11 +558,28 @@ class Config:
         token = self.model.ui_token
         return token.get_secret_value() if token is not None else None
 
+    @property
+    def alerts(self) -> list[AlertConfig]:
+        return self.model.alerts
+
+    @property
+    def retention(self) -> timedelta:
+        return self.model.retention
+
+    @property
+    def known_keys(self) -> set[str]:
+        """Every key the config names, enabled or not (the others are orphans)."""
+        return {c.key for c in (*self.computations, *self.disabled)}
+
     def find(self, name_or_key: str) -> Computation:
         wanted = name_or_key.strip()
         for comp in self.computations:
             if wanted == comp.key or wanted.casefold() == comp.name.casefold():
                 return comp
+        for comp in self.disabled:
+            if wanted == comp.key or wanted.casefold() == comp.name.casefold():
+                raise ConfigError(f"{comp.path}.enabled",
+                                  f"{comp.key} is disabled (enabled: false); it is not run")
         raise ConfigError("", f"no audience or computed trait named {name_or_key!r} in config")
 
 
@@ -518,7 +598,9 @@ def _substitute_env(node: Any, path: str, env: Mapping[str, str]) -> Any:
         return [_substitute_env(v, f"{path}[{i}]", env) for i, v in enumerate(node)]
     if isinstance(node, str):
         def replace(match: re.Match[str]) -> str:
-            name = match.group(1)
+            name, default = match.group(1), match.group(2)
+            if default is not None:
+                return env.get(name) or default
             if name not in env:
                 raise ConfigError(path, f"environment variable {name} is not set")
             return env[name]
@@ -661,9 +743,13 @@ def _build(config_path: Path, model: ConfigModel) -> Config:
             definition=_definition(item, path),
             calls=tuple((name, call) for name in item.destinations
                         for call in model.destinations[name].send),
+            enabled=item.enabled,
         ))
+    # A disabled audience may still be referenced (`audience: KEY`) by an enabled one.
     computations = _inline_audiences(computations, model)
-    return Config(path=config_path, model=model, computations=tuple(computations))
+    return Config(path=config_path, model=model,
+                  computations=tuple(c for c in computations if c.enabled),
+                  disabled=tuple(c for c in computations if not c.enabled))
 
 
 def _definition(item: _ComputationModel, path: str) -> builder.Definition | None:

@@ -23,6 +23,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from audience_sync.alerts import AlertSender, notify_drain, notify_run
 from audience_sync.cadence import Cadence, due_keys, is_due
 from audience_sync.clock import Clock, duration, utcnow
 from audience_sync.config import Computation, Config
@@ -34,6 +35,7 @@ from audience_sync.ratelimit import shared_limiter
 from audience_sync.runner import RunResult, run_computation
 from audience_sync.state import queries
 from audience_sync.state.fields import StoredFields
+from audience_sync.state.housekeeping import claim_daily, prune_deliveries
 from audience_sync.state.store import Store
 from audience_sync.states import InitialState
 
@@ -109,6 +111,8 @@ class Daemon:
         self._clients: dict[str, Destination] = {}
         self._space_id: str | None = None
         self._comps: Mapping[str, Computation] = {c.key: c for c in config.computations}
+        self._alerts = AlertSender() if config.alerts else None
+        self._next_prune_check: datetime | None = None
         self._cadences = {c.key: Cadence(c.every, c.jitter) for c in config.computations}
 
     # -- one tick --------------------------------------------------------------------------
@@ -127,6 +131,8 @@ class Daemon:
                 if self.stopping.is_set():
                     break
                 self._drain_leased(self._comps[key])
+            if not self.stopping.is_set():
+                self._prune()
             ok = True
         except AudienceSyncError as exc:
             log.error("tick failed: %s", exc.message)
@@ -157,6 +163,7 @@ class Daemon:
                 log.warning("%s", exc.message, extra=_fields(audience=comp.key))
                 return
             _log_run(result)
+            notify_run(self.store, self.config, result, self._alerts, self.clock())
             self.observer.run_finished(result)
             self._drain(comp, renewer)
 
@@ -178,6 +185,7 @@ class Daemon:
         report = drain(self.store, self.config, [renewer.lease], clients=clients,
                        clock=self.clock, control=self._control)
         self.observer.drained(report)
+        notify_drain(self.store, self.config, report, [comp.key], self._alerts, self.clock())
         paused = bool(self._gate.tripped)
         progress = self._initial_progress(comp)
         for name, dest in report.destinations.items():
@@ -223,11 +231,27 @@ class Daemon:
         return {name: self._clients[name] for name in comp.destinations
                 if name in self._clients}
 
+    def _prune(self) -> None:
+        """Once a day (whichever daemon claims it), drop sent and superseded deliveries
+        older than `retention`; never pending or failed ones, never history."""
+        now = self.clock()
+        # Ask the store at most hourly: the claim is a write, and ticks come every 30 s.
+        if self._next_prune_check is not None and now < self._next_prune_check:
+            return
+        self._next_prune_check = now + timedelta(hours=1)
+        if not claim_daily(self.store, "prune", now):
+            return
+        removed = prune_deliveries(self.store, now - self.config.retention)
+        log.info("pruned %d sent or superseded deliveries older than %s", removed,
+                 self.config.retention, extra=_fields(pruned=removed))
+
     def _keys_with_pending(self) -> list[str]:
         keys = queries.keys_with_due_pending(self.store, self.clock())
         return [key for key in self._comps if key in keys]
 
     def close(self) -> None:
+        if self._alerts is not None:
+            self._alerts.close(wait=1.0)  # SIGTERM must exit within seconds
         for client in self._clients.values():
             try:
                 client.close()

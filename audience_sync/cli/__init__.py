@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import click
 
-from audience_sync.cli import admin, builder, daemon, deliveries, engine, ui
+from audience_sync.cli import admin, builder, daemon, deliveries, engine, housekeeping, ui
 from audience_sync.cli.common import app
 from audience_sync.errors import AudienceSyncError
 from audience_sync.process import tune_garbage_collector
@@ -16,7 +16,7 @@ from audience_sync.process import tune_garbage_collector
 __all__ = ["app", "main"]
 
 # The command modules register themselves on `app` when imported.
-_COMMAND_MODULES = (admin, engine, deliveries, daemon, ui, builder)
+_COMMAND_MODULES = (admin, engine, deliveries, daemon, ui, builder, housekeeping)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -122,8 +122,10 @@ def status(
     counts = queries.delivery_counts(store)
     items: list[dict[str, Any]] = []
     configured = {comp.key for comp in config.computations}
+    disabled = {comp.key for comp in config.disabled}
     for key, row in rows.items():
-        comp = next((c for c in config.computations if c.key == key), None)
+        comp = next((c for c in (*config.computations, *config.disabled) if c.key == key),
+                    None)
         last_run = queries.run_record(store, row.last_run_id) if row.last_run_id else None
         pending = {dest: n for (cid, dest, st), n in counts.items()
                    if cid == row.id and st == DeliveryStatus.PENDING}
@@ -135,7 +137,8 @@ def status(
             "key": key,
             "name": row.name,
             "kind": row.kind,
-            "orphaned": key not in configured,
+            "orphaned": key not in configured and key not in disabled,
+            "enabled": key not in disabled,
             "destinations": list(comp.destinations) if comp else [],
             "members": row.member_count,
             "initial_sync": row.initial_state,
@@ -177,6 +180,7 @@ def _print_status(items: list[dict[str, Any]], now: datetime) -> None:
     for item in items:
         run = item["last_run"]
         print(f"{item['key']}" + (" (orphaned)" if item["orphaned"] else "")
+              + ("" if item["enabled"] else " (disabled)")
               + f"  {item['kind']}, {item['members']:,} members, "
               f"initial sync {item['initial_sync']}")
         print("  last run   " + ("-" if run is None else

@@ -156,7 +156,9 @@ def resolve(config: Config, names: list[str]) -> list[Computation]:
     for name in names:
         try:
             comp = config.find(name)
-        except ConfigError:
+        except ConfigError as exc:
+            if exc.field.endswith(".enabled"):  # a disabled one: say so, not "unknown"
+                raise UsageError(exc.problem) from None
             raise UsageError(unknown_name(name, config)) from None
         if comp not in found:
             found.append(comp)

@@ -27,6 +27,7 @@ from audience_sync.clock import utcnow
 from audience_sync.errors import StoreError, UsageError
 
 if TYPE_CHECKING:
+    from audience_sync.alerts import AlertSender
     from audience_sync.config import Computation, Config
     from audience_sync.drain import DrainReport
     from audience_sync.leases import Holder, Lease
@@ -117,9 +118,12 @@ def _execute(ctx: typer.Context, names: list[str], *, resync: bool, dry_run: boo
     # A dry run writes nothing: not even the schema or the audiences' registration.
     store = _open_for_dry_run(config) if dry_run else open_store(config)
     with ExitStack() as stack:
+        # Before the leases: the exit stack waits for alerts after releasing them.
+        sender = None if dry_run else _alert_sender(stack, config)
         leases = [] if dry_run else take_leases(stack, store, comps, no_wait, max_wait)
         runs, results, report = _run_and_drain(store, config, comps, leases, resync=resync,
-                                               dry_run=dry_run, force=force, as_json=as_json)
+                                               dry_run=dry_run, force=force, as_json=as_json,
+                                               sender=sender)
     code = exit_code(results, report)
     if as_json:
         print_json({"schema_version": SCHEMA_VERSION, "ok": code == EXIT_OK,
@@ -127,6 +131,17 @@ def _execute(ctx: typer.Context, names: list[str], *, resync: bool, dry_run: boo
                     "deliveries": report.as_dict() if report else None})
     if code:
         raise typer.Exit(code)
+
+
+def _alert_sender(stack: ExitStack, config: Config) -> AlertSender | None:
+    """The alerts' sender, given a bounded time to send at exit (after the leases go)."""
+    if not config.alerts:
+        return None
+    from audience_sync.alerts import AlertSender
+
+    sender = AlertSender()
+    stack.callback(sender.close)
+    return sender
 
 
 def _open_for_dry_run(config: Config) -> Store:
@@ -140,8 +155,9 @@ def _open_for_dry_run(config: Config) -> Store:
 
 def _run_and_drain(store: Store, config: Config, comps: list[Computation],
                    leases: list[Lease], *, resync: bool, dry_run: bool, force: bool,
-                   as_json: bool) -> tuple[list[dict[str, Any]], list[RunResult],
-                                           DrainReport | None]:
+                   as_json: bool, sender: AlertSender | None = None,
+                   ) -> tuple[list[dict[str, Any]], list[RunResult], DrainReport | None]:
+    from audience_sync.alerts import notify_drain, notify_run
     from audience_sync.drain import drain
     from audience_sync.runner import run_computation
 
@@ -155,12 +171,15 @@ def _run_and_drain(store: Store, config: Config, comps: list[Computation],
                                      fencing_token=tokens.get(comp.key))
         results.append(result)
         runs.append(run_document(store, result))
+        if not dry_run:
+            notify_run(store, config, result, sender, utcnow())
         if not as_json:
             _print_result(runs[-1], dry_run)
     report: DrainReport | None = None
     if not dry_run:
         with delivery_progress() as progress:
             report = drain(store, config, leases, progress=progress.tracker)
+        notify_drain(store, config, report, [c.key for c in comps], sender, utcnow())
         report_drain(report, as_json)
     return runs, results, report
 

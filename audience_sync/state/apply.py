@@ -308,7 +308,8 @@ def _update_computation(conn: Connection, cid: int, fencing_token: int | None,
 
 def _skip_values(skipped: SkipCounts) -> dict[str, int]:
     return {"skipped_null": skipped.null, "skipped_empty": skipped.empty,
-            "skipped_too_long": skipped.too_long, "skipped_duplicate": skipped.duplicate}
+            "skipped_too_long": skipped.too_long, "skipped_duplicate": skipped.duplicate,
+            "skipped_bad_type": skipped.bad_type, "skipped_non_finite": skipped.non_finite}
 
 
 def record_unapplied(store: Store, comp: Computation, cid: int, kind: RunKind, now: datetime,

@@ -53,6 +53,13 @@ class RunRow:
     skipped_too_long: int
     skipped_duplicate: int
     error: str | None
+    skipped_bad_type: int = 0
+    skipped_non_finite: int = 0
+
+    @property
+    def skipped_total(self) -> int:
+        return (self.skipped_null + self.skipped_empty + self.skipped_too_long
+                + self.skipped_duplicate + self.skipped_bad_type + self.skipped_non_finite)
 
     @property
     def seconds(self) -> float | None:
@@ -158,7 +165,7 @@ _RUN_COLUMNS = (t.runs.c.id, t.runs.c.kind, t.runs.c.status, t.runs.c.clock, t.r
                 t.runs.c.finished_at, t.runs.c.members, t.runs.c.entered, t.runs.c.exited,
                 t.runs.c.changed, t.runs.c.queued, t.runs.c.forced, t.runs.c.skipped_null,
                 t.runs.c.skipped_empty, t.runs.c.skipped_too_long, t.runs.c.skipped_duplicate,
-                t.runs.c.error)
+                t.runs.c.error, t.runs.c.skipped_bad_type, t.runs.c.skipped_non_finite)
 _COMPUTATION_COLUMNS = (t.computations.c.id, t.computations.c.key, t.computations.c.name,
                         t.computations.c.kind, t.computations.c.member_count,
                         t.computations.c.initial_state, t.computations.c.next_due_at,
@@ -286,7 +293,10 @@ def _summary(conn: Connection, row: Row[Any], counts: dict[tuple[int, str, str],
 def overview(conn: Connection, at: datetime) -> list[AudienceSummary]:
     """Every audience and trait the store knows, in the order they were registered."""
     counts = unsent_counts(conn)
-    rows = conn.execute(select(*_COMPUTATION_COLUMNS).order_by(t.computations.c.id)).all()
+    # Not the orphans `forget` dropped (their history stays, their page with it).
+    rows = conn.execute(select(*_COMPUTATION_COLUMNS)
+                        .where(t.computations.c.forgotten_at.is_(None))
+                        .order_by(t.computations.c.id)).all()
     return [_summary(conn, row, counts, at) for row in rows]
 
 

@@ -48,6 +48,8 @@ class RunRecord:
     skipped_too_long: int
     skipped_duplicate: int
     error: str | None
+    skipped_bad_type: int = 0
+    skipped_non_finite: int = 0
     fencing_token: int = 0  # the lease grant it ran under (0: none)
 
     def as_dict(self) -> dict[str, Any]:
@@ -59,7 +61,9 @@ class RunRecord:
             "changed": self.changed, "queued": self.queued, "forced": self.forced,
             "skipped": {"null": self.skipped_null, "empty": self.skipped_empty,
                         "too_long": self.skipped_too_long,
-                        "duplicate": self.skipped_duplicate},
+                        "duplicate": self.skipped_duplicate,
+                        "bad_type": self.skipped_bad_type,
+                        "non_finite": self.skipped_non_finite},
             "error": self.error,
         }
 
@@ -72,6 +76,7 @@ def _run_record(row: Row[Any]) -> RunRecord:
         forced=bool(row.forced), skipped_null=row.skipped_null,
         skipped_empty=row.skipped_empty, skipped_too_long=row.skipped_too_long,
         skipped_duplicate=row.skipped_duplicate, error=row.error,
+        skipped_bad_type=row.skipped_bad_type, skipped_non_finite=row.skipped_non_finite,
         fencing_token=row.fencing_token)
 
 
@@ -98,7 +103,8 @@ def runs(store: Store, *, key: str | None = None, limit: int | None = 50) -> lis
 # -- status -------------------------------------------------------------------------------------
 
 def computations(store: Store) -> list[ComputationRow]:
-    return store.computations()
+    """Every audience and trait the store tracks (not the ones `forget` dropped)."""
+    return [row for row in store.computations() if row.forgotten_at is None]
 
 
 def initial_progress(store: Store, computation_id: int, at: datetime) -> Progress | None:

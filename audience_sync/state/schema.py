@@ -92,6 +92,9 @@ computations = Table(
     # The snapshot columns of the last applied run ("user_id" for an ids-only audience): when
     # it was ids-only and still is, no member can have a changed sent value to look for.
     Column("applied_columns", String(200), nullable=True),
+    # Set by `forget`: an orphan's current state was dropped and its history kept; it leaves
+    # `status` (registering the key again clears it).
+    Column("forgotten_at", UTCDateTime, nullable=True),
 )
 
 runs = Table(
@@ -113,6 +116,8 @@ runs = Table(
     Column("skipped_empty", Integer, nullable=False, server_default="0"),
     Column("skipped_too_long", Integer, nullable=False, server_default="0"),
     Column("skipped_duplicate", Integer, nullable=False, server_default="0"),
+    Column("skipped_bad_type", Integer, nullable=False, server_default="0"),
+    Column("skipped_non_finite", Integer, nullable=False, server_default="0"),
     Column("forced", Boolean, nullable=False, server_default="0"),
     Column("fencing_token", BigInteger, nullable=False, server_default="0"),
     Column("error", Text, nullable=True),
@@ -258,4 +263,27 @@ destination_fields = Table(
     Column("type", String(20), nullable=False),
     Column("created", Boolean, nullable=False),  # by this tool (else found)
     Column("recorded_at", UTCDateTime, nullable=False),
+)
+
+# What each alert target was last told about each audience (alerts.py decides from it), so a
+# condition that lasts over many runs and ticks alerts once. `target` names the alert entry
+# (a hash of its settings, never its URL).
+alert_state = Table(
+    "alert_state",
+    metadata,
+    Column("computation_id", Integer, primary_key=True),
+    Column("target", String(32), primary_key=True),
+    Column("failing", Boolean, nullable=False, server_default="0"),
+    Column("held", Boolean, nullable=False, server_default="0"),
+    Column("failed_deliveries", Integer, nullable=False, server_default="0"),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# When each periodic chore (the daily prune) last ran, so a daemon restart or a second daemon
+# does it once a day, not once per tick.
+housekeeping = Table(
+    "housekeeping",
+    metadata,
+    Column("task", String(50), primary_key=True),
+    Column("last_run_at", UTCDateTime, nullable=False),
 )

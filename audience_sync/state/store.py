@@ -47,7 +47,7 @@ SQLITE_POOL_SIZE = 2
 # The newest migration (migrations/versions). A store already there is opened with one SELECT on
 # alembic_version, and alembic, a tenth of a command's start-up, is not even imported;
 # test_head_revision_is_the_newest_migration keeps this in step with the migrations.
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0008"
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -129,6 +129,7 @@ class ComputationRow:
     lease_expires_at: datetime | None
     fencing_token: int
     applied_columns: str | None
+    forgotten_at: datetime | None = None  # `forget` dropped its current state
 
 
 class Store:
@@ -238,7 +239,8 @@ class Store:
         with self.write() as conn:
             known = {row.key: row for row in conn.execute(
                 select(t.computations.c.key, t.computations.c.name,
-                       t.computations.c.definition_hash, t.computations.c.kind))}
+                       t.computations.c.definition_hash, t.computations.c.kind,
+                       t.computations.c.forgotten_at))}
             for comp in computations:
                 row = known.get(comp.key)
                 if row is None:
@@ -247,6 +249,12 @@ class Store:
                         key=comp.key, name=comp.name, kind=comp.kind,
                         definition_hash=comp.definition_hash, created_at=at,
                         initial_state=InitialState.PENDING, next_due_at=at))
+                elif row.forgotten_at is not None:
+                    # A forgotten key configured again starts over (forget reset its state).
+                    conn.execute(update(t.computations)
+                                 .where(t.computations.c.key == comp.key)
+                                 .values(name=comp.name, definition_hash=comp.definition_hash,
+                                         forgotten_at=None, next_due_at=at))
                 elif (row.name, row.definition_hash) != (comp.name, comp.definition_hash):
                     conn.execute(update(t.computations)
                                  .where(t.computations.c.key == comp.key)
@@ -305,7 +313,7 @@ _COMPUTATION_COLUMNS = (
     t.computations.c.last_run_at, t.computations.c.last_success_at, t.computations.c.next_due_at,
     t.computations.c.consecutive_failures, t.computations.c.lease_owner,
     t.computations.c.lease_expires_at, t.computations.c.fencing_token,
-    t.computations.c.applied_columns,
+    t.computations.c.applied_columns, t.computations.c.forgotten_at,
 )
 
 

@@ -66,7 +66,10 @@ class Dashboard:
         self.store = store
         self.token = token
         self.clock = clock
-        self.configured = {c.key: c.destinations for c in config.computations}
+        # A disabled audience is configured too: kept, not orphaned.
+        self.configured = {c.key: c.destinations
+                           for c in (*config.computations, *config.disabled)}
+        self.disabled = frozenset(c.key for c in config.disabled)
         self.templates = Environment(loader=PackageLoader("audience_sync.ui", "templates"),
                                      autoescape=True, trim_blocks=True, lstrip_blocks=True)
         self.templates.filters.update(ago=_ago, until=_until, iso=shapes.iso, num=_num,
@@ -127,7 +130,7 @@ class Dashboard:
             summaries = dashboard.overview(conn, now)
         if api:
             return _json({"schema_version": 1, "state_db": self.store.dialect,
-                          "computations": [shapes.status_item(s, self.configured)
+                          "computations": [shapes.status_item(s, self.configured, self.disabled)
                                            for s in summaries]})
         rows = [(s, self._marks(s)) for s in summaries]
         return self._page("index.html", "200 OK", rows=rows, now=now)

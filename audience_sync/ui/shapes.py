@@ -47,7 +47,8 @@ def run_item(run: RunRow, key: str) -> dict[str, Any]:
 
 def _skipped(run: RunRow) -> dict[str, int]:
     return {"null": run.skipped_null, "empty": run.skipped_empty,
-            "too_long": run.skipped_too_long, "duplicate": run.skipped_duplicate}
+            "too_long": run.skipped_too_long, "duplicate": run.skipped_duplicate,
+            "bad_type": run.skipped_bad_type, "non_finite": run.skipped_non_finite}
 
 
 def progress_item(progress: Progress | None) -> dict[str, Any] | None:
@@ -59,16 +60,19 @@ def progress_item(progress: Progress | None) -> dict[str, Any] | None:
             "rate_per_second": progress.rate, "eta_seconds": progress.eta_seconds}
 
 
-def status_item(summary: AudienceSummary, configured: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+def status_item(summary: AudienceSummary, configured: dict[str, tuple[str, ...]],
+                disabled: frozenset[str] = frozenset()) -> dict[str, Any]:
     """One item of `status --json`'s computations, plus the initial sync's progress."""
+    enabled = summary.key not in disabled
     known = summary.key in configured
     return {
         "key": summary.key, "name": summary.name, "kind": summary.kind,
-        "orphaned": not known, "destinations": list(configured.get(summary.key, ())),
+        "orphaned": not known, "enabled": enabled,
+        "destinations": list(configured.get(summary.key, ())),
         "members": summary.members, "initial_sync": summary.initial_state,
         "last_run": run_summary(summary.last_run),
         "last_success_at": iso(summary.last_success_at),
-        "next_due_at": iso(summary.next_due_at) if known else None,
+        "next_due_at": iso(summary.next_due_at) if known and enabled else None,
         "pending": summary.pending, "failed": summary.failed,
         "lease_owner": summary.lease_owner,
         "initial_progress": progress_item(summary.progress),

@@ -1,0 +1,87 @@
+"""Housekeeping: pruning old sent deliveries, forgetting an orphan, once-a-day chores.
+
+Only the outbox shrinks here: membership history, trait history and runs are the product's
+record and are never pruned (only `forget --purge` drops an orphan's history, on request).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import delete, update
+
+from audience_sync.state import schema as t
+from audience_sync.state.store import Store, insert_ignore
+from audience_sync.states import DeliveryStatus, InitialState
+
+
+def prune_deliveries(store: Store, older_than: datetime) -> int:
+    """Delete sent deliveries acknowledged before `older_than`, and superseded ones observed
+    before it; pending and failed ones are never touched. Returns how many went."""
+    d = t.deliveries
+    with store.write() as conn:
+        # One status at a time: a literal status per statement (schema.status_is).
+        sent = conn.execute(delete(d).where(t.status_is(DeliveryStatus.SENT),
+                                            d.c.sent_at < older_than)).rowcount
+        superseded = conn.execute(delete(d).where(t.status_is(DeliveryStatus.SUPERSEDED),
+                                                  d.c.observed_at < older_than)).rowcount
+    return int(sent) + int(superseded)
+
+
+_NEVER = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def claim_daily(store: Store, task: str, now: datetime,
+                every: timedelta = timedelta(days=1)) -> bool:
+    """True when `task` last ran at least `every` ago (or never), marking it as run now: one
+    process wins the claim, so a chore runs once a day whatever the ticks and restarts."""
+    h = t.housekeeping
+    with store.write() as conn:
+        # Never run: a row from long ago, which the update below then claims.
+        conn.execute(insert_ignore(store.dialect, h).values(task=task, last_run_at=_NEVER))
+        won = conn.execute(update(h).where(h.c.task == task,
+                                           h.c.last_run_at <= now - every)
+                           .values(last_run_at=now)).rowcount
+    return bool(won)
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    members: int
+    deliveries: int
+    history: int  # history rows and runs dropped (--purge only)
+
+
+def forget(store: Store, computation_id: int, at: datetime, *, purge: bool) -> Forgotten:
+    """Drop one audience's current state (members, deliveries, lease, alert state); with
+    `purge` also its history and runs, and the audience itself."""
+    cid = computation_id
+    with store.write() as conn:
+        members = conn.execute(delete(t.members).where(t.members.c.computation_id == cid))
+        deliveries = conn.execute(delete(t.deliveries)
+                                  .where(t.deliveries.c.computation_id == cid))
+        conn.execute(delete(t.alert_state).where(t.alert_state.c.computation_id == cid))
+        history = 0
+        if purge:
+            for table in (t.membership_history, t.trait_history, t.runs):
+                history += conn.execute(delete(table).where(
+                    table.c.computation_id == cid)).rowcount
+            conn.execute(delete(t.computations).where(t.computations.c.id == cid))
+        else:
+            # Its open stays end now: nobody tracks it from here, and if its key is
+            # configured again its initial run opens new ones.
+            mh, th = t.membership_history, t.trait_history
+            conn.execute(update(mh).where(mh.c.computation_id == cid, mh.c.exited_at.is_(None))
+                         .values(exited_at=at))
+            conn.execute(update(th).where(th.c.computation_id == cid, th.c.valid_to.is_(None))
+                         .values(valid_to=at))
+            # Kept for its history (runs refer to it); it starts over if configured again.
+            conn.execute(update(t.computations).where(t.computations.c.id == cid).values(
+                forgotten_at=at, member_count=0, initial_state=InitialState.PENDING,
+                lease_owner=None, lease_expires_at=None, next_due_at=None,
+                consecutive_failures=0, applied_columns=None, last_run_id=None))
+    return Forgotten(int(members.rowcount), int(deliveries.rowcount), history)
+
+
+
