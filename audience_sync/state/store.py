@@ -183,9 +183,11 @@ class Store:
                     versions = list(conn.execute(_STORED_REVISION).scalars())
                 except (OperationalError, ProgrammingError):
                     conn.rollback()
-                    if inspect(conn).has_table("alembic_version"):
-                        raise
-                    return None
+                    if not inspect(conn).has_table("alembic_version"):
+                        return None
+                    # Created since the SELECT failed, by another process's upgrade (three
+                    # daemons starting on an empty PostgreSQL schema): read it now.
+                    versions = list(conn.execute(_STORED_REVISION).scalars())
         except SQLAlchemyError as exc:
             raise StoreError(f"state database error: {describe_db_error(exc)}") from exc
         if len(versions) > 1:
