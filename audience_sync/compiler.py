@@ -43,7 +43,7 @@ from sqlalchemy import (
     union,
 )
 from sqlalchemy.engine import Inspector
-from sqlalchemy.exc import ArgumentError, NoSuchTableError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.sql.expression import TableClause, column, table
 from sqlalchemy.types import NullType
 
@@ -62,9 +62,9 @@ from audience_sync.builder import (
     Window,
 )
 from audience_sync.config import Source
-from audience_sync.errors import SourceError, describe_db_error
+from audience_sync.errors import SourceError
 from audience_sync.messages import CONTACT_TRAITS
-from audience_sync.sources import bind_now, segment_table
+from audience_sync.sources import bind_now, segment_table, table_columns
 
 Set = Select[Any] | CompoundSelect[Any]
 
@@ -172,16 +172,7 @@ class _Compiler:
             return probed
         if self._inspector is None:
             self._inspector = inspect(self._connection)
-        try:
-            columns = self._inspector.get_columns(table_name, schema=schema or None)
-        except NoSuchTableError:
-            return None
-        except SQLAlchemyError as exc:
-            raise SourceError(f"cannot read table {name!r}: {describe_db_error(exc)}") from exc
-        if not columns:
-            return None
-        return table(table_name, *(column(c["name"], c["type"]) for c in columns),
-                     schema=schema or None)
+        return table_columns(self._inspector, name)
 
     def _probe(self, table_name: str, schema: str | None) -> TableClause | None:
         """PostgreSQL and DuckDB: the columns from an empty SELECT's cursor description, in

@@ -34,7 +34,7 @@ from sqlalchemy import (
     table,
     text,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Inspector, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchTableError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import TextClause
@@ -568,7 +568,7 @@ def segment_table(source: Source, name: str) -> str:
 
 
 def _reflect(engine: Engine, name: str, needed: tuple[str, ...]) -> TableClause:
-    found = _reflect_optional(engine, name, None)
+    found = table_columns(inspect(engine), name)
     if found is None:
         raise SourceError(f"the source has no table {name!r} (set tables: in the source config)")
     missing = [c for c in needed if c not in found.c]
@@ -578,23 +578,21 @@ def _reflect(engine: Engine, name: str, needed: tuple[str, ...]) -> TableClause:
     return found
 
 
-def _reflect_optional(engine: Engine, name: str, key: str | None) -> TableClause | None:
-    """The table's columns and their types, nothing more: constraint and index reflection
-    is slow on warehouses and unsupported by some dialects (DuckDB's)."""
+def table_columns(inspector: Inspector, name: str) -> TableClause | None:
+    """The table `name` (`schema.table` or `table`) with its columns and their types, nothing
+    more: constraint and index reflection is slow on warehouses and unsupported by some
+    dialects (DuckDB's). None when the source has no such table."""
     schema, _, table_name = name.rpartition(".")
     try:
-        columns = inspect(engine).get_columns(table_name, schema=schema or None)
+        columns = inspector.get_columns(table_name, schema=schema or None)
     except NoSuchTableError:
         return None
     except SQLAlchemyError as exc:
         raise SourceError(f"cannot read table {name!r}: {describe_db_error(exc)}") from exc
     if not columns:
         return None
-    found = table(table_name, *(column(c["name"], c["type"]) for c in columns),
-                  schema=schema or None)
-    if key is not None and key not in found.c:
-        return None
-    return found
+    return table(table_name, *(column(c["name"], c["type"]) for c in columns),
+                 schema=schema or None)
 
 
 # -- compile and preview: what a definition runs, and who it selects (nothing written) ---------
