@@ -350,6 +350,7 @@ class Audience:
     source: str
     condition: Condition | None  # None: defined by SQL (`query`)
     query: str | None = None
+    account: bool = False  # level: account (its members are accounts, not users)
 
 
 def inline_references(audiences: list[Audience]) -> dict[str, Condition]:
@@ -376,6 +377,9 @@ def inline_references(audiences: list[Audience]) -> dict[str, Condition]:
         if target.source != owner.source:
             raise DefinitionError(ref.path, f"audience {target.key!r} reads source "
                                   f"{target.source!r}, not {owner.source!r}")
+        if target.account:
+            raise DefinitionError(ref.path, f"audience {target.key!r} is an account audience "
+                                  "(level: account): its members are accounts, not users")
         if target.key in chain:
             cycle = " -> ".join((*chain[chain.index(target.key):], target.key))
             raise DefinitionError(ref.path, f"a cycle of audience references: {cycle}")

@@ -212,6 +212,16 @@ class Source(_Frozen):
     db_schema: str | None = Field(default=None, alias="schema", min_length=1)
     tables: Tables = Tables()
     columns: Columns = Columns()
+    # SQL returning `user_id, group_id`: the users of each account, for account audiences
+    # fanned out to users (`accounts: identify | track`). `:now` is bound as in definitions.
+    account_users: str | None = Field(default=None, min_length=1)
+
+    @field_validator("account_users")
+    @classmethod
+    def _account_users(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -228,6 +238,9 @@ class Events(_Frozen):
 
 
 Call = Literal["identify", "track"]
+# How a destination receives an account audience: one group call per account, the identify or
+# track call fanned out to the account's users, or (Planhat, mode api) company fields.
+AccountCall = Literal["group", "identify", "track", "companies"]
 
 
 class _Calls(_Frozen):
@@ -235,6 +248,19 @@ class _Calls(_Frozen):
 
     send: list[Call] = Field(default_factory=lambda: list[Call](["identify"]), min_length=1)
     events: Events = Events()
+    # Account audiences (`level: account`); None: the destination's default (account_call).
+    accounts: AccountCall | None = None
+
+    def account_call(self) -> AccountCall:
+        """What an account audience's change becomes here: its `accounts:`, else group."""
+        return self.accounts or "group"
+
+    @model_validator(mode="after")
+    def _accounts(self) -> _Calls:
+        if self.accounts == "companies":
+            raise ValueError("accounts: companies is for type planhat in mode api "
+                             "(use group, identify or track)")
+        return self
 
     @field_validator("send")
     @classmethod
@@ -296,6 +322,20 @@ class PlanhatConfig(_HttpConfig):
         if not re.match(r"^[a-z0-9][a-z0-9-]*$", value):
             raise ValueError("must be a host label such as api, api-eu or analytics")
         return value
+
+    def account_call(self) -> AccountCall:
+        return self.accounts or ("companies" if self.mode == "api" else "identify")
+
+    @model_validator(mode="after")
+    def _accounts(self) -> PlanhatConfig:
+        if self.accounts == "group":
+            raise ValueError("accounts: group: Planhat ignores group calls; use identify or "
+                             "track (fanned out to the account's users)"
+                             + (" or companies" if self.mode == "api" else ""))
+        if self.accounts == "companies" and self.mode != "api":
+            raise ValueError("accounts: companies needs mode api (Planhat's REST API); in mode "
+                             "segment use identify or track")
+        return self
 
     @model_validator(mode="after")
     def _tokens(self) -> PlanhatConfig:
@@ -367,11 +407,17 @@ class Rule(_Frozen):
         return self
 
 
+Level = Literal["user", "account"]
+
+
 class _ComputationModel(_Frozen):
     name: str = Field(min_length=1)
     key: str | None = None
     source: str
     destinations: list[str] = Field(min_length=1)
+    # account: the definition returns group_id (and optional account traits such as name,
+    # and a user_id for group calls); membership is keyed by account.
+    level: Level = "user"
     schedule: ScheduleOverride = ScheduleOverride()
     # false: kept in config and in the state store, but never run (nor shown as orphaned).
     enabled: bool = True
@@ -393,6 +439,9 @@ class AudienceModel(_ComputationModel):
             raise ValueError("give exactly one of query, rule or where")
         if self.query is not None and not self.query.strip():
             raise ValueError("query is empty")
+        if self.level == "account" and self.query is None:
+            raise ValueError("an account audience (level: account) is defined by a query "
+                             "returning group_id (rule and where select users)")
         return self
 
 
@@ -404,6 +453,9 @@ class TraitModel(_ComputationModel):
     def _one_definition(self) -> TraitModel:
         if (self.query is None) == (self.compute is None):
             raise ValueError("give exactly one of query or compute")
+        if self.level == "account" and self.query is None:
+            raise ValueError("an account trait (level: account) is defined by a query "
+                             "returning group_id and value (compute reads users' events)")
         return self
 
 
@@ -510,16 +562,27 @@ class Computation:
     # empty: an identify for each destination.
     calls: tuple[tuple[str, str], ...] = ()
     enabled: bool = True
+    # account: members are accounts; `calls` then holds "group" for the destinations sent one
+    # call per account (group calls, Planhat companies) and identify/track for those the
+    # change is fanned out to, user by user (the source's account_users).
+    level: Level = "user"
 
     @property
     def outbox_calls(self) -> tuple[tuple[str, str], ...]:
         return self.calls or tuple((name, "identify") for name in self.destinations)
 
     @property
+    def fanned_out(self) -> bool:
+        """An account computation some destination receives user by user."""
+        return self.level == "account" and any(call != "group" for _, call in self.outbox_calls)
+
+    @property
     def definition_hash(self) -> str:
-        body = {"kind": self.kind, "query": self.query,
-                "rule": self.rule.model_dump(mode="json") if self.rule else None,
-                "source": self.source_name}
+        body: dict[str, Any] = {"kind": self.kind, "query": self.query,
+                                "rule": self.rule.model_dump(mode="json") if self.rule else None,
+                                "source": self.source_name}
+        if self.level != "user":
+            body["level"] = self.level
         if self.definition is not None:
             body["definition"] = builder.to_plain(self.definition)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
@@ -726,6 +789,7 @@ def _build(config_path: Path, model: ConfigModel) -> Config:
         if len(set(item.destinations)) != len(item.destinations):
             raise ConfigError(f"{path}.destinations", "lists a destination twice")
         override = item.schedule
+        calls = _calls(item, path, model)
         computations.append(Computation(
             kind=kind,
             key=key,
@@ -741,15 +805,35 @@ def _build(config_path: Path, model: ConfigModel) -> Config:
                                   or model.schedule.max_removal_fraction),
             path=path,
             definition=_definition(item, path),
-            calls=tuple((name, call) for name in item.destinations
-                        for call in model.destinations[name].send),
+            calls=calls,
             enabled=item.enabled,
+            level=item.level,
         ))
     # A disabled audience may still be referenced (`audience: KEY`) by an enabled one.
     computations = _inline_audiences(computations, model)
     return Config(path=config_path, model=model,
                   computations=tuple(c for c in computations if c.enabled),
                   disabled=tuple(c for c in computations if not c.enabled))
+
+
+def _calls(item: _ComputationModel, path: str,
+           model: ConfigModel) -> tuple[tuple[str, str], ...]:
+    """(destination, call) per outbox row a change yields: each destination's `send:` for a
+    user audience; for an account audience "group" (one row per account: group calls, Planhat
+    companies) or the identify/track fanned out to the users of the source's account_users."""
+    if item.level == "user":
+        return tuple((name, call) for name in item.destinations
+                     for call in model.destinations[name].send)
+    calls = []
+    for j, name in enumerate(item.destinations):
+        call = model.destinations[name].account_call()
+        if call in ("identify", "track") and model.sources[item.source].account_users is None:
+            raise ConfigError(f"{path}.destinations[{j}]", (
+                f"destination {name!r} sends account audiences to the account's users "
+                f"(accounts: {call}), which needs account_users: on source {item.source!r} "
+                "(a query returning user_id, group_id)"))
+        calls.append((name, "group" if call in ("group", "companies") else call))
+    return tuple(calls)
 
 
 def _definition(item: _ComputationModel, path: str) -> builder.Definition | None:
@@ -777,7 +861,7 @@ def _inline_audiences(computations: list[Computation], model: ConfigModel) -> li
             condition = builder.rule_condition(rule.event, rule.within, rule.at_least,
                                                rule.at_most, rule.not_performed)
         audiences.append(builder.Audience(comp.key, comp.name, comp.path, comp.source_name,
-                                          condition, comp.query))
+                                          condition, comp.query, comp.level == "account"))
     try:
         inlined = builder.inline_references(audiences)
     except builder.DefinitionError as exc:

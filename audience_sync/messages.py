@@ -22,6 +22,8 @@ LIBRARY = {"name": "audience-sync", "version": __version__}
 MESSAGE_ID_MAX = 100
 # The calls a destination may be sent (`send:`), in the order a change yields them.
 CALLS = ("identify", "track")
+# The call of an account's own row (an account audience's group call, or its Planhat company).
+GROUP = "group"
 # Engage's event names (renamable per destination with `events:`).
 ENTERED = "Audience Entered"
 EXITED = "Audience Exited"
@@ -60,7 +62,9 @@ class Delivery(NamedTuple):
     # on use, once per distinct value, since a run's deliveries share one.
     observed: datetime | str
     attempts: int = 0
-    call: str = "identify"  # identify | track
+    call: str = "identify"  # identify | track | group
+    # A group call: the user it names (the account definition's user_id), if any.
+    user_ref: str | None = None
 
     @property
     def observed_at(self) -> datetime:
@@ -124,8 +128,12 @@ def personas(kind: str, key: str, space: str) -> dict[str, str]:
 
 def message(delivery: Delivery, style: Style = DEFAULT_STYLE, *,
             integrations: dict[str, bool] | None = None, snake_user_id: bool = False,
-            company_field: str = "company_id") -> dict[str, Any]:
-    """The call an outbox row delivers: its identify or its track."""
+            company_field: str = "company_id", needs_user: bool = False) -> dict[str, Any]:
+    """The call an outbox row delivers: its identify, its track or (an account's row) its
+    group call. needs_user: a group call must name someone (Segment's API): one without a
+    user_ref names the account as its anonymousId."""
+    if delivery.call == GROUP:
+        return group(delivery, style, integrations=integrations, needs_user=needs_user)
     build = track if delivery.call == "track" else identify
     return build(delivery, style, integrations=integrations, snake_user_id=snake_user_id,
                  company_field=company_field)
@@ -163,10 +171,26 @@ def track(delivery: Delivery, style: Style = DEFAULT_STYLE, *,
                     integrations, snake_user_id)
 
 
+def group(delivery: Delivery, style: Style = DEFAULT_STYLE, *,
+          integrations: dict[str, bool] | None = None,
+          needs_user: bool = False) -> dict[str, Any]:
+    """Engage's group call for one account of an account audience (or trait): `groupId`, and
+    `traits` holding the account traits and `<key>: true|false` (or the value)."""
+    traits = contact_traits(delivery)
+    traits[delivery.computation_key] = json.loads(delivery.value)
+    head: dict[str, Any] = {"type": "group", "groupId": delivery.user_id}
+    if delivery.user_ref is not None:
+        head["userId"] = delivery.user_ref
+    elif needs_user:
+        head["anonymousId"] = delivery.user_id
+    return _message(delivery, style, head, {"traits": traits}, {}, integrations, False)
+
+
 def _message(delivery: Delivery, style: Style, head: dict[str, Any], body: dict[str, Any],
              context: dict[str, Any], integrations: dict[str, bool] | None,
              snake_user_id: bool) -> dict[str, Any]:
-    message: dict[str, Any] = {**head, "userId": delivery.user_id}
+    message: dict[str, Any] = head if head["type"] == GROUP else {**head,
+                                                                 "userId": delivery.user_id}
     if snake_user_id:
         message["user_id"] = delivery.user_id
     message.update(body)

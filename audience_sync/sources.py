@@ -431,6 +431,52 @@ class SourceRows:
                               f"failed: {describe_db_error(exc)}") from exc
 
 
+class AccountUsers:
+    """The rows of a source's `account_users:` query, `(user_id, group_id)` tuples streamed in
+    chunks: the users each account audience is fanned out to. Rows whose user or account id
+    is null, empty, over-long or not an id are counted in `skipped` and dropped."""
+
+    def __init__(self, comp: Computation, engine: Engine, now: datetime) -> None:
+        assert comp.source.account_users is not None
+        self.comp = comp
+        self.query = comp.source.account_users
+        self.engine = engine
+        self.now = now
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[list[tuple[Any, ...]]]:
+        comp = self.comp
+        where = f"source {comp.source_name!r} account_users"
+        try:
+            with self.engine.connect() as conn:
+                names, fetch = _open_cursor(conn, text(self.query),
+                                            {"now": bind_now(self.engine.dialect.name,
+                                                             self.now)})
+                lowered = [n.lower() for n in names]
+                if "user_id" not in lowered or "group_id" not in lowered:
+                    raise SourceError(f"{comp.path} ({comp.key}): {where} must return user_id "
+                                      f"and group_id columns (columns: "
+                                      f"{', '.join(names) or 'none'})")
+                pick = itemgetter(lowered.index("user_id"), lowered.index("group_id"))
+                while chunk := fetch():
+                    rows = [pick(row) for row in chunk]
+                    if not _ids_all_valid(rows) or not _ids_all_valid(
+                            [(g,) for _, g in rows]):
+                        rows = self._valid(rows)
+                    yield rows
+        except _driver_errors() as exc:
+            raise SourceError(f"{comp.path} ({comp.key}): {where} query failed: "
+                              f"{describe_db_error(exc)}") from exc
+
+    def _valid(self, rows: list[Any]) -> list[tuple[Any, ...]]:
+        counts = SkipCounts()
+        users = _drop_bad_ids(rows, counts)
+        both = [(group, user) for group, user in
+                _drop_bad_ids([(g, u) for u, g in users], counts)]
+        self.skipped += counts.total
+        return [(user, group) for group, user in both]
+
+
 def _value_decoder(comp: Computation) -> Callable[[Any], Any] | None:
     from audience_sync.compiler import value_decoder
 
@@ -467,16 +513,26 @@ def _open_cursor(conn: Connection, statement: Select[Any] | TextClause, params: 
 def _positions(comp: Computation, names: list[str]) -> tuple[list[int], tuple[str, ...]]:
     """Where user_id, the contact traits present and the value sit in the query's rows."""
     lowered = [c.lower() for c in names]
-    if "user_id" not in lowered:
-        raise SourceError(f"{comp.path} ({comp.key}): the query returned no user_id column "
-                          f"(columns: {', '.join(names) or 'none'})")
+    key = "group_id" if comp.level == "account" else "user_id"
+    if key not in lowered:
+        raise SourceError(f"{comp.path} ({comp.key}): the query returned no {key} column "
+                          f"(columns: {', '.join(names) or 'none'})"
+                          + (" (an account audience's query returns group_id: the account's "
+                             "id)" if key == "group_id" else ""))
+    positions = [lowered.index(key), *(lowered.index(c) for c in CONTACT_TRAITS
+                                       if c in lowered)]
     wanted = ["user_id", *(c for c in CONTACT_TRAITS if c in lowered)]
+    if key == "group_id" and "user_id" in lowered:
+        # An account's user_id: the user its group calls name.
+        positions.append(lowered.index("user_id"))
+        wanted.append("user_ref")
     if comp.kind == "trait":
         if "value" not in lowered:
             raise SourceError(f"{comp.path} ({comp.key}): a computed trait's query must return "
-                              "user_id and value columns")
+                              f"{key} and value columns")
+        positions.append(lowered.index("value"))
         wanted.append("value")
-    return [lowered.index(c) for c in wanted], tuple(wanted)
+    return positions, tuple(wanted)
 
 
 # -- rules ----------------------------------------------------------------------------------------

@@ -98,9 +98,10 @@ def encode(delivery: Delivery, style: Style = DEFAULT_STYLE) -> bytes:
     is written directly: one run's messages share everything but the user, traits and ids,
     and a json.dumps per message was most of the time spent building a batch."""
     (_, key, kind, run_id, _, user_id, value, email, name, title, company_id, observed,
-     _, call) = delivery
+     _, call, _) = delivery
     if key in _CONTACT or call not in ("identify", "track"):
-        return _dumps(message(delivery, style))
+        # Segment's API needs a user on every call: a group call without one names the account.
+        return _dumps(message(delivery, style, needs_user=True))
     # Contact traits present on every message (the common case) skip the join below.
     if email is not None and name is not None and title is not None and company_id is not None:
         traits = (f'"email":{_str(email)},"name":{_str(name)},"title":{_str(title)},'

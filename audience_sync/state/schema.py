@@ -95,6 +95,9 @@ computations = Table(
     # Set by `forget`: an orphan's current state was dropped and its history kept; it leaves
     # `status` (registering the key again clears it).
     Column("forgotten_at", UTCDateTime, nullable=True),
+    # user | account: an account audience's members (and history rows) are accounts, their
+    # `user_id` the account's id (the definition's group_id).
+    Column("level", String(16), nullable=False, server_default="user"),
 )
 
 runs = Table(
@@ -139,9 +142,26 @@ members = Table(
     Column("title", Text, nullable=True),
     Column("company_id", Text, nullable=True),
     Column("value", Text, nullable=True),  # canonical JSON of a computed trait's value
+    # An account: the user its group calls name (the definition's user_id column).
+    Column("user_ref", Text, nullable=True),
     Column("entered_run", Integer, nullable=False),
     # Clustered by (computation_id, user_id) on SQLite: the diff reads members in key order
     # and finds each one's sent values without a second lookup.
+    sqlite_with_rowid=False,
+)
+
+# The users an account audience (or trait) was last fanned out to (`accounts: identify|track`):
+# each user of a member account, from the source's `account_users:` query, with the account
+# that put them in (the smallest id when several) and its value. The users' calls are the diff
+# of this set, so a user who moves between accounts is sent the right value too.
+fanout_members = Table(
+    "fanout_members",
+    metadata,
+    Column("computation_id", Integer, primary_key=True),
+    Column("user_id", String(USER_ID_MAX), primary_key=True),
+    Column("group_id", String(USER_ID_MAX), nullable=False),
+    Column("value", Text, nullable=True),
+    Column("entered_run", Integer, nullable=False),
     sqlite_with_rowid=False,
 )
 
@@ -206,6 +226,8 @@ deliveries = Table(
     # The call this row delivers (identify | track): a destination sent both gets one row per
     # call, each acknowledged on its own, so a crash between them re-sends only the other.
     Column("call", String(16), nullable=False, server_default="identify"),
+    # A group call (an account's row, `user_id` the account): the user it names, if any.
+    Column("user_ref", Text, nullable=True),
     Index(None, "computation_id", "user_id"),
     Index(None, "run_id"),
     # Pending and failed rows are few while sent ones pile up, so they have partial indexes

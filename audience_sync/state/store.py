@@ -47,7 +47,7 @@ SQLITE_POOL_SIZE = 2
 # The newest migration (migrations/versions). A store already there is opened with one SELECT on
 # alembic_version, and alembic, a tenth of a command's start-up, is not even imported;
 # test_head_revision_is_the_newest_migration keeps this in step with the migrations.
-HEAD_REVISION = "0008"
+HEAD_REVISION = "0009"
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
