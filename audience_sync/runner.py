@@ -18,7 +18,7 @@ from audience_sync.clock import Clock, utcnow
 from audience_sync.compiler import value_decoder
 from audience_sync.config import Computation, Config
 from audience_sync.errors import SourceError, StoreError
-from audience_sync.sources import SkipCounts, SourceRows, create_source_engine
+from audience_sync.sources import AccountUsers, SkipCounts, SourceRows, create_source_engine
 from audience_sync.state.apply import (
     RunFigures,
     RunSession,
@@ -26,7 +26,7 @@ from audience_sync.state.apply import (
     refresh_statistics,
     run_session,
 )
-from audience_sync.state.staging import Diff
+from audience_sync.state.staging import Diff, FanDiff
 from audience_sync.state.store import Store
 from audience_sync.states import InitialState, RunKind, RunStatus
 
@@ -52,6 +52,8 @@ class RunResult:
     sample_entered: list[str] = field(default_factory=list)
     sample_exited: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # An account computation fanned out to users: the users' changes.
+    fan: FanDiff | None = None
 
     @property
     def ok(self) -> bool:
@@ -66,6 +68,9 @@ class RunResult:
             "skipped": self.skipped.as_dict(),
             "error": self.error, "sample_entered": self.sample_entered,
             "sample_exited": self.sample_exited, "seconds": round(self.seconds, 3),
+            **({"fan_out": {"users": self.fan.users, "entered": self.fan.entered,
+                            "exited": self.fan.exited, "changed": self.fan.changed}}
+               if self.fan is not None else {}),
         }
 
 
@@ -127,12 +132,18 @@ def run_computation(
                 # Distinct members now, whatever repeated ids the stage held.
                 result.members = result.previous_members - diff.exited + diff.entered
                 _fill(result, diff)
+                if comp.fanned_out:
+                    result.fan = tx.fan_diff(cid, resync=kind == RunKind.RESYNC)
                 held = _hold_reason(comp, result, force)
                 sends = result.queued
                 # A dry run tells what a forced run would send, to each destination: an
                 # identify per change, a track per entry, exit or new trait value.
                 per_call = {"identify": sends, "track": result.entered + result.exited + (
                     result.changed if comp.kind == "trait" else 0)}
+                if comp.level == "account":
+                    # One row per account (group), or per user of the fan-out.
+                    fan = result.fan or FanDiff()
+                    per_call = {"group": sends, "identify": fan.sends, "track": fan.moves}
                 result.per_destination = {name: 0 for name in comp.destinations}
                 for name, call in comp.outbox_calls:
                     result.per_destination[name] += per_call[call]
@@ -155,7 +166,8 @@ def run_computation(
                         force=force,
                         fencing_token=fencing_token, clock=clock,
                         held_columns=_held_columns(kind, columns, row.applied_columns if row
-                                                   else None))
+                                                   else None),
+                        fan=result.fan)
                     # Counted as written: a track row only for an entry, exit or new value.
                     result.queued = tx.queued
                     result.status = RunStatus.SUCCEEDED
@@ -229,11 +241,17 @@ def _held_columns(kind: str, columns: tuple[str, ...] | None,
 def _stage(session: RunSession, comp: Computation, now: datetime, same_db: bool,
            result: RunResult, progress: Callable[[int], None] | None) -> tuple[str, ...] | None:
     """Load the snapshot into the stage; return the columns it holds (None: not known)."""
-    if same_db:
-        result.members = session.stage_from_state_db(comp, now, result.skipped)
-        return None
     source = create_source_engine(comp.source.url)
     try:
+        if comp.fanned_out:
+            users = AccountUsers(comp, source, now)
+            staged = session.stage_account_users(users)
+            log.info("%s: %d account users loaded from source %r%s", comp.key, staged,
+                     comp.source_name, f" ({users.skipped} rows without a valid user or "
+                     "account id skipped)" if users.skipped else "")
+        if same_db:
+            result.members = session.stage_from_state_db(comp, now, result.skipped)
+            return None
         rows = SourceRows(comp, source, now, result.skipped)
         result.members = session.stage_rows(rows, progress)
         return rows.columns
@@ -267,5 +285,13 @@ def _hold_reason(comp: Computation, result: RunResult, force: bool) -> str | Non
     if fraction > comp.max_removal_fraction:
         return (f"{comp.key}: would remove {result.exited} of {result.previous_members} members "
                 f"({fraction:.0%} > max_removal_fraction {comp.max_removal_fraction:.0%}); "
+                "held (run with --force to apply)")
+    fan = result.fan
+    if fan is not None and fan.previous and fan.exited / fan.previous > \
+            comp.max_removal_fraction:
+        # An emptied or broken account_users query must not send every user `false`.
+        return (f"{comp.key}: would remove {fan.exited} of the {fan.previous} users its "
+                f"accounts were fanned out to ({fan.exited / fan.previous:.0%} > "
+                f"max_removal_fraction {comp.max_removal_fraction:.0%}); "
                 "held (run with --force to apply)")
     return None

@@ -137,6 +137,7 @@ def status(
             "key": key,
             "name": row.name,
             "kind": row.kind,
+            "level": row.level,
             "orphaned": key not in configured and key not in disabled,
             "enabled": key not in disabled,
             "destinations": list(comp.destinations) if comp else [],
@@ -181,7 +182,8 @@ def _print_status(items: list[dict[str, Any]], now: datetime) -> None:
         run = item["last_run"]
         print(f"{item['key']}" + (" (orphaned)" if item["orphaned"] else "")
               + ("" if item["enabled"] else " (disabled)")
-              + f"  {item['kind']}, {item['members']:,} members, "
+              + f"  {item['kind']}, {item['members']:,} "
+              + ("accounts" if item["level"] == "account" else "members") + ", "
               f"initial sync {item['initial_sync']}")
         print("  last run   " + ("-" if run is None else
               f"{run['kind']} {run['status']} +{run['entered']} -{run['exited']} "

@@ -9,19 +9,21 @@ leaves this module as a StoreError (source errors on the same-database path as S
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Text,
     and_,
     delete,
     false,
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     true,
@@ -34,18 +36,23 @@ from audience_sync.cadence import next_due_after_failure, next_due_after_success
 from audience_sync.clock import Clock
 from audience_sync.config import Computation
 from audience_sync.errors import LeaseLost, SourceError, StoreError, describe_db_error
-from audience_sync.messages import CONTACT_TRAITS
+from audience_sync.messages import CONTACT_TRAITS, GROUP
 from audience_sync.sources import SkipCounts, SourceRows, computation_statement
 from audience_sync.state import schema as t
 from audience_sync.state.staging import (
     SENT_COLUMNS,
     Diff,
+    FanDiff,
     compute_diff,
+    compute_fan_diff,
     create_temp_tables,
     delta,
     drop_temp_tables,
     exited,
+    fan_delta,
+    fan_exited,
     insert_select,
+    load_account_users,
     load_rows,
 )
 from audience_sync.state.store import Store
@@ -87,19 +94,24 @@ class RunTransaction:
         return compute_diff(self._conn, cid, resync=resync, staged=staged, previous=previous,
                             skipped=skipped, compare_sent=compare_sent, carry_sent=carry_sent)
 
+    def fan_diff(self, cid: int, *, resync: bool) -> FanDiff:
+        """An account computation fanned out to users: the users' diff (after diff())."""
+        return compute_fan_diff(self._conn, cid, resync)
+
     def rollback(self) -> None:
         self._conn.rollback()
         self.rolled_back = True
 
     def apply(self, comp: Computation, cid: int, kind: RunKind, now: datetime,
               figures: RunFigures, *, force: bool, fencing_token: int | None, clock: Clock,
-              held_columns: str | None) -> int:
-        """Apply the diff; the new run's id (`queued`: the outbox rows it wrote).
+              held_columns: str | None, fan: FanDiff | None = None) -> int:
+        """Apply the diff (and an account computation's fan-out); the new run's id
+        (`queued`: the outbox rows it wrote).
 
         :raises LeaseLost: the fencing token is no longer current; nothing is committed.
         """
         run_id, self.queued = _apply(self._conn, comp, cid, kind, now, figures, force,
-                                     fencing_token, clock, held_columns)
+                                     fencing_token, clock, held_columns, fan)
         return run_id
 
 
@@ -119,7 +131,7 @@ class RunSession:
         with conn.begin():
             try:
                 statement, params = computation_statement(comp, conn.engine, now)
-                return insert_select(conn, statement, params, comp.kind, skipped)
+                return insert_select(conn, statement, params, comp.kind, skipped, comp.level)
             except SQLAlchemyError as exc:
                 raise SourceError(f"{comp.path} ({comp.key}): query on the state database "
                                   f"failed: {describe_db_error(exc)}") from exc
@@ -127,6 +139,11 @@ class RunSession:
     def stage_rows(self, rows: SourceRows, progress: Callable[[int], None] | None) -> int:
         with self._conn.begin():
             return load_rows(self._conn, rows, progress)
+
+    def stage_account_users(self, rows: Iterable[list[tuple[Any, ...]]]) -> int:
+        """The source's account_users rows, for an account computation's fan-out."""
+        with self._conn.begin():
+            return load_account_users(self._conn, rows)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[RunTransaction]:
@@ -180,7 +197,7 @@ def refresh_statistics(store: Store, comp: Computation, kind: RunKind, result: R
 
 def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: datetime,
            result: RunFigures, force: bool, fencing_token: int | None, clock: Clock,
-           held_columns: str | None) -> tuple[int, int]:
+           held_columns: str | None, fan: FanDiff | None) -> tuple[int, int]:
     """Write the run: members, history, outbox, run record, audience row; its run id and the
     number of outbox rows it queued."""
     m, h = t.members, t.membership_history
@@ -221,11 +238,25 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
             ["computation_id", "user_id", "value", "valid_from", "valid_from_run"],
             select(literal(cid), delta.c.user_id, delta.c.value, literal(now, t.UTCDateTime),
                    literal(run_id)).where(new | (delta.c.value_changed == true()))))
-    # Outbox: a newer change supersedes a pending older one for the same user.
+    # Outbox: a newer change supersedes a pending older one for the same user (an account's
+    # rows and its users' rows are told apart by their call: the ids may coincide).
     d = t.deliveries
     pending = and_(d.c.computation_id == cid, t.status_is(DeliveryStatus.PENDING))
+    account = comp.level == "account"
     if _any_pending(conn, cid):
-        if conn.dialect.name == "postgresql" and kind != RunKind.RESYNC:
+        if account:
+            conn.execute(update(d).where(
+                pending, d.c.call == GROUP,
+                d.c.user_id.in_(union(select(delta.c.user_id), gone)),
+            ).values(status=DeliveryStatus.SUPERSEDED))
+            if fan is not None:
+                conn.execute(update(d).where(
+                    pending, d.c.call != GROUP,
+                    d.c.user_id.in_(union(
+                        select(fan_delta.c.user_id).where(fan_delta.c.sends == true()),
+                        select(fan_exited.c.user_id))),
+                ).values(status=DeliveryStatus.SUPERSEDED))
+        elif conn.dialect.name == "postgresql" and kind != RunKind.RESYNC:
             conn.execute(_SUPERSEDE_BY_PROBES, {"cid": cid})
         else:
             conn.execute(update(d).where(
@@ -234,7 +265,7 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
     stay_value = literal("true") if comp.kind == "audience" else delta.c.value
     leave_value = literal("false") if comp.kind == "audience" else literal("null")
     outbox_columns = ["computation_id", "run_id", "destination", "user_id", "value",
-                      *CONTACT_TRAITS, "observed_at", "status", "call"]
+                      *CONTACT_TRAITS, "user_ref", "observed_at", "status", "call"]
     # A track call is an event: sent for an entry, an exit or a new trait value, never for a
     # member whose contact traits alone changed (nor a resync's unchanged member).
     moved = new if comp.kind == "audience" else new | (delta.c.value_changed == true())
@@ -242,17 +273,38 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
     if comp.kind == "trait" and any(call == "track" for _, call in comp.outbox_calls):
         per_call["track"] += int(conn.execute(select(func.count()).select_from(delta).where(
             delta.c.is_new == false(), delta.c.value_changed == true())).scalar_one())
+    if account:
+        # An account's own row (group call, Planhat company) is what an identify is to a
+        # user; the users' rows come from the fan-out.
+        per_call = {GROUP: result.queued, "identify": fan.sends if fan else 0,
+                    "track": fan.moves if fan else 0}
+    observed = literal(now, t.UTCDateTime)
     queued = 0
     for destination, call in comp.outbox_calls:
         queued += per_call[call]
+        head = (literal(cid), literal(run_id), literal(destination))
+        tail = (observed, literal(DeliveryStatus.PENDING.value), literal(call))
+        if account and call != GROUP:
+            # The account's users: company_id is the account that puts them in.
+            fan_stay = literal("true") if comp.kind == "audience" else fan_delta.c.value
+            changed = fan_delta.c.sends == true() if call == "identify" else or_(
+                fan_delta.c.is_new == true(), fan_delta.c.value_changed == true())
+            for rows in (
+                select(*head, fan_delta.c.user_id, fan_stay,
+                       *_fan_traits(fan_delta.c.group_id), *tail).where(changed),
+                select(*head, fan_exited.c.user_id, leave_value,
+                       *_fan_traits(fan_exited.c.group_id), *tail),
+            ):
+                conn.execute(insert(d).from_select(outbox_columns, rows))
+            continue
         for table, value in ((delta, stay_value), (exited, leave_value)):
-            rows = select(
-                literal(cid), literal(run_id), literal(destination), table.c.user_id, value,
-                *(table.c[n] for n in CONTACT_TRAITS), literal(now, t.UTCDateTime),
-                literal(DeliveryStatus.PENDING.value), literal(call))
+            rows = select(*head, table.c.user_id, value,
+                          *(table.c[n] for n in CONTACT_TRAITS), table.c.user_ref, *tail)
             if call == "track" and table is delta:
                 rows = rows.where(moved)
             conn.execute(insert(d).from_select(outbox_columns, rows))
+    if account:
+        _apply_fan_out(conn, cid, run_id, fan)
     # The run record and the audience row; the fencing check makes a lost lease fatal.
     finished = clock()
     conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(
@@ -269,6 +321,31 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
                                    else InitialState.COMPLETE)
     _update_computation(conn, cid, fencing_token, values)
     return run_id, queued
+
+
+def _fan_traits(group_id: Any) -> list[Any]:
+    """A fanned-out user's contact traits and user_ref: only company_id, their account."""
+    return [group_id if name == "company_id" else literal(None, Text)
+            for name in (*CONTACT_TRAITS, "user_ref")]
+
+
+def _apply_fan_out(conn: Connection, cid: int, run_id: int, fan: FanDiff | None) -> None:
+    """fanout_members becomes the users fanned out now (none when no destination takes the
+    account computation user by user any more: a later fan-out starts afresh)."""
+    fm = t.fanout_members
+    if fan is None:
+        conn.execute(delete(fm).where(fm.c.computation_id == cid))
+        return
+    conn.execute(delete(fm).where(fm.c.computation_id == cid,
+                                  fm.c.user_id.in_(select(fan_exited.c.user_id))))
+    staying = and_(fm.c.computation_id == cid, fm.c.user_id == fan_delta.c.user_id,
+                   fan_delta.c.is_new == false())
+    conn.execute(update(fm).where(staying).values(group_id=fan_delta.c.group_id,
+                                                   value=fan_delta.c.value))
+    conn.execute(insert(fm).from_select(
+        ["computation_id", "user_id", "group_id", "value", "entered_run"],
+        select(literal(cid), fan_delta.c.user_id, fan_delta.c.group_id, fan_delta.c.value,
+               literal(run_id)).where(fan_delta.c.is_new == true())))
 
 
 # PostgreSQL: the pending deliveries of the changed users, found by one index probe per

@@ -99,6 +99,11 @@ class AudienceSummary:
     pending: dict[str, int] = field(default_factory=dict)  # per destination
     failed: dict[str, int] = field(default_factory=dict)
     progress: Progress | None = None
+    level: str = "user"  # account: its members are accounts
+
+    @property
+    def members_label(self) -> str:
+        return "accounts" if self.level == "account" else "members"
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,8 @@ _COMPUTATION_COLUMNS = (t.computations.c.id, t.computations.c.key, t.computation
                         t.computations.c.kind, t.computations.c.member_count,
                         t.computations.c.initial_state, t.computations.c.next_due_at,
                         t.computations.c.last_success_at, t.computations.c.consecutive_failures,
-                        t.computations.c.lease_owner, t.computations.c.last_run_id)
+                        t.computations.c.lease_owner, t.computations.c.last_run_id,
+                        t.computations.c.level)
 _DELIVERY_COLUMNS = (t.deliveries.c.id, t.deliveries.c.destination, t.deliveries.c.user_id,
                      t.deliveries.c.value, t.deliveries.c.status, t.deliveries.c.attempts,
                      t.deliveries.c.last_error, t.deliveries.c.run_id, t.deliveries.c.observed_at,
@@ -287,7 +293,8 @@ def _summary(conn: Connection, row: Row[Any], counts: dict[tuple[int, str, str],
         initial_state=row.initial_state, next_due_at=row.next_due_at,
         last_success_at=row.last_success_at, consecutive_failures=row.consecutive_failures,
         lease_owner=row.lease_owner, last_run=_run_row(conn, row.last_run_id),
-        sparkline=_sparkline(conn, row.id), pending=pending, failed=failed, progress=progress)
+        sparkline=_sparkline(conn, row.id), pending=pending, failed=failed, progress=progress,
+        level=row.level)
 
 
 def overview(conn: Connection, at: datetime) -> list[AudienceSummary]:

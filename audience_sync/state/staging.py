@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +54,9 @@ from audience_sync.state import schema as t
 SAMPLE_SIZE = 10
 
 _temp = MetaData()
-SENT_COLUMNS = (*CONTACT_TRAITS, "value")
+# What a member's calls carry, as stored: the contact traits, an account's user_ref (the user
+# its group calls name) and a trait's value (last: the streamed rows end with it).
+SENT_COLUMNS = (*CONTACT_TRAITS, "user_ref", "value")
 
 stage = Table(
     "as_stage", _temp,
@@ -91,7 +93,43 @@ joined = Table(
     *(Column(f"old_{name}", Text) for name in SENT_COLUMNS),
     prefixes=["TEMPORARY"],
 )
-TEMP_TABLES = (stage, delta, exited, joined)
+# Account audiences fanned out to users: the source's account_users rows, the users of the
+# member accounts now (each with the account that puts them in, the smallest id, and its
+# value), and their diff against fanout_members.
+account_users = Table(
+    "as_account_users", _temp,
+    Column("user_id", String(USER_ID_MAX)),
+    Column("group_id", String(USER_ID_MAX)),
+    prefixes=["TEMPORARY"],
+)
+fan = Table(
+    "as_fan", _temp,
+    Column("user_id", String(USER_ID_MAX), primary_key=True),
+    Column("group_id", String(USER_ID_MAX), nullable=False),
+    Column("value", Text),
+    prefixes=["TEMPORARY"],
+)
+# Users new to the fan-out, whose value changed, or (no call) whose account alone changed; on
+# a resync every user.
+fan_delta = Table(
+    "as_fan_delta", _temp,
+    Column("user_id", String(USER_ID_MAX), primary_key=True),
+    Column("group_id", String(USER_ID_MAX), nullable=False),
+    Column("value", Text),
+    Column("is_new", Boolean, nullable=False),
+    Column("value_changed", Boolean, nullable=False),
+    Column("sends", Boolean, nullable=False),  # its change is sent (not an account move alone)
+    prefixes=["TEMPORARY"],
+)
+fan_exited = Table(
+    "as_fan_exited", _temp,
+    Column("user_id", String(USER_ID_MAX), primary_key=True),
+    Column("group_id", String(USER_ID_MAX), nullable=False),
+    Column("value", Text),
+    prefixes=["TEMPORARY"],
+)
+FAN_TABLES = (account_users, fan, fan_delta, fan_exited)
+TEMP_TABLES = (stage, delta, exited, joined, *FAN_TABLES)
 
 
 def create_temp_tables(conn: Connection) -> None:
@@ -108,6 +146,8 @@ def create_temp_tables(conn: Connection) -> None:
     if conn.dialect.name != "postgresql":  # PostgreSQL creates them from the diff's queries
         delta.create(conn)
         exited.create(conn)
+    for table in FAN_TABLES:
+        table.create(conn)
 
 
 def drop_temp_tables(conn: Connection) -> None:
@@ -125,23 +165,39 @@ def load_rows(conn: Connection, snapshot: SourceRows,
     `skipped.duplicate`; PostgreSQL loads an unkeyed stage and compute_diff finds them.
     """
     if conn.dialect.name == "postgresql":
-        return _copy_rows(conn, snapshot, progress)
-    return _insert_rows(conn, snapshot, progress)
+        return _copy_rows(conn, stage.name, snapshot, lambda: snapshot.columns, progress)
+    return _insert_rows(conn, f"INSERT OR IGNORE INTO {stage.name}", snapshot,
+                        lambda: snapshot.columns, snapshot.skipped, progress)
 
 
-def _insert_rows(conn: Connection, snapshot: SourceRows,
+def load_account_users(conn: Connection, rows: Iterable[list[tuple[Any, ...]]]) -> int:
+    """Load the source's account_users rows (user_id, group_id); repeated pairs are harmless
+    (the fan-out groups them)."""
+    columns = ("user_id", "group_id")
+    if conn.dialect.name == "postgresql":
+        return _copy_rows(conn, account_users.name, rows, lambda: columns, None)
+    return _insert_rows(conn, f"INSERT INTO {account_users.name}", rows, lambda: columns,
+                        None, None)
+
+
+def _insert_rows(conn: Connection, into: str, chunks: Iterable[list[tuple[Any, ...]]],
+                 columns: Callable[[], tuple[str, ...]], skipped: SkipCounts | None,
                  progress: Callable[[int], None] | None) -> int:
+    """executemany of each chunk (`columns()`: known once the first chunk arrived); rows the
+    statement ignored are counted as duplicates in `skipped`."""
     cursor = typing.cast("sqlite3.Connection", conn.connection.driver_connection).cursor()
     loaded = 0
     statement = ""
     try:
-        for rows in snapshot:
+        for rows in chunks:
             if not statement:
-                statement = (f"INSERT OR IGNORE INTO {stage.name} ({', '.join(snapshot.columns)})"
-                             f" VALUES ({', '.join('?' for _ in snapshot.columns)})")
+                names = columns()
+                statement = (f"{into} ({', '.join(names)})"
+                             f" VALUES ({', '.join('?' for _ in names)})")
             cursor.executemany(statement, rows)
             inserted = cursor.rowcount
-            snapshot.skipped.duplicate += len(rows) - inserted
+            if skipped is not None:
+                skipped.duplicate += len(rows) - inserted
             loaded += inserted
             if progress:
                 progress(len(rows))
@@ -150,22 +206,24 @@ def _insert_rows(conn: Connection, snapshot: SourceRows,
     return loaded
 
 
-def _copy_rows(conn: Connection, snapshot: SourceRows,
+def _copy_rows(conn: Connection, into: str, chunks: Iterable[list[tuple[Any, ...]]],
+               columns: Callable[[], tuple[str, ...]],
                progress: Callable[[int], None] | None) -> int:
     raw = typing.cast("psycopg.Connection[Any]", conn.connection.driver_connection)
     total = 0
     copy: Any = None
     with raw.cursor() as cursor, contextlib.ExitStack() as stack:
-        for rows in snapshot:
+        for rows in chunks:
             if copy is None:  # the columns are known once the first chunk arrived
+                names = columns()
                 copy = stack.enter_context(cursor.copy(
-                    f"COPY {stage.name} ({', '.join(snapshot.columns)}) FROM STDIN"))
-            _write_chunk(copy, rows, len(snapshot.columns))
+                    f"COPY {into} ({', '.join(names)}) FROM STDIN"))
+            _write_chunk(copy, rows, len(names))
             total += len(rows)
             if progress:
                 progress(len(rows))
     # Temporary tables are never auto-analyzed; the diff's join plans need the row count.
-    conn.execute(text(f"ANALYZE {stage.name}"))
+    conn.execute(text(f"ANALYZE {into}"))
     return total
 
 
@@ -196,8 +254,9 @@ def dedupe_stage(conn: Connection) -> int:
 
 
 def insert_select(conn: Connection, statement: TextClause | Any, params: dict[str, Any],
-                  kind: str, skipped: SkipCounts) -> int:
-    """Fill the stage from a query on the state database itself: no row passes through Python."""
+                  kind: str, skipped: SkipCounts, level: str = "user") -> int:
+    """Fill the stage from a query on the state database itself: no row passes through Python.
+    An account computation's key is its group_id (and its user_id the group call's user)."""
     if isinstance(statement, TextClause):
         names = list(conn.execute(
             text(f"SELECT * FROM ({statement.text}) AS q LIMIT 0"), params).keys())
@@ -205,10 +264,11 @@ def insert_select(conn: Connection, statement: TextClause | Any, params: dict[st
     else:
         sub = statement.subquery("q")
     lowered = {c.name.lower(): c for c in sub.c}
-    if "user_id" not in lowered:
-        raise SQLAlchemyError("the query returned no user_id column")
+    key = "group_id" if level == "account" else "user_id"
+    if key not in lowered:
+        raise SQLAlchemyError(f"the query returned no {key} column")
     sqlite = conn.dialect.name == "sqlite"
-    raw_id = lowered["user_id"]
+    raw_id = lowered[key]
     user, bad_type = _id_as_text(raw_id, sqlite)
     value = lowered.get("value") if kind == "trait" else None
     # Why a row is dropped (None: kept), in the order the streamed path checks.
@@ -231,6 +291,9 @@ def insert_select(conn: Connection, statement: TextClause | Any, params: dict[st
     for name in CONTACT_TRAITS:
         values.append(cast(lowered[name], Text).label(name) if name in lowered
                       else literal(None, Text).label(name))
+    values.append(cast(lowered["user_id"], Text).label("user_ref")
+                  if level == "account" and "user_id" in lowered
+                  else literal(None, Text).label("user_ref"))
     if value is not None:
         as_json = func.json_quote(value) if sqlite else cast(func.to_jsonb(value), Text)
         values.append(func.coalesce(as_json, "null").label("value"))
@@ -409,4 +472,77 @@ def _diff(conn: Connection, computation_id: int, resync: bool, compare_sent: boo
         .order_by(delta.c.user_id).limit(SAMPLE_SIZE)).scalars())
     diff.sample_exited = list(conn.execute(
         select(exited.c.user_id).order_by(exited.c.user_id).limit(SAMPLE_SIZE)).scalars())
+    return diff
+
+
+# -- fan-out ----------------------------------------------------------------------------------
+
+@dataclass
+class FanDiff:
+    """The users of an account audience's member accounts, against those last fanned out."""
+
+    previous: int = 0
+    users: int = 0
+    entered: int = 0
+    exited: int = 0
+    changed: int = 0  # a trait's value changed (the user's account's, or their account)
+    resent: int = 0  # a resync's unchanged users, sent again
+
+    @property
+    def sends(self) -> int:
+        """Identify calls: every change, and a resync's every user."""
+        return self.entered + self.exited + self.changed + self.resent
+
+    @property
+    def moves(self) -> int:
+        """Track calls: entries, exits and new values."""
+        return self.entered + self.exited + self.changed
+
+
+def compute_fan_diff(conn: Connection, computation_id: int, resync: bool) -> FanDiff:
+    """Fill as_fan, as_fan_delta and as_fan_exited from the stage (the member accounts, after
+    compute_diff: one row per account), the staged account_users and fanout_members.
+
+    A user is in the audience when any of their accounts is; the account that puts them in is
+    the smallest id among them, and a trait's user takes that account's value. A user whose
+    account changed while their value did not is in as_fan_delta with `sends` false: stored,
+    not sent (only membership and value changes cause calls).
+    """
+    au, fm = account_users, t.fanout_members
+    first = select(au.c.user_id, func.min(au.c.group_id).label("group_id")) \
+        .select_from(au.join(stage, stage.c.user_id == au.c.group_id)) \
+        .group_by(au.c.user_id).subquery("f")
+    conn.execute(insert(fan).from_select(
+        ["user_id", "group_id", "value"],
+        select(first.c.user_id, first.c.group_id, stage.c.value)
+        .select_from(first.join(stage, stage.c.user_id == first.c.group_id))))
+    current = select(fm).where(fm.c.computation_id == computation_id).subquery("m")
+    is_new = current.c.user_id.is_(None)
+    value_changed = and_(~is_new, fan.c.value.is_distinct_from(current.c.value))
+    sends = or_(is_new, value_changed, true() if resync else false())
+    conn.execute(insert(fan_delta).from_select(
+        ["user_id", "group_id", "value", "is_new", "value_changed", "sends"],
+        select(fan.c.user_id, fan.c.group_id, fan.c.value, is_new, value_changed, sends)
+        .select_from(fan.outerjoin(current, current.c.user_id == fan.c.user_id))
+        .where(or_(sends, fan.c.group_id != current.c.group_id))))
+    conn.execute(insert(fan_exited).from_select(
+        ["user_id", "group_id", "value"],
+        select(fm.c.user_id, fm.c.group_id, fm.c.value).where(
+            fm.c.computation_id == computation_id,
+            ~exists().where(fan.c.user_id == fm.c.user_id))))
+    if conn.dialect.name == "postgresql":
+        for table in (fan, fan_delta, fan_exited):
+            conn.execute(text(f"ANALYZE {table.name}"))
+    d = fan_delta.c
+    counts = conn.execute(select(
+        func.count().filter(d.is_new == true()),
+        func.count().filter(d.value_changed == true()),
+        func.count().filter(and_(d.sends == true(), d.is_new == false(),
+                                 d.value_changed == false())),
+    ).select_from(fan_delta)).one()
+    diff = FanDiff(entered=int(counts[0]), changed=int(counts[1]), resent=int(counts[2]))
+    diff.exited = int(conn.execute(select(func.count()).select_from(fan_exited)).scalar_one())
+    diff.users = int(conn.execute(select(func.count()).select_from(fan)).scalar_one())
+    diff.previous = int(conn.execute(select(func.count()).select_from(fm).where(
+        fm.c.computation_id == computation_id)).scalar_one())
     return diff

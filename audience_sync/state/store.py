@@ -130,6 +130,7 @@ class ComputationRow:
     fencing_token: int
     applied_columns: str | None
     forgotten_at: datetime | None = None  # `forget` dropped its current state
+    level: str = "user"  # account: its members are accounts
 
 
 class Store:
@@ -250,17 +251,18 @@ class Store:
                     conn.execute(insert_ignore(self.dialect, t.computations).values(
                         key=comp.key, name=comp.name, kind=comp.kind,
                         definition_hash=comp.definition_hash, created_at=at,
-                        initial_state=InitialState.PENDING, next_due_at=at))
+                        initial_state=InitialState.PENDING, next_due_at=at, level=comp.level))
                 elif row.forgotten_at is not None:
                     # A forgotten key configured again starts over (forget reset its state).
                     conn.execute(update(t.computations)
                                  .where(t.computations.c.key == comp.key)
                                  .values(name=comp.name, definition_hash=comp.definition_hash,
-                                         forgotten_at=None, next_due_at=at))
+                                         forgotten_at=None, next_due_at=at, level=comp.level))
                 elif (row.name, row.definition_hash) != (comp.name, comp.definition_hash):
                     conn.execute(update(t.computations)
                                  .where(t.computations.c.key == comp.key)
-                                 .values(name=comp.name, definition_hash=comp.definition_hash))
+                                 .values(name=comp.name, definition_hash=comp.definition_hash,
+                                         level=comp.level))
 
     def computation(self, key: str, conn: Connection | None = None) -> ComputationRow | None:
         query = select(*_COMPUTATION_COLUMNS).where(t.computations.c.key == key)
@@ -315,7 +317,7 @@ _COMPUTATION_COLUMNS = (
     t.computations.c.last_run_at, t.computations.c.last_success_at, t.computations.c.next_due_at,
     t.computations.c.consecutive_failures, t.computations.c.lease_owner,
     t.computations.c.lease_expires_at, t.computations.c.fencing_token,
-    t.computations.c.applied_columns, t.computations.c.forgotten_at,
+    t.computations.c.applied_columns, t.computations.c.forgotten_at, t.computations.c.level,
 )
 
 

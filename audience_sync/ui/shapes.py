@@ -66,7 +66,7 @@ def status_item(summary: AudienceSummary, configured: dict[str, tuple[str, ...]]
     enabled = summary.key not in disabled
     known = summary.key in configured
     return {
-        "key": summary.key, "name": summary.name, "kind": summary.kind,
+        "key": summary.key, "name": summary.name, "kind": summary.kind, "level": summary.level,
         "orphaned": not known, "enabled": enabled,
         "destinations": list(configured.get(summary.key, ())),
         "members": summary.members, "initial_sync": summary.initial_state,

@@ -1,0 +1,323 @@
+"""Account-level audiences and traits (`level: account`): group calls for changed accounts
+only, the fan-out to the users of `account_users:` (a user moving between accounts included),
+the removal guard on the fan-out, and the history of accounts; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audience_sync.config import load_config
+from audience_sync.errors import ConfigError
+from audience_sync.messages import message_id
+from tests.delivery_setup import FAST, WRITE_KEY, set_env
+from tests.fakes import FakeSegment
+from tests.helpers import cli, write_config
+from tests.membership_rule import is_membership
+from tests.ui_setup import UIProject, request, serving
+
+ACCOUNTS = [("a1", "Acme", 20, "u1"), ("a2", "Beta", 12, "u3"), ("a3", "Corp", 5, "u5")]
+MEMBERSHIPS = [("u1", "a1"), ("u2", "a1"), ("u3", "a2"), ("u4", "a2"), ("u5", "a3"),
+               ("u6", "a1"), ("u6", "a3")]
+# Second state: Beta shrinks out, Corp grows in; u2 moves Acme -> Corp and u4 Beta -> Acme
+# (both stay in: nothing sent), u7 joins Acme, u1 leaves every account.
+ACCOUNTS_2 = [("a1", "Acme", 20, "u1"), ("a2", "Beta", 3, "u3"), ("a3", "Corp", 15, "u5")]
+MEMBERSHIPS_2 = [("u2", "a3"), ("u3", "a2"), ("u4", "a1"), ("u5", "a3"), ("u6", "a1"),
+                 ("u6", "a3"), ("u7", "a1")]
+
+AUDIENCE = "SELECT id AS group_id, name, owner AS user_id FROM accounts WHERE seats >= 10"
+TRAIT = "SELECT id AS group_id, seats AS value FROM accounts"
+
+
+def _warehouse(path: Path, accounts: Sequence[tuple[Any, ...]],
+               memberships: Sequence[tuple[str, str]]) -> None:
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE IF NOT EXISTS accounts (id TEXT, name TEXT, seats INTEGER, owner TEXT);
+        CREATE TABLE IF NOT EXISTS memberships (user_id TEXT, account_id TEXT);
+        DELETE FROM accounts; DELETE FROM memberships;
+    """)
+    db.executemany("INSERT INTO accounts VALUES (?, ?, ?, ?)", accounts)
+    db.executemany("INSERT INTO memberships VALUES (?, ?)", memberships)
+    db.commit()
+    db.close()
+
+
+@pytest.fixture
+def segment() -> Iterator[FakeSegment]:
+    with FakeSegment(WRITE_KEY).running() as fake:
+        assert isinstance(fake, FakeSegment)
+        yield fake
+
+
+def _config(tmp_path: Path, state_url: str, segment_url: str, **extra: Any) -> Path:
+    warehouse = tmp_path / "warehouse.db"
+    if not warehouse.exists():
+        _warehouse(warehouse, ACCOUNTS, MEMBERSHIPS)
+    document: dict[str, Any] = {
+        "state_db": state_url,
+        "sources": {"warehouse": {
+            "url": f"sqlite:///{warehouse}",
+            "account_users": "SELECT user_id, account_id AS group_id FROM memberships"}},
+        "destinations": {
+            "segment": {"type": "segment", "write_key": "${SEGMENT_WRITE_KEY}",
+                        "base_url": segment_url, "rate_limit": "2000/s", **FAST},
+            "users": {"type": "jsonl", "path": str(tmp_path / "users.jsonl"),
+                      "accounts": "identify"},
+            "events": {"type": "jsonl", "path": str(tmp_path / "events.jsonl"),
+                       "accounts": "track"},
+        },
+        "audiences": [{"name": "Big Accounts", "level": "account", "source": "warehouse",
+                       "query": AUDIENCE, "destinations": ["segment", "users", "events"]}],
+        "computed_traits": [{"name": "Seats", "level": "account", "source": "warehouse",
+                             "query": TRAIT, "destinations": ["segment", "users"]}],
+        **extra,
+    }
+    return write_config(tmp_path / "config.yaml", document)
+
+
+def _lines(path: Path, start: int = 0) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()[start:]]
+
+
+def _key(m: dict[str, Any]) -> str:
+    return str(m["context"]["personas"]["computation_key"])
+
+
+def _value(m: dict[str, Any]) -> Any:
+    return (m["properties"] if m["type"] == "track" else m["traits"])[_key(m)]
+
+
+def _by_user(messages: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    found = [m for m in messages if _key(m) == key]
+    by_user = {m["userId"]: _value(m) for m in found}
+    assert len(by_user) == len(found), "a user was sent twice"
+    return by_user
+
+
+def test_group_calls_for_changed_accounts_and_fan_out_with_moving_users(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = _config(tmp_path, state_url, segment.url)
+    code, out, err = cli(capsys, "--config", str(config), "sync", "--json")
+    assert code == 0, err
+    runs = {r["key"]: r for r in json.loads(out)["runs"]}
+    assert runs["big_accounts"]["members"] == 2
+    assert runs["big_accounts"]["fan_out"] == {"users": 5, "entered": 5, "exited": 0,
+                                               "changed": 0}
+
+    # Segment: one group call per member account, named by the account's owner.
+    groups = [m for m in segment.messages if m["type"] == "group"]
+    big = sorted((m for m in groups if _key(m) == "big_accounts"), key=lambda m: m["groupId"])
+    assert [(m["groupId"], m["userId"], m["traits"]) for m in big] == [
+        ("a1", "u1", {"name": "Acme", "big_accounts": True}),
+        ("a2", "u3", {"name": "Beta", "big_accounts": True})]
+    assert all(is_membership(m) is True for m in big)
+    assert big[0]["messageId"] == message_id("big_accounts", "a1", 1, "true", "group")
+    assert {m["groupId"]: m["traits"]["seats"] for m in groups if _key(m) == "seats"} == {
+        "a1": 20, "a2": 12, "a3": 5}
+    assert all(m["type"] == "group" for m in segment.messages)
+
+    # Fan-out: every user of a member account, once (u6 is in Acme and Corp).
+    users = _lines(tmp_path / "users.jsonl")
+    assert all(m["type"] == "identify" for m in users)
+    assert _by_user(users, "big_accounts") == {u: True for u in ("u1", "u2", "u3", "u4", "u6")}
+    u6 = next(m for m in users if m["userId"] == "u6" and _key(m) == "big_accounts")
+    assert u6["traits"] == {"company_id": "a1", "big_accounts": True}
+    assert _by_user(users, "seats") == {"u1": 20, "u2": 20, "u6": 20, "u3": 12, "u4": 12,
+                                        "u5": 5}
+    events = _lines(tmp_path / "events.jsonl")
+    assert {m["userId"]: m["event"] for m in events} == {
+        u: "Audience Entered" for u in ("u1", "u2", "u3", "u4", "u6")}
+    assert all(is_membership(m) is True for m in users + events if _key(m) == "big_accounts")
+
+    # The second state: only the accounts that changed get a group call; users get the
+    # value their accounts now give them.
+    _warehouse(tmp_path / "warehouse.db", ACCOUNTS_2, MEMBERSHIPS_2)
+    seen_segment, seen_users, seen_events = len(segment.messages), len(users), len(events)
+    code, out, err = cli(capsys, "--config", str(config), "sync", "--json")
+    assert code == 0, err
+    runs = {r["key"]: r for r in json.loads(out)["runs"]}
+    assert runs["big_accounts"]["fan_out"] == {"users": 5, "entered": 2, "exited": 2,
+                                               "changed": 0}
+    groups = segment.messages[seen_segment:]
+    assert sorted((m["groupId"], _value(m)) for m in groups if _key(m) == "big_accounts") == [
+        ("a2", False), ("a3", True)]
+    assert sorted((m["groupId"], _value(m)) for m in groups if _key(m) == "seats") == [
+        ("a2", 3), ("a3", 15)]
+    users = _lines(tmp_path / "users.jsonl", seen_users)
+    # u5 and u7 came in with Corp and Acme; u1 left every account, u3 stayed with Beta.
+    # u2 (Acme -> Corp) and u4 (Beta -> Acme) stayed in the audience: nothing sent.
+    assert _by_user(users, "big_accounts") == {"u5": True, "u7": True, "u1": False,
+                                               "u3": False}
+    # A trait's user takes their account's value: u2 and u4 moved, u3's and u5's changed.
+    assert _by_user(users, "seats") == {"u1": None, "u2": 15, "u3": 3, "u4": 20, "u5": 15,
+                                        "u7": 20}
+    events = _lines(tmp_path / "events.jsonl", seen_events)
+    assert sorted((m["userId"], m["event"]) for m in events) == [
+        ("u1", "Audience Exited"), ("u3", "Audience Exited"), ("u5", "Audience Entered"),
+        ("u7", "Audience Entered")]
+    assert all(is_membership(m) is (m["event"] == "Audience Entered") for m in events)
+
+    # A third sync with nothing changed sends nothing.
+    seen_segment = len(segment.messages)
+    code, out, err = cli(capsys, "--config", str(config), "sync", "--json")
+    assert code == 0, err
+    assert len(segment.messages) == seen_segment
+    assert len(_lines(tmp_path / "users.jsonl")) == seen_users + len(users)
+    assert not segment.duplicates()
+
+    # The audience's members and history are accounts.
+    code, out, err = cli(capsys, "--config", str(config), "members", "big_accounts", "--json")
+    assert code == 0, err
+    assert sorted(m["user_id"] for m in json.loads(out)) == ["a1", "a3"]
+    code, out, err = cli(capsys, "--config", str(config), "history", "big_accounts", "--json")
+    assert code == 0, err
+    assert sorted((h["user_id"], h["change"]) for h in json.loads(out)) == [
+        ("a1", "entered"), ("a2", "entered"), ("a2", "exited"), ("a3", "entered")]
+    code, out, err = cli(capsys, "--config", str(config), "status", "--json")
+    assert code == 0, err
+    status = {c["key"]: c for c in json.loads(out)["computations"]}
+    assert (status["big_accounts"]["level"], status["big_accounts"]["members"]) == ("account", 2)
+    code, out, err = cli(capsys, "--config", str(config), "status")
+    assert "big_accounts  audience, 2 accounts," in out
+
+    # The dashboard says accounts, and an account's timeline is its stays.
+    with serving(UIProject(config, tmp_path / "warehouse.db", state_url)) as base:
+        status_code, index, _ = request(base + "/")
+        assert status_code == 200
+        row = re.search(r'<tr data-key="big_accounts">(.*?)</tr>', index, re.S)
+        assert row is not None and "account audience" in row.group(1)
+        status_code, page, _ = request(base + "/audiences/big_accounts")
+        assert status_code == 200
+        assert "<small>Accounts</small><b id=\"members\">2</b>" in page
+        assert "Account id" in page
+        status_code, timeline, _ = request(base + "/audiences/big_accounts/users/a2")
+        assert status_code == 200
+        changes = re.search(r'<ol id="timeline".*?</ol>', timeline, re.S)
+        assert changes is not None
+        assert re.findall(r'class="change-(\w+)"', changes.group(0)) == ["entered", "exited"]
+
+
+def test_a_resync_sends_every_account_and_every_fanned_out_user_again(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = _config(tmp_path, state_url, segment.url)
+    assert cli(capsys, "--config", str(config), "sync")[0] == 0
+    seen_segment = len(segment.messages)
+    seen_users = len(_lines(tmp_path / "users.jsonl"))
+    seen_events = len(_lines(tmp_path / "events.jsonl"))
+    code, _, err = cli(capsys, "--config", str(config), "resync", "big_accounts")
+    assert code == 0, err
+    assert sorted(m["groupId"] for m in segment.messages[seen_segment:]) == ["a1", "a2"]
+    assert _by_user(_lines(tmp_path / "users.jsonl", seen_users), "big_accounts") == {
+        u: True for u in ("u1", "u2", "u3", "u4", "u6")}
+    # Track calls are events: a resync's unchanged users are not sent one again.
+    assert _lines(tmp_path / "events.jsonl", seen_events) == []
+
+
+def test_an_emptied_account_users_query_is_held_not_sent_as_exits(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = _config(tmp_path, state_url, segment.url)
+    assert cli(capsys, "--config", str(config), "sync")[0] == 0
+    seen = len(_lines(tmp_path / "users.jsonl"))
+    _warehouse(tmp_path / "warehouse.db", ACCOUNTS, [])
+    code, _, err = cli(capsys, "--config", str(config), "sync", "big_accounts")
+    assert code == 3, err
+    assert "would remove 5 of the 5 users its accounts were fanned out to" in err
+    assert len(_lines(tmp_path / "users.jsonl")) == seen
+    # Forced, the exits go out.
+    code, _, err = cli(capsys, "--config", str(config), "sync", "big_accounts", "--force")
+    assert code == 0, err
+    assert _by_user(_lines(tmp_path / "users.jsonl", seen), "big_accounts") == {
+        u: False for u in ("u1", "u2", "u3", "u4", "u6")}
+
+
+def test_a_failing_account_users_query_fails_the_run_and_changes_nothing(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = _config(tmp_path, state_url, segment.url)
+    db = sqlite3.connect(tmp_path / "warehouse.db")
+    db.execute("ALTER TABLE memberships RENAME TO gone")
+    db.commit()
+    db.close()
+    code, _, err = cli(capsys, "--config", str(config), "sync", "big_accounts")
+    assert code == 1
+    assert "account_users query failed" in err and "Traceback" not in err
+    assert segment.messages == [] and _lines(tmp_path / "users.jsonl") == []
+
+
+def test_dry_run_counts_the_fanned_out_calls_per_destination(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = _config(tmp_path, state_url, segment.url)
+    assert cli(capsys, "--config", str(config), "db", "upgrade")[0] == 0
+    code, out, err = cli(capsys, "--config", str(config), "sync", "big_accounts",
+                         "--dry-run", "--json")
+    assert code == 0, err
+    run = json.loads(out)["runs"][0]
+    assert run["per_destination"] == {"segment": 2, "users": 5, "events": 5}
+    assert segment.messages == []
+
+
+@pytest.mark.parametrize(("destination", "problem"), [
+    ({"type": "planhat", "tenant_token": "t", "accounts": "group"},
+     "Planhat ignores group calls"),
+    ({"type": "planhat", "tenant_token": "t", "accounts": "companies"},
+     "accounts: companies needs mode api"),
+    ({"type": "jsonl", "path": "x.jsonl", "accounts": "companies"},
+     "accounts: companies is for type planhat in mode api"),
+    ({"type": "jsonl", "path": "x.jsonl", "accounts": "everyone"}, "accounts"),
+])
+def test_accounts_setting_is_validated_with_one_clear_line(
+        tmp_path: Path, destination: dict[str, Any], problem: str) -> None:
+    path = write_config(tmp_path / "config.yaml", {
+        "sources": {"w": {"url": "sqlite:///w.db"}},
+        "destinations": {"d": destination},
+        "audiences": [{"name": "A", "source": "w", "query": "SELECT 1 AS user_id",
+                       "destinations": ["d"]}]})
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert problem in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_account_settings_that_cannot_work_are_config_errors(tmp_path: Path) -> None:
+    base: dict[str, Any] = {
+        "sources": {"w": {"url": "sqlite:///w.db"}},
+        "destinations": {"f": {"type": "jsonl", "path": "f.jsonl", "accounts": "identify"}}}
+    fan_out = {**base, "audiences": [{"name": "A", "level": "account", "source": "w",
+                                      "query": "SELECT 1 AS group_id", "destinations": ["f"]}]}
+    with pytest.raises(ConfigError, match=r"audiences\[0\]\.destinations\[0\].*account_users"):
+        load_config(write_config(tmp_path / "a.yaml", fan_out), env={})
+    rule = {**base, "audiences": [{"name": "A", "level": "account", "source": "w",
+                                   "rule": {"event": "E", "within": "1d"},
+                                   "destinations": ["f"]}]}
+    with pytest.raises(ConfigError, match="defined by a query returning group_id"):
+        load_config(write_config(tmp_path / "b.yaml", rule), env={})
+    referenced = {**base, "sources": {"w": {"url": "sqlite:///w.db",
+                                            "account_users": "SELECT 1 AS user_id"}},
+                  "audiences": [
+                      {"name": "A", "level": "account", "source": "w",
+                       "query": "SELECT 1 AS group_id", "destinations": ["f"]},
+                      {"name": "B", "source": "w", "where": [{"audience": "a"}],
+                       "destinations": ["f"]}]}
+    with pytest.raises(ConfigError, match="is an account audience"):
+        load_config(write_config(tmp_path / "c.yaml", referenced), env={})
+    accounts = load_config(write_config(tmp_path / "d.yaml", {
+        **referenced, "audiences": referenced["audiences"][:1]}), env={})
+    assert accounts.computations[0].outbox_calls == (("f", "identify"),)
+    assert accounts.computations[0].fanned_out
