@@ -1,7 +1,8 @@
 """Local fake Planhat and Segment servers: real HTTP on 127.0.0.1, one thread per request.
 
 They check auth, paths and body shapes, enforce limits (429 + Retry-After, sizes, 5,000
-items), answer 206 for end users they cannot match, and can be told to fail the next N
+items), answer 206 for end users they cannot match (and companies they cannot create), and
+can be told to fail the next N
 requests (500, 429, timeout, dropped connection, a stalled or trickled answer) or to hold a
 request until released. EchoServer answers every request with an error that quotes its
 headers, as a careless server does.
@@ -253,8 +254,9 @@ def basic(token: str) -> str:
 
 
 class FakePlanhat(FakeServer):
-    """/dock/segment (Segment mode: identify and track), /endusers and /customfields (REST API
-    mode), /analytics/bulk/{tenant token} (user activities, on the analytics host)."""
+    """POST /dock/segment (Segment mode: identify and track); REST API mode: PUT and GET
+    /endusers, PUT and GET /companies (bulk upserts by externalId), GET and POST /customfields;
+    POST /analytics/bulk/{tenant token} (user activities, on the analytics host)."""
 
     def __init__(self, tenant_token: str = "", api_token: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -269,10 +271,12 @@ class FakePlanhat(FakeServer):
         # Strict: an upsert naming a custom field that does not exist is refused (400).
         self.strict_fields = False
         self.endusers: dict[str, dict[str, Any]] = {}  # externalId -> merged end user
-        self.bulk_requests: list[list[dict[str, Any]]] = []
+        self.bulk_requests: list[list[dict[str, Any]]] = []  # PUT /endusers bodies
+        self.companies: dict[str, dict[str, Any]] = {}  # externalId -> merged company
+        self.company_requests: list[list[dict[str, Any]]] = []  # PUT /companies bodies
         self.known_domains: set[str] = {"example.com"}
-        # Answers for the next bulk upserts, given as is and applying nothing (partial answers
-        # that name no item, say).
+        # Answers for the next bulk upserts (end users or companies), given as is and applying
+        # nothing (partial answers that name no item, say).
         self.bulk_answers: deque[Answer] = deque()
 
     def route(self, method: str, path: str, auth: str, body: bytes) -> Answer:
@@ -281,7 +285,9 @@ class FakePlanhat(FakeServer):
         if path.startswith("/analytics/bulk/") and method == "POST":
             return self._activities(path.removeprefix("/analytics/bulk/"), auth, body)
         if path == "/endusers" and method == "PUT":
-            return self._bulk(auth, body)
+            return self._bulk(auth, body, "EndUser")
+        if path == "/companies" and method == "PUT":
+            return self._bulk(auth, body, "Company")
         if path == "/customfields":
             if auth != f"Bearer {self.api_token}":
                 return Answer(401, {"message": "Invalid token"})
@@ -294,6 +300,11 @@ class FakePlanhat(FakeServer):
             if auth != f"Bearer {self.api_token}":
                 return Answer(401, {"message": "Invalid token"})
             return Answer(200, [])
+        if path == "/companies" and method == "GET":
+            if auth != f"Bearer {self.api_token}":
+                return Answer(401, {"message": "Invalid token"})
+            with self.lock:
+                return Answer(200, list(self.companies.values()))
         return Answer(404, {"message": f"no route {method} {path}"})
 
     def _identify(self, auth: str, body: bytes) -> Answer:
@@ -344,48 +355,65 @@ class FakePlanhat(FakeServer):
                               for i in items)
         return Answer(200, {"processed": len(items)})
 
-    def _bulk(self, auth: str, body: bytes) -> Answer:
+    def _bulk(self, auth: str, body: bytes, parent: str) -> Answer:
+        """PUT /endusers (parent EndUser) or /companies (Company): merge each item by
+        externalId; an item that cannot be created is listed in createdErrors (206)."""
         if auth != f"Bearer {self.api_token}":
             return Answer(403, {"message": f"Forbidden: bad token {auth}"})
         items = json.loads(body)
         if not isinstance(items, list):
-            return Answer(400, {"message": "expected an array of end users"})
+            return Answer(400, {"message": f"expected an array of {parent} items"})
+        requests, records = ((self.bulk_requests, self.endusers) if parent == "EndUser"
+                             else (self.company_requests, self.companies))
         with self.lock:
             if self.bulk_answers:
-                self.bulk_requests.append(items)
+                requests.append(items)
                 return self.bulk_answers.popleft()
         if len(items) > 5000:
             return Answer(400, {"message": f"at most 5000 items per request, got {len(items)}"})
         if self.strict_fields:
             with self.lock:
-                fields = {f["name"] for f in self.customfields if f["parent"] == "EndUser"}
+                fields = {f["name"] for f in self.customfields if f["parent"] == parent}
             unknown = {k for i in items for k in (i.get("custom") or {})} - fields
             if unknown:
-                return Answer(400, {"message": f"unknown custom fields {sorted(unknown)}"})
+                return Answer(400, {"message": f"unknown {parent} custom fields "
+                                               f"{sorted(unknown)}"})
         errors: list[dict[str, Any]] = []
         updated = created = 0
         with self.lock:
-            self.bulk_requests.append(items)
+            requests.append(items)
             for item in items:
                 external_id = item.get("externalId")
-                known = external_id in self.endusers
-                domain = str(item.get("email") or "").rpartition("@")[2]
-                if not known and not item.get("companyId") and domain not in self.known_domains:
-                    errors.append({"item": item, "error": "no company matches this end user"})
+                known = external_id in records
+                problem = None if known else self._not_creatable(parent, item)
+                if problem is not None:
+                    errors.append({"item": item, "error": problem})
                     continue
-                user = self.endusers.setdefault(external_id, {"externalId": external_id,
-                                                              "custom": {}})
-                user.update({k: v for k, v in item.items() if k != "custom"})
-                user["custom"].update(item.get("custom") or {})
-                # An upsert carries no messageId: one acknowledged (user, values) is one message.
-                self.acked.append(json.dumps([external_id, item.get("custom")],
-                                             sort_keys=True))
+                record = records.setdefault(external_id, {"externalId": external_id,
+                                                          "custom": {}})
+                record.update({k: v for k, v in item.items() if k != "custom"})
+                record["custom"].update(item.get("custom") or {})
+                # An upsert carries no messageId: one acknowledged (object, values) is one
+                # message (end users keep their old form).
+                self.acked.append(json.dumps(
+                    [external_id, item.get("custom")] if parent == "EndUser"
+                    else [parent, external_id, item.get("custom")], sort_keys=True))
                 updated += known
                 created += not known
         answer = {"created": created, "createdErrors": errors, "insertsKeys": [],
                   "updated": updated, "updatedErrors": [], "updatesKeys": [], "nonupdates": 0,
                   "modified": [], "upsertedIds": [], "permissionErrors": []}
         return Answer(206 if errors else 200, answer)
+
+    def _not_creatable(self, parent: str, item: dict[str, Any]) -> str | None:
+        """Why a new record cannot be created: an end user needs a company (by id or by its
+        email's domain), a company its name."""
+        if parent == "Company":
+            return None if item.get("name") else "a new company needs a name"
+        domain = str(item.get("email") or "").rpartition("@")[2]
+        if not item.get("companyId") and domain not in self.known_domains:
+            return "no company matches this end user"
+        return None
 
 
 def _identify_problem(message: Any) -> str | None:

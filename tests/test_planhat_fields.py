@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from audience_sync.config import PlanhatConfig
-from audience_sync.destinations.planhat import PlanhatApiDestination
+from audience_sync.destinations.planhat import ENDUSER, PlanhatApiDestination
 from audience_sync.state.fields import StoredFields
 from audience_sync.state.store import Store
 from tests.delivery_setup import API_TOKEN, TENANT_TOKEN, USERS, delivery_config, set_env
@@ -88,12 +88,12 @@ def test_a_field_is_created_once_by_two_processes_at_once(
                                           fields=StoredFields(stores[1], "planhat"))]
     answers: list[dict[str, str]] = []
     first = threading.Thread(target=lambda: answers.append(
-        destinations[0].ensure_fields({"vip": "checkbox"})))
+        destinations[0].ensure_fields({(ENDUSER, "vip"): "checkbox"})))
     first.start()
     assert first_inside.wait(MAX_WAIT)
     # The second lists the fields before the first created its own: "vip" is missing.
     second = threading.Thread(target=lambda: answers.append(
-        destinations[1].ensure_fields({"vip": "checkbox"})))
+        destinations[1].ensure_fields({(ENDUSER, "vip"): "checkbox"})))
     second.start()
     second.join(0.5)  # it is now waiting on the first's row (or listing): let it get there
     release.set()

@@ -88,7 +88,7 @@ def check(
               columns=list(proof.columns) if proof.ok else None)
     for name, dest in config.destinations.items():
         ok, message = check_destination(name, dest, [
-            (c.key, c.kind) for c in config.computations if name in c.destinations])
+            (c.key, c.kind, c.level) for c in config.computations if name in c.destinations])
         found("destination", f"destinations.{name}", None if ok else message,
               shown=message if ok else None, note=message if ok else None)
     problems = sum(not item["ok"] for item in items)

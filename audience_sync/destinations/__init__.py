@@ -54,9 +54,10 @@ def make_destination(name: str, config: DestinationConfig, *,
 
 
 def check_destination(name: str, config: DestinationConfig,
-                      computations: Sequence[tuple[str, str]] = ()) -> tuple[bool, str]:
+                      computations: Sequence[tuple[str, str, str]] = ()) -> tuple[bool, str]:
     """Reach the destination and test its credentials where its API allows, sending nothing.
-    computations: (key, kind) of what goes there; Planhat mode api checks their fields."""
+    computations: (key, kind, level) of what goes there; Planhat mode api checks their fields
+    (a company's for an account computation it receives as companies, else an end user's)."""
     try:
         destination = make_destination(name, config)
     except AudienceSyncError as exc:
@@ -65,9 +66,11 @@ def check_destination(name: str, config: DestinationConfig,
         ok, said = destination.check()
         check_fields = getattr(destination, "check_fields", None)
         if ok and check_fields is not None and computations:
-            from audience_sync.destinations.planhat import field_type
+            from audience_sync.destinations.planhat import field_parent, field_type
 
-            ok, fields = check_fields({key: field_type(kind, []) for key, kind in computations})
+            call = config.account_call()
+            ok, fields = check_fields({(field_parent(level, call), key): field_type(kind, [])
+                                       for key, kind, level in computations})
             said = f"{said}; {fields}"
         return ok, said
     finally:

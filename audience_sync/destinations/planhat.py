@@ -1,16 +1,17 @@
 """The `planhat` destination, in its two modes (reference/wire-formats.md sections 1 and 2).
 
 mode `segment`: what Segment's Planhat destination sends, one identify or track per request.
-mode `api`: bulk upsert of end users through Planhat's REST API, audience keys as custom fields;
-track calls become user activities through the bulk activity endpoint of the analytics host.
+mode `api`: bulk upsert of end users (and, for account audiences, of companies) through
+Planhat's REST API, audience keys as custom fields of each; track calls become user activities
+through the bulk activity endpoint of the analytics host.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -24,13 +25,24 @@ from audience_sync.destinations.http import (
     outcomes_of,
     probe,
 )
-from audience_sync.messages import DEFAULT_STYLE, Delivery, Style, event_name, message, timestamp
+from audience_sync.messages import (
+    DEFAULT_STYLE,
+    GROUP,
+    Delivery,
+    Style,
+    event_name,
+    message,
+    timestamp,
+)
 from audience_sync.ratelimit import RateLimiter
 
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
+COMPANIES_PATH = "/companies"
 CUSTOMFIELDS_PATH = "/customfields"
+# A custom field's parent: the object whose field it is.
 ENDUSER = "EndUser"
+COMPANY = "Company"
 # User activities: the tenant token in the path, no other auth, on the analytics host.
 ACTIVITY_BULK_PATH = "/analytics/bulk/{token}"
 ANALYTICS_URL = "https://analytics.planhat.com"
@@ -116,7 +128,8 @@ class PlanhatSegmentDestination:
 
 class PlanhatApiDestination:
     """PUT {base}/endusers, Bearer API token, up to 5,000 end users per request, sequential;
-    track rows as activities, POST {analytics}/analytics/bulk/{tenant token}."""
+    an account's (group) rows PUT {base}/companies the same way; track rows as activities,
+    POST {analytics}/analytics/bulk/{tenant token}."""
 
     def __init__(self, name: str, config: PlanhatConfig,
                  limiter: RateLimiter | None = None, style: Style = DEFAULT_STYLE,
@@ -127,8 +140,8 @@ class PlanhatApiDestination:
         self.style = style
         self.create_fields = config.create_fields
         self.fields: FieldLedger = fields if fields is not None else MemoryFields()
-        # Keys whose field this process saw exist: no lookup before their next upsert.
-        self._ready: set[str] = set()
+        # (parent, key) whose field this process saw exist: no lookup before its next upsert.
+        self._ready: set[tuple[str, str]] = set()
         self.max_batch = min(config.batch_size, BULK_MAX_ITEMS)
         self.claim_size = self.max_batch
         self.window = 1  # bulk requests one at a time (200/min)
@@ -153,9 +166,15 @@ class PlanhatApiDestination:
 
     def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
         tracks = [d for d in batch if d.call == "track"]
+        companies = [d for d in batch if d.call == GROUP]
+        endusers = [d for d in batch if d.call not in ("track", GROUP)]
         outcomes = self._send_activities(tracks) if tracks else []
-        if len(tracks) < len(batch):
-            outcomes += self._send_endusers([d for d in batch if d.call != "track"])
+        if companies or endusers:
+            # One look at the custom fields for both parents of the claim.
+            missing = self.ensure_fields({**field_types(endusers, ENDUSER),
+                                          **field_types(companies, COMPANY)})
+            outcomes += self._send_bulk(ENDUSERS, endusers, missing)
+            outcomes += self._send_bulk(COMPANIES, companies, missing)
         return outcomes
 
     def _send_activities(self, batch: Sequence[Delivery]) -> list[Outcome]:
@@ -173,24 +192,27 @@ class PlanhatApiDestination:
             outcomes += outcomes_of([d.id for d in chunk], reply)
         return outcomes
 
-    def _send_endusers(self, batch: Sequence[Delivery]) -> list[Outcome]:
-        missing = self.ensure_fields(field_types(batch))
-        outcomes = [Outcome(d.id, ok=False, error=missing[d.computation_key], attempts=0)
-                    for d in batch if d.computation_key in missing]
-        if missing:
-            batch = [d for d in batch if d.computation_key not in missing]
-        items, owners = enduser_items(batch)
+    def _send_bulk(self, target: Bulk, batch: Sequence[Delivery],
+                   missing: dict[tuple[str, str], str]) -> list[Outcome]:
+        """Bulk upserts of one kind of object, `max_batch` items per request, one at a time;
+        the deliveries of a key whose field is missing wait (with why)."""
+        outcomes = [Outcome(d.id, ok=False, error=missing[target.parent, d.computation_key],
+                            attempts=0)
+                    for d in batch if (target.parent, d.computation_key) in missing]
+        if outcomes:
+            batch = [d for d in batch if (target.parent, d.computation_key) not in missing]
+        items, owners = bulk_items(batch, target.head)
         for start in range(0, len(items), self.max_batch):
             chunk = items[start:start + self.max_batch]
             body = json.dumps(chunk, separators=(",", ":")).encode()
-            reply = self.sender.call("PUT", ENDUSERS_PATH, content=body)
+            reply = self.sender.call("PUT", target.path, content=body)
             chunk_ids = [d.id for item in chunk for d in owners[item["externalId"]]]
             if reply.verdict is not Verdict.OK:
                 outcomes += outcomes_of(chunk_ids, reply)
                 continue
             named, proven = item_errors(reply.json(), chunk, partial=reply.status == 206)
             unproven = (f"HTTP {reply.status}: Planhat reported a partial failure it did not "
-                        "attribute to these end users; will retry")
+                        f"attribute to these {target.noun}; will retry")
             for item in chunk:
                 error = named.get(item["externalId"])
                 for delivery in owners[item["externalId"]]:
@@ -206,66 +228,69 @@ class PlanhatApiDestination:
                                                 attempts=reply.attempts))
         return outcomes
 
-    def ensure_fields(self, wanted: dict[str, str]) -> dict[str, str]:
-        """Make sure an end-user custom field exists for each key (key -> type), creating the
-        missing ones unless create_fields is off; key -> why its deliveries wait."""
+    def ensure_fields(self, wanted: dict[tuple[str, str], str]) -> dict[tuple[str, str], str]:
+        """Make sure a custom field exists for each (parent, key) (-> type), creating the
+        missing ones unless create_fields is off; (parent, key) -> why its deliveries wait."""
         wanted = {k: v for k, v in wanted.items() if k not in self._ready}
         if not wanted:
             return {}
-        known = self.fields.known(ENDUSER)
+        known = {(parent, name) for parent in {p for p, _ in wanted}
+                 for name in self.fields.known(parent)}
         self._ready |= known & set(wanted)
         wanted = {k: v for k, v in wanted.items() if k not in known}
         if not wanted:
             return {}
         existing, error = self._list_fields()
         if error is not None:
-            return {key: error for key in wanted}
-        for key in wanted.keys() & existing:
-            self.fields.remember(ENDUSER, key, existing[key])
-            self._ready.add(key)
-        waiting: dict[str, str] = {}
-        for key, kind in wanted.items():
-            if key in existing:
+            return {field: error for field in wanted}
+        for parent, key in wanted.keys() & existing:
+            self.fields.remember(parent, key, existing[parent, key])
+            self._ready.add((parent, key))
+        waiting: dict[tuple[str, str], str] = {}
+        for (parent, key), kind in wanted.items():
+            if (parent, key) in existing:
                 continue
             if not self.create_fields:
-                waiting[key] = (f"Planhat has no end-user custom field {key!r} and "
-                                "create_fields is false: create it in Planhat (or allow "
-                                "create_fields); the deliveries wait")
+                waiting[parent, key] = (
+                    f"Planhat has no {_NOUNS[parent]} custom field {key!r} and create_fields "
+                    "is false: create it in Planhat (or allow create_fields); the deliveries "
+                    "wait")
                 continue
-            problem = self._create_field(key, kind)
+            problem = self._create_field(parent, key, kind)
             if problem is None:
-                self._ready.add(key)
+                self._ready.add((parent, key))
             else:
-                waiting[key] = problem
+                waiting[parent, key] = problem
         return waiting
 
-    def _list_fields(self) -> tuple[dict[str, str], str | None]:
-        """The end-user custom fields on Planhat (name -> type), or why they are unknown."""
+    def _list_fields(self) -> tuple[dict[tuple[str, str], str], str | None]:
+        """The end-user and company custom fields on Planhat ((parent, name) -> type), or why
+        they are unknown."""
         reply = self.sender.call("GET", CUSTOMFIELDS_PATH)
         if reply.verdict is not Verdict.OK:
             return {}, f"cannot list Planhat's custom fields: {reply.error}"
         document = reply.json()
         if not isinstance(document, list):
             return {}, "cannot list Planhat's custom fields: the answer is not a list"
-        return {str(f["name"]): str(f.get("type", "")) for f in document
-                if isinstance(f, dict) and f.get("parent") == ENDUSER
+        return {(str(f["parent"]), str(f["name"])): str(f.get("type", "")) for f in document
+                if isinstance(f, dict) and f.get("parent") in _NOUNS
                 and isinstance(f.get("name"), str)}, None
 
-    def _create_field(self, key: str, kind: str) -> str | None:
-        body = json.dumps({"parent": ENDUSER, "name": key, "type": kind}).encode()
+    def _create_field(self, parent: str, key: str, kind: str) -> str | None:
+        body = json.dumps({"parent": parent, "name": key, "type": kind}).encode()
         # The request slot is taken before the ledger's transaction: a budget shared in the
         # state store writes there too, and SQLite has one writer.
         if not self.sender.limiter.acquire(self.sender.halted):
-            return "stopped before creating Planhat custom field " + repr(key)
+            return f"stopped before creating Planhat {_NOUNS[parent]} custom field {key!r}"
         try:
-            with self.fields.creating(ENDUSER, key, kind) as mine:
+            with self.fields.creating(parent, key, kind) as mine:
                 if not mine:
                     return None  # another process created it (or found it)
                 reply = self.sender.call("POST", CUSTOMFIELDS_PATH, content=body,
                                          rate_limited=False)
                 if reply.verdict is not Verdict.OK:
-                    raise _NotCreated(f"cannot create Planhat custom field {key!r}: "
-                                      f"{reply.error}")
+                    raise _NotCreated(f"cannot create Planhat {_NOUNS[parent]} custom field "
+                                      f"{key!r}: {reply.error}")
         except _NotCreated as exc:
             return str(exc)
         return None
@@ -280,19 +305,19 @@ class PlanhatApiDestination:
             return True, f"ok (API token accepted by {self.sender.shown_url})"
         return False, text
 
-    def check_fields(self, wanted: dict[str, str]) -> tuple[bool, str]:
-        """check: the custom fields the configured keys need (key -> type); none is created
-        here (the first upsert creates them, once)."""
+    def check_fields(self, wanted: dict[tuple[str, str], str]) -> tuple[bool, str]:
+        """check: the custom fields the configured keys need ((parent, key) -> type); none is
+        created here (the first upsert creates them, once)."""
         existing, error = self._list_fields()
         if error is not None:
             return False, error
-        missing = sorted(set(wanted) - set(existing))
+        missing = sorted(set(wanted) - set(existing), key=lambda f: (f[1], f[0]))
         if not missing:
             return True, f"custom fields: all {len(wanted)} exist"
-        names = ", ".join(missing)
+        names = ", ".join(f"{key} ({_NOUNS[parent]})" for parent, key in missing)
         if self.create_fields:
             return True, f"custom fields to create at the first upsert: {names}"
-        return False, (f"missing end-user custom fields {names} and create_fields is false: "
+        return False, (f"missing custom fields {names} and create_fields is false: "
                        "create them in Planhat; their deliveries wait until then")
 
     def interrupt(self) -> None:
@@ -320,28 +345,81 @@ def field_type(kind: str, values: Sequence[object]) -> str:
     return "number" if seen and numeric else "text"
 
 
-def field_types(batch: Sequence[Delivery]) -> dict[str, str]:
+def field_types(batch: Sequence[Delivery], parent: str) -> dict[tuple[str, str], str]:
+    """(parent, key) -> the type of the custom field each key of the batch needs."""
     values: dict[tuple[str, str], list[object]] = {}
     for delivery in batch:
         values.setdefault((delivery.computation_key, delivery.computation_kind), []).append(
             json.loads(delivery.value))
-    return {key: field_type(kind, seen) for (key, kind), seen in values.items()}
+    return {(parent, key): field_type(kind, seen) for (key, kind), seen in values.items()}
+
+
+def field_parent(level: str, account_call: str) -> str:
+    """The object whose custom field a computation sets: a company for an account computation
+    sent as companies, else the end user (fanned out to the account's users, or a user's)."""
+    return COMPANY if level == "account" and account_call == "companies" else ENDUSER
+
+
+def _enduser_head(delivery: Delivery) -> dict[str, Any]:
+    head: dict[str, Any] = {"externalId": delivery.user_id}
+    if delivery.email is not None:
+        head["email"] = delivery.email
+    if delivery.company_id is not None:
+        head["companyId"] = delivery.company_id
+    return head
+
+
+def _company_head(delivery: Delivery) -> dict[str, Any]:
+    """An account's row: its id is the company's externalId, its name the company's."""
+    head: dict[str, Any] = {"externalId": delivery.user_id}
+    if delivery.name is not None:
+        head["name"] = delivery.name
+    return head
+
+
+class Bulk(NamedTuple):
+    """One of Planhat's bulk upserts: where it goes, its custom fields' parent, what its items
+    are called in errors, and an item's fields but `custom` from a delivery."""
+
+    path: str
+    parent: str
+    noun: str
+    head: Callable[[Delivery], dict[str, Any]]
+
+
+ENDUSERS = Bulk(ENDUSERS_PATH, ENDUSER, "end users", _enduser_head)
+COMPANIES = Bulk(COMPANIES_PATH, COMPANY, "companies", _company_head)
+# How errors and check name a custom field's parent.
+_NOUNS = {ENDUSER: "end-user", COMPANY: "company"}
+
+
+def bulk_items(batch: Sequence[Delivery], head: Callable[[Delivery], dict[str, Any]]
+               ) -> tuple[list[dict[str, Any]], dict[str, list[Delivery]]]:
+    """One bulk item per externalId (several audiences merge into its `custom` fields), and
+    the deliveries each item carries."""
+    items: dict[str, dict[str, Any]] = {}
+    owners: dict[str, list[Delivery]] = {}
+    for delivery in batch:
+        item = items.get(delivery.user_id)
+        if item is None:
+            item = items[delivery.user_id] = head(delivery)
+        else:
+            item.update(head(delivery))
+        item.setdefault("custom", {})[delivery.computation_key] = json.loads(delivery.value)
+        owners.setdefault(delivery.user_id, []).append(delivery)
+    return list(items.values()), owners
 
 
 def enduser_items(batch: Sequence[Delivery]) -> tuple[list[dict[str, Any]],
                                                       dict[str, list[Delivery]]]:
     """One bulk item per user (several audiences merge into its `custom` fields)."""
-    items: dict[str, dict[str, Any]] = {}
-    owners: dict[str, list[Delivery]] = {}
-    for delivery in batch:
-        item = items.setdefault(delivery.user_id, {"externalId": delivery.user_id})
-        if delivery.email is not None:
-            item["email"] = delivery.email
-        if delivery.company_id is not None:
-            item["companyId"] = delivery.company_id
-        item.setdefault("custom", {})[delivery.computation_key] = json.loads(delivery.value)
-        owners.setdefault(delivery.user_id, []).append(delivery)
-    return list(items.values()), owners
+    return bulk_items(batch, _enduser_head)
+
+
+def company_items(batch: Sequence[Delivery]) -> tuple[list[dict[str, Any]],
+                                                      dict[str, list[Delivery]]]:
+    """One bulk item per company (several account audiences merge into its `custom`)."""
+    return bulk_items(batch, _company_head)
 
 
 def item_errors(document: object, items: Sequence[dict[str, Any]], *,
