@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from audience_sync.config import load_config
 from audience_sync.errors import ConfigError
 from audience_sync.messages import message_id
-from tests.delivery_setup import FAST, WRITE_KEY, set_env
-from tests.fakes import FakeSegment
+from tests.delivery_setup import API_TOKEN, FAST, TENANT_TOKEN, WRITE_KEY, set_env
+from tests.fakes import FakePlanhat, FakeSegment
 from tests.helpers import cli, write_config
 from tests.membership_rule import is_membership
 from tests.ui_setup import UIProject, request, serving
@@ -321,3 +322,42 @@ def test_account_settings_that_cannot_work_are_config_errors(tmp_path: Path) -> 
         **referenced, "audiences": referenced["audiences"][:1]}), env={})
     assert accounts.computations[0].outbox_calls == (("f", "identify"),)
     assert accounts.computations[0].fanned_out
+
+
+def test_planhat_api_upserts_companies_with_the_key_as_a_company_custom_field(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    with FakePlanhat(TENANT_TOKEN, API_TOKEN).running() as planhat:
+        assert isinstance(planhat, FakePlanhat)
+        planhat.strict_fields = True
+        config = _config(tmp_path, state_url, segment.url)
+        document = yaml.safe_load(config.read_text())
+        document["destinations"]["planhat"] = {
+            "type": "planhat", "mode": "api", "api_token": "${PLANHAT_API_TOKEN}",
+            "base_url": planhat.url, "rate_limit": "2000/s", **FAST}
+        document["audiences"][0]["destinations"] = ["planhat"]
+        document["computed_traits"][0].update(
+            destinations=["planhat"],
+            query="SELECT id AS group_id, name, seats AS value FROM accounts")
+        write_config(config, document)
+        code, _, err = cli(capsys, "--config", str(config), "sync")
+        assert code == 0, err
+        assert {k: (c["name"], c["custom"]) for k, c in planhat.companies.items()} == {
+            "a1": ("Acme", {"big_accounts": True, "seats": 20}),
+            "a2": ("Beta", {"big_accounts": True, "seats": 12}),
+            "a3": ("Corp", {"seats": 5})}
+        assert sorted(planhat.fields_created) == [("Company", "big_accounts", "checkbox"),
+                                                  ("Company", "seats", "number")]
+        assert planhat.endusers == {}
+
+        _warehouse(tmp_path / "warehouse.db", ACCOUNTS_2, MEMBERSHIPS_2)
+        requests = len(planhat.company_requests)
+        code, _, err = cli(capsys, "--config", str(config), "sync")
+        assert code == 0, err
+        # Only the changed accounts, in one request; no field created again.
+        assert len(planhat.company_requests) == requests + 1
+        assert sorted((i["externalId"], i["custom"]) for i in planhat.company_requests[-1]) == [
+            ("a2", {"big_accounts": False, "seats": 3}),
+            ("a3", {"big_accounts": True, "seats": 15})]
+        assert len(planhat.fields_created) == 2

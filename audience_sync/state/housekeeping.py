@@ -54,11 +54,13 @@ class Forgotten:
 
 
 def forget(store: Store, computation_id: int, at: datetime, *, purge: bool) -> Forgotten:
-    """Drop one audience's current state (members, deliveries, lease, alert state); with
+    """Drop one audience's current state (members, an account audience's fanned-out users,
+    deliveries, lease, alert state); with
     `purge` also its history and runs, and the audience itself."""
     cid = computation_id
     with store.write() as conn:
         members = conn.execute(delete(t.members).where(t.members.c.computation_id == cid))
+        conn.execute(delete(t.fanout_members).where(t.fanout_members.c.computation_id == cid))
         deliveries = conn.execute(delete(t.deliveries)
                                   .where(t.deliveries.c.computation_id == cid))
         conn.execute(delete(t.alert_state).where(t.alert_state.c.computation_id == cid))
