@@ -4,9 +4,11 @@ Deterministic: the same seed gives the same users and events; event times are la
 the 90 days before the day the file is made, so the demo's "last 30 days" audiences are never
 empty. Each event with properties also has a table of its own, as Segment writes them:
 `order_completed` (total, currency), `product_viewed` (category, price) and `plan_changed`
-(plan); users carry a `plan` trait. SQLite by default; a path ending in `.duckdb` writes the
-same rows as DuckDB (needs the `duckdb` package: `pip install '.[duckdb]'`), with native
-`TIMESTAMP` columns.
+(plan); users carry a `plan` trait. Each user belongs to one account (`users.company_id`), and
+the `accounts` table holds the 400 accounts (id `c0001`..`c0400`, name, plan, employees,
+created_at) for account audiences. SQLite by default; a path ending in `.duckdb` writes the same
+rows as DuckDB (needs the `duckdb` package: `pip install '.[duckdb]'`), with native `TIMESTAMP`
+columns.
 
     python demo/make_warehouse.py [PATH] [--force]
 """
@@ -32,6 +34,15 @@ PLANS = ["free", "free", "pro", "premium"]
 CATEGORIES = ["books", "games", "garden", "music", "toys"]
 CURRENCIES = ["usd", "eur", "gbp"]
 PLAN_CHANGES = 3_000
+# Accounts: the ids users are given (`c0001`..`c0400`), each name one of 20 x 20 word pairs.
+ACCOUNTS = 400
+ACCOUNT_WORDS = (["Acme", "Birch", "Cobalt", "Delta", "Ember", "Fjord", "Granite", "Harbor",
+                  "Iris", "Juniper", "Kestrel", "Lumen", "Maple", "Nimbus", "Orbit", "Pine",
+                  "Quartz", "Rowan", "Summit", "Tidal"],
+                 ["Analytics", "Bakery", "Cloud", "Dynamics", "Energy", "Foods", "Games",
+                  "Health", "Insurance", "Labs", "Logistics", "Media", "Networks", "Outdoor",
+                  "Partners", "Robotics", "Software", "Studios", "Travel", "Works"])
+ACCOUNT_PLANS = ["starter", "starter", "growth", "enterprise"]
 # Event -> (its table, its property columns with their SQL types).
 EVENT_TABLES = {
     "Order Completed": ("order_completed", (("total", "REAL"), ("currency", "TEXT"))),
@@ -75,6 +86,18 @@ def generate(now: datetime) -> tuple[list[Row], list[Row]]:
     return users, events
 
 
+def generate_accounts(now: datetime) -> list[Row]:
+    """The demo's accounts (id, name, plan, employees, ISO-8601 UTC created_at), by id. From a
+    generator of their own, so the users and events of `generate` stay as they were."""
+    rng = random.Random(SEED + 2)
+    names = [f"{first} {second}" for first in ACCOUNT_WORDS[0] for second in ACCOUNT_WORDS[1]]
+    rng.shuffle(names)
+    return [(f"c{i:04d}", names[i - 1], rng.choice(ACCOUNT_PLANS),
+             max(1, round(rng.lognormvariate(3.5, 1.3))),
+             (now - timedelta(days=rng.randint(900, 3000))).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            for i in range(1, ACCOUNTS + 1)]
+
+
 def _properties(rng: random.Random, event: str) -> Row:
     if event == "Order Completed":
         return (round(rng.lognormvariate(4, 0.8), 2), rng.choice(CURRENCIES))
@@ -103,23 +126,27 @@ def _event_tables_sql(timestamp: str, real: str) -> str:
 
 def build(path: Path, now: datetime) -> None:
     users, events = generate(now)
+    accounts = generate_accounts(now)
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     if path.suffix == ".duckdb":
-        _write_duckdb(tmp, users, events)
+        _write_duckdb(tmp, users, events, accounts)
     else:
-        _write_sqlite(tmp, users, events)
+        _write_sqlite(tmp, users, events, accounts)
     tmp.replace(path)
 
 
-def _write_sqlite(path: Path, users: list[Row], events: list[Row]) -> None:
+def _write_sqlite(path: Path, users: list[Row], events: list[Row], accounts: list[Row]) -> None:
     db = sqlite3.connect(path)
     db.executescript("""
         CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT, name TEXT, title TEXT,
                             company_id TEXT, lifetime_value REAL, created_at TEXT, plan TEXT);
         CREATE TABLE tracks (id INTEGER PRIMARY KEY, user_id TEXT, event TEXT, timestamp TEXT);
+        CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT, plan TEXT, employees INTEGER,
+                               created_at TEXT);
     """ + _event_tables_sql("TEXT", "REAL"))
     db.executemany("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?, ?, ?)", users)
+    db.executemany("INSERT INTO accounts VALUES (?, ?, ?, ?, ?)", accounts)
     db.executemany("INSERT INTO tracks (user_id, event, timestamp) VALUES (?, ?, ?)",
                    [e[:3] for e in events])
     for table, rows in _event_rows(events).items():
@@ -130,7 +157,7 @@ def _write_sqlite(path: Path, users: list[Row], events: list[Row]) -> None:
     db.close()
 
 
-def _write_duckdb(path: Path, users: list[Row], events: list[Row]) -> None:
+def _write_duckdb(path: Path, users: list[Row], events: list[Row], accounts: list[Row]) -> None:
     import csv
     import tempfile
 
@@ -140,7 +167,8 @@ def _write_duckdb(path: Path, users: list[Row], events: list[Row]) -> None:
     # well under a second.
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
-        tables = {"users": users, "tracks": [e[:3] for e in events], **_event_rows(events)}
+        tables = {"users": users, "tracks": [e[:3] for e in events], "accounts": accounts,
+                  **_event_rows(events)}
         for name, rows in tables.items():
             files[name] = str(Path(tmp) / f"{name}.csv")
             with open(files[name], "w", newline="", encoding="utf-8") as out:
@@ -151,6 +179,8 @@ def _write_duckdb(path: Path, users: list[Row], events: list[Row]) -> None:
                                 company_id TEXT, lifetime_value DOUBLE, created_at TIMESTAMP,
                                 plan TEXT);
             CREATE TABLE tracks (user_id TEXT, event TEXT, timestamp TIMESTAMP);
+            CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT, plan TEXT, employees INTEGER,
+                                   created_at TIMESTAMP);
         """ + _event_tables_sql("TIMESTAMP", "DOUBLE"))
         for name in tables:
             db.execute(f"INSERT INTO {name} SELECT * FROM read_csv(?, header = false, "
@@ -170,8 +200,8 @@ def main() -> None:
     args.path.parent.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     build(args.path, now)
-    print(f"demo warehouse {args.path}: {USERS} users, {EVENTS + PLAN_CHANGES} events over "
-          f"{DAYS} days")
+    print(f"demo warehouse {args.path}: {USERS} users in {ACCOUNTS} accounts, "
+          f"{EVENTS + PLAN_CHANGES} events over {DAYS} days")
 
 
 if __name__ == "__main__":

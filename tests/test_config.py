@@ -86,6 +86,28 @@ def test_destination_defaults(tmp_path: Path) -> None:
     assert segment.rate_limit == RateLimit(500, 1)
 
 
+def test_bundled_config_has_an_account_audience(tmp_path: Path) -> None:
+    """The demo's config.yaml loads; its account audience goes to `file` as group calls, and
+    the warehouse's account_users lets a destination fan it out (Planhat, as its comment says)."""
+    bundled = Path(__file__).resolve().parent.parent / "config.yaml"
+    config = load_config(bundled, env={})
+    accounts = [c for c in config.computations if c.level == "account"]
+    assert [c.key for c in accounts] == ["accounts_with_active_buyers"]
+    (audience,) = accounts
+    assert audience.outbox_calls == (("file", "group"),) and not audience.fanned_out
+    assert config.sources["warehouse"].account_users is not None
+    document = yaml.safe_load(bundled.read_text())
+    document["destinations"]["planhat"] = {"type": "planhat", "tenant_token": "t",
+                                           "subdomain": "api"}
+    for item in document["audiences"]:
+        if item.get("level") == "account":
+            item["destinations"].append("planhat")
+    fanned = load_config(write_config(tmp_path / "config.yaml", document), env={}) \
+        .find("accounts_with_active_buyers")
+    assert fanned.outbox_calls == (("file", "group"), ("planhat", "identify"))
+    assert fanned.fanned_out
+
+
 def test_config_is_frozen(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path / "config.yaml", BASE), env=ENV)
     with pytest.raises(Exception):  # noqa: B017 - pydantic and dataclasses raise differently

@@ -3,11 +3,15 @@ tables, and DuckDB (a columnar warehouse dialect) end to end, always read-only."
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
+import sqlite3
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -198,9 +202,13 @@ def test_duckdb_source_refuses_writes_and_files_outside(
 
 def test_demo_audiences_agree_on_sqlite_and_duckdb(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The demo warehouse written both ways gives the same members for every demo audience."""
+    """The demo warehouse written both ways gives the same members for every demo audience of
+    users, and the same accounts; the demo's account audience (its SQL is SQLite's) has
+    members."""
     demo = yaml.safe_load((ROOT / "config.yaml").read_text())
-    audiences = demo["audiences"]
+    audiences = [a for a in demo["audiences"] if a.get("level", "user") == "user"]
+    accounts = [a for a in demo["audiences"] if a.get("level") == "account"]
+    assert audiences and accounts
     results = []
     for name in ("w.db", "w.duckdb"):
         subprocess.run([sys.executable, str(ROOT / "demo" / "make_warehouse.py"),
@@ -215,6 +223,53 @@ def test_demo_audiences_agree_on_sqlite_and_duckdb(
     sqlite_members, duckdb_members = results
     assert len(sqlite_members) == len(audiences)  # every demo audience has members
     assert duckdb_members == sqlite_members
+    with closing(sqlite3.connect(tmp_path / "w.db")) as db:
+        sqlite_accounts = db.execute("SELECT * FROM accounts ORDER BY id").fetchall()
+    with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as db:
+        duckdb_accounts = db.execute(
+            "SELECT id, name, plan, employees, strftime(created_at, '%Y-%m-%dT%H:%M:%SZ') "
+            "FROM accounts ORDER BY id").fetchall()
+    assert len(sqlite_accounts) == 400 and duckdb_accounts == sqlite_accounts
+    config = _config(tmp_path / "accounts", {"url": f"sqlite:///{tmp_path / 'w.db'}"},
+                     [{k: v for k, v in a.items() if k != "source"} for a in accounts])
+    for audience in accounts:
+        code, out, err = cli(capsys, "--config", str(config), "preview", audience["name"],
+                             "--json")
+        assert code == 0, out + err
+        preview = json.loads(out)
+        assert 0 < preview["count"] < 400, preview
+        assert all(row["user_id"].startswith("c") for row in preview["sample"])
+
+
+# Digests of the demo's users and events for a fixed day, from make_warehouse.py as it was before
+# the accounts table (commit ae21b1e): existing demo audiences must keep their members.
+DEMO_DAY = datetime(2026, 11, 28, tzinfo=UTC)
+DEMO_USERS_SHA256 = "cb20c35883ea0277df041a100e1eb8882939ab1d40f8cbf5c0326c4da0358b8f"
+DEMO_EVENTS_SHA256 = "7cc444500d16de61f0e33dd843e5c6c5890fd7d24f167d3ffb1c694ff62cbcfe"
+
+
+def _digest(rows: list[tuple[object, ...]]) -> str:
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+
+
+def test_demo_warehouse_gains_accounts_and_keeps_its_users(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "demo"))
+    make_warehouse = importlib.import_module("make_warehouse")
+    users, events = make_warehouse.generate(DEMO_DAY)
+    assert (_digest(users), _digest(events)) == (DEMO_USERS_SHA256, DEMO_EVENTS_SHA256)
+    make_warehouse.build(tmp_path / "w.db", DEMO_DAY)
+    with closing(sqlite3.connect(tmp_path / "w.db")) as db:
+        assert db.execute("SELECT * FROM users ORDER BY id").fetchall() == users
+        assert db.execute("SELECT user_id, event, timestamp FROM tracks ORDER BY id") \
+            .fetchall() == [e[:3] for e in events]
+        accounts = db.execute("SELECT * FROM accounts ORDER BY id").fetchall()
+        orphans = db.execute("SELECT COUNT(*) FROM users WHERE company_id NOT IN "
+                             "(SELECT id FROM accounts)").fetchone()
+    assert accounts == make_warehouse.generate_accounts(DEMO_DAY)
+    assert [a[0] for a in accounts] == [f"c{i:04d}" for i in range(1, 401)]
+    assert len({a[1] for a in accounts}) == 400  # every account has a name of its own
+    assert orphans == (0,)  # every user's company_id is an account
 
 
 def test_check_says_when_a_dialect_has_no_read_only_guard(
