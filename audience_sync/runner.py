@@ -54,6 +54,7 @@ class RunResult:
     seconds: float = 0.0
     # An account computation fanned out to users: the users' changes.
     fan: FanDiff | None = None
+    level: str = "user"  # account: members, entered and exited count accounts
 
     @property
     def ok(self) -> bool:
@@ -61,16 +62,17 @@ class RunResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "key": self.key, "kind": self.kind, "status": self.status, "run_id": self.run_id,
+            "key": self.key, "kind": self.kind, "level": self.level, "status": self.status,
+            "run_id": self.run_id,
             "members": self.members, "previous_members": self.previous_members,
             "entered": self.entered, "exited": self.exited, "changed": self.changed,
             "queued": self.queued, "per_destination": self.per_destination,
             "skipped": self.skipped.as_dict(),
             "error": self.error, "sample_entered": self.sample_entered,
             "sample_exited": self.sample_exited, "seconds": round(self.seconds, 3),
-            **({"fan_out": {"users": self.fan.users, "entered": self.fan.entered,
-                            "exited": self.fan.exited, "changed": self.fan.changed}}
-               if self.fan is not None else {}),
+            "fan_out": None if self.fan is None else {
+                "users": self.fan.users, "entered": self.fan.entered,
+                "exited": self.fan.exited, "changed": self.fan.changed},
         }
 
 
@@ -104,7 +106,7 @@ def run_computation(
     else:
         kind = RunKind.RESYNC if resync else RunKind.INCREMENTAL
     result = RunResult(key=comp.key, kind=kind, status=RunStatus.PLANNED,
-                       previous_members=row.member_count if row else 0)
+                       previous_members=row.member_count if row else 0, level=comp.level)
     # In the state database itself the rows go stage-ward in SQL, unless their values need
     # Python to become JSON (a unique_list is JSON text on SQLite).
     same_db = comp.source.url == config.state_db and value_decoder(comp.definition) is None
@@ -186,8 +188,9 @@ def run_computation(
     # The outcome line: what the CLI prints as its summary too (`summary`: it drops this
     # line when its stdout and stderr are one stream).
     log.log(_LEVELS.get(result.status, logging.INFO),
-            "%s: %s run %s: %d members, +%d -%d ~%d, %d queued, %d rows skipped, %.2fs%s",
-            comp.key, kind, result.status, result.members, result.entered, result.exited,
+            "%s: %s run %s: %d %s, +%d -%d ~%d, %d queued, %d rows skipped, %.2fs%s",
+            comp.key, kind, result.status, result.members,
+            "accounts" if comp.level == "account" else "members", result.entered, result.exited,
             result.changed, result.queued, result.skipped.total, result.seconds,
             f" ({result.error})" if result.error else "", extra={"summary": True})
     if result.status in (RunStatus.FAILED, RunStatus.HELD) and not dry_run:

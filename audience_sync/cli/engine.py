@@ -214,8 +214,12 @@ def _print_result(run: dict[str, Any], dry_run: bool) -> None:
         "planned", "held") else run["status"]
     parts = [f"{run['key']}: {run['kind']} {status}" + (
         f" (run #{run['run_id']})" if run["run_id"] is not None else ""),
-             f"{run['members']} members (+{run['entered']} -{run['exited']} "
-             f"~{run['changed']})"]
+             f"{run['members']} {'accounts' if run['level'] == 'account' else 'members'} "
+             f"(+{run['entered']} -{run['exited']} ~{run['changed']})"]
+    fan = run["fan_out"]
+    if fan is not None:
+        parts.append(f"{fan['users']} users (+{fan['entered']} -{fan['exited']} "
+                     f"~{fan['changed']})")
     if dry_run:
         per = run["per_destination"]
         sends = max(per.values(), default=0)
