@@ -222,6 +222,27 @@ def prove_definitions(comps: Sequence[Computation], now: datetime) -> list[Proof
     return proofs
 
 
+def prove_account_users(source: Source, now: datetime) -> tuple[tuple[str, ...], str | None]:
+    """check: a source's account_users query, prepared with LIMIT 0; (its columns, None) or
+    ((), why it cannot run). The source must be reachable (ping_source)."""
+    assert source.account_users is not None
+    engine = create_source_engine(source.url)
+    body = source.account_users.strip().rstrip(";")
+    try:
+        with engine.connect() as conn:
+            names = tuple(conn.execute(text(f"SELECT * FROM ({body}) AS proof LIMIT 0"),
+                                       {"now": bind_now(engine.dialect.name, now)}).keys())
+    except _driver_errors() as exc:
+        return (), describe_db_error(exc)
+    finally:
+        engine.dispose()
+    lowered = {n.lower() for n in names}
+    if not {"user_id", "group_id"} <= lowered:
+        return names, (f"account_users must return user_id and group_id columns (columns: "
+                       f"{', '.join(names) or 'none'})")
+    return names, None
+
+
 def _prove(comp: Computation, engine: Engine, now: datetime) -> Proof:
     try:
         with engine.connect() as conn:

@@ -361,3 +361,91 @@ def test_planhat_api_upserts_companies_with_the_key_as_a_company_custom_field(
             ("a2", {"big_accounts": False, "seats": 3}),
             ("a3", {"big_accounts": True, "seats": 15})]
         assert len(planhat.fields_created) == 2
+
+
+def _replay(path: Path, key: str, field: str) -> tuple[dict[str, Any], list[str]]:
+    """The last value each id was sent for `key` in a jsonl file (field: userId or groupId),
+    and the ids sent the same value twice in a row (a change sent for no change)."""
+    last: dict[str, Any] = {}
+    repeated = []
+    for m in _lines(path):
+        if _key(m) != key:
+            continue
+        who, value = m[field], _value(m)
+        if who in last and last[who] == value:
+            repeated.append(who)
+        last[who] = value
+    return last, repeated
+
+
+def test_random_account_changes_leave_every_destination_with_the_right_values(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight syncs of random accounts and memberships (users in 0 to 2 accounts, moving
+    between them): after each, replaying what each destination received gives, for every id
+    ever sent, exactly the membership and value an independent computation expects, and no
+    id is sent a value it already had."""
+    import random
+
+    set_env(monkeypatch)
+    rng = random.Random(20261130)
+    accounts = [f"a{i}" for i in range(1, 13)]
+    users = [f"u{i}" for i in range(1, 31)]
+    config = _config(tmp_path, state_url, segment.url)
+    document = yaml.safe_load(config.read_text())
+    document["destinations"]["groups"] = {"type": "jsonl", "path": str(tmp_path / "g.jsonl")}
+    document["audiences"][0]["destinations"] = ["groups", "users", "events"]
+    document["computed_traits"][0]["destinations"] = ["groups", "users"]
+    write_config(config, document)
+    ever_members: set[str] = set()
+    ever_users: set[str] = set()
+    for step in range(8):
+        seats = {a: rng.choice([3, 5, 12, 20, 40]) for a in accounts}
+        memberships = sorted({(u, a) for u in users
+                              for a in rng.sample(accounts, rng.choice([0, 1, 1, 2]))})
+        _warehouse(tmp_path / "warehouse.db",
+                   [(a, a.upper(), seats[a], None) for a in accounts], memberships)
+        code, _, err = cli(capsys, "--config", str(config), "sync", "--force")
+        assert code == 0, (step, err)
+
+        members = {a for a in accounts if seats[a] >= 10}
+        ever_members |= members
+        of_user: dict[str, list[str]] = {}
+        for u, a in memberships:
+            of_user.setdefault(u, []).append(a)
+        in_audience = {u for u, mine in of_user.items() if set(mine) & members}
+        ever_users |= in_audience
+        groups, repeated = _replay(tmp_path / "g.jsonl", "big_accounts", "groupId")
+        assert groups == {a: a in members for a in ever_members} and not repeated, step
+        identified, repeated = _replay(tmp_path / "users.jsonl", "big_accounts", "userId")
+        assert identified == {u: u in in_audience for u in ever_users} and not repeated, step
+        events, repeated = _replay(tmp_path / "events.jsonl", "big_accounts", "userId")
+        assert events == identified and not repeated, step
+        # The trait: every account has a value; a user takes their smallest account's.
+        values, repeated = _replay(tmp_path / "users.jsonl", "seats", "userId")
+        expected = {u: seats[min(of_user[u])] if u in of_user else None for u in values}
+        assert values == expected and set(of_user) <= set(values) and not repeated, step
+        group_values, repeated = _replay(tmp_path / "g.jsonl", "seats", "groupId")
+        assert group_values == seats and not repeated, step
+
+
+def test_check_prepares_the_account_users_query_and_the_account_definitions(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = _config(tmp_path, state_url, segment.url)
+    assert cli(capsys, "--config", str(config), "db", "upgrade")[0] == 0
+    code, out, err = cli(capsys, "--config", str(config), "check")
+    assert code == 0, out + err
+    assert "sources.warehouse.account_users: ok (columns: user_id, group_id)" in out
+    assert "audiences[0] (big_accounts): ok (columns: group_id, name, user_id)" in out
+
+    document = yaml.safe_load(config.read_text())
+    document["sources"]["warehouse"]["account_users"] = "SELECT user_id FROM memberships"
+    document["audiences"][0]["query"] = "SELECT id AS user_id FROM accounts"
+    write_config(config, document)
+    code, out, err = cli(capsys, "--config", str(config), "check")
+    assert code == 1
+    assert ("sources.warehouse.account_users: FAILED: account_users must return user_id and "
+            "group_id columns (columns: user_id)") in out
+    assert "big_accounts): FAILED: the query returned no group_id column" in out

@@ -50,7 +50,12 @@ def check(
     and trait's query against its source (LIMIT 0): print what is wrong."""
     from audience_sync.clock import utcnow
     from audience_sync.destinations import check_destination
-    from audience_sync.sources import ping_source, prove_definitions, read_only_note
+    from audience_sync.sources import (
+        ping_source,
+        prove_account_users,
+        prove_definitions,
+        read_only_note,
+    )
     from audience_sync.state.store import open_without_writing
 
     config = open_config(ctx)
@@ -77,11 +82,15 @@ def check(
     except AudienceSyncError as exc:
         found("state_db", "state_db", str(exc))
     for name, source in config.sources.items():
-        found("source", f"sources.{name}", ping_source(source),
-              note=read_only_note(source.url))
+        unreachable = ping_source(source)
+        found("source", f"sources.{name}", unreachable, note=read_only_note(source.url))
         note = read_only_note(source.url)
         if note is not None and not as_json:
             out.print(mask_urls_in(f"sources.{name}: note: {note}"), markup=False)
+        if source.account_users is not None and unreachable is None:
+            columns, problem = prove_account_users(source, utcnow())
+            found("source", f"sources.{name}.account_users", problem,
+                  columns=list(columns) if problem is None else None)
     for proof in prove_definitions(config.computations, utcnow()):
         comp = proof.comp
         found(comp.kind, f"{comp.path} ({comp.key})", proof.problem, key=comp.key,
