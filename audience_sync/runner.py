@@ -244,6 +244,9 @@ def _held_columns(kind: str, columns: tuple[str, ...] | None,
 def _stage(session: RunSession, comp: Computation, now: datetime, same_db: bool,
            result: RunResult, progress: Callable[[int], None] | None) -> tuple[str, ...] | None:
     """Load the snapshot into the stage; return the columns it holds (None: not known)."""
+    if same_db and not comp.fanned_out:
+        result.members = session.stage_from_state_db(comp, now, result.skipped)
+        return None
     source = create_source_engine(comp.source.url)
     try:
         if comp.fanned_out:
