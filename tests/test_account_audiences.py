@@ -185,6 +185,15 @@ def test_group_calls_for_changed_accounts_and_fan_out_with_moving_users(
     assert code == 0, err
     assert sorted((h["user_id"], h["change"]) for h in json.loads(out)) == [
         ("a1", "entered"), ("a2", "entered"), ("a2", "exited"), ("a3", "entered")]
+    code, out, err = cli(capsys, "--config", str(config), "runs", "big_accounts", "--json")
+    assert code == 0, err
+    runs_doc = sorted(json.loads(out), key=lambda r: r["run_id"])
+    assert [(r["members"], r["entered"], r["exited"]) for r in runs_doc] == [
+        (2, 2, 0), (2, 1, 1), (2, 0, 0)]
+    code, out, err = cli(capsys, "--config", str(config), "members", "big_accounts",
+                         "--at", runs_doc[0]["clock"], "--json")
+    assert code == 0, err
+    assert sorted(m["user_id"] for m in json.loads(out)) == ["a1", "a2"]
     code, out, err = cli(capsys, "--config", str(config), "status", "--json")
     assert code == 0, err
     status = {c["key"]: c for c in json.loads(out)["computations"]}
