@@ -85,6 +85,7 @@ class FakeServer:
         self.acked: list[str] = []  # messageIds (or externalIds) acknowledged, in order
         self.request_bodies: list[bytes] = []
         self.auth_headers: list[str] = []
+        self.raw_paths: list[str] = []  # as requested, query included
         self._tokens = burst
         self._refilled = time.monotonic()
         self._closing = threading.Event()
@@ -230,6 +231,7 @@ class FakeServer:
         with self.lock:
             self.request_bodies.append(body)
             self.auth_headers.append(handler.headers.get("Authorization", ""))
+            self.raw_paths.append(handler.path)
         return self.route(method, urlsplit(handler.path).path, handler.headers.get(
             "Authorization", ""), body)
 

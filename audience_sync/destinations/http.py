@@ -151,6 +151,10 @@ class _Exchange:
     unusable: bool = False
 
 
+class _HeadersCarryAuth(httpx.Auth):
+    """The request's headers already hold its credentials: send it as it is."""
+
+
 class HttpSender:
     """One httpx client, one limiter and the retry loop, for one destination."""
 
@@ -172,15 +176,24 @@ class HttpSender:
         self._rand = random.Random()
         # `timeout` is each socket operation's bound in httpx; bound_requests makes it the
         # whole request's (see wire.py).
+        # A query in base_url (a proxy's key) goes on every request: httpx would append the
+        # request's path to it. Credentials in the destination's own headers (a Bearer token)
+        # are not replaced by Basic from the URL's userinfo, which httpx does when no auth is
+        # given.
+        self._base_url = base_url.rstrip("/")
+        url = httpx.URL(base_url)
+        if auth is None and any(h.lower() == "authorization" for h in headers):
+            auth = _HeadersCarryAuth()
         self.client = bound_requests(httpx.Client(
-            base_url=base_url, auth=auth, headers=headers, timeout=timeout,
+            base_url=url.copy_with(query=None, fragment=None), params=url.params,
+            auth=auth, headers=headers, timeout=timeout,
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
             follow_redirects=False, verify=tls_context()))
 
     @property
     def shown_url(self) -> str:
         """The base URL as it may be shown: userinfo and query values masked."""
-        return mask_url(str(self.client.base_url))
+        return mask_url(self._base_url)
 
     def interrupt(self, reason: str = INTERRUPTED) -> None:
         """End every request of this destination now (the process is stopping); what they
