@@ -96,6 +96,12 @@ class _DrainGate:
         return why
 
 
+# A destination that stopped for a reason of its own (credentials refused, a request it cannot
+# build, a file it cannot write) is rebuilt after this pause: a passing 401 must not stop it
+# until the daemon restarts, and a lasting one costs a request per pause, not per tick.
+STOPPED_DESTINATION_RETRY = timedelta(minutes=5)
+
+
 class Daemon:
     def __init__(self, store: Store, config: Config, options: DaemonOptions, *,
                  clock: Clock = utcnow, observer: Observer | None = None) -> None:
@@ -109,6 +115,8 @@ class Daemon:
         # The drains' stop signal, checked before each claim (the batch in flight finishes).
         self._control = DrainControl(self._gate.reason, self.observer.progress)
         self._clients: dict[str, Destination] = {}
+        # Destinations that stopped, and when their client is rebuilt.
+        self._rebuild_at: dict[str, datetime] = {}
         self._space_id: str | None = None
         self._comps: Mapping[str, Computation] = {c.key: c for c in config.computations}
         self._alerts = AlertSender() if config.alerts else None
@@ -185,6 +193,12 @@ class Daemon:
         report = drain(self.store, self.config, [renewer.lease], clients=clients,
                        clock=self.clock, control=self._control)
         self.observer.drained(report)
+        for name, dest in report.destinations.items():
+            if dest.error and not dest.paused and name not in self._rebuild_at:
+                self._rebuild_at[name] = self.clock() + STOPPED_DESTINATION_RETRY
+                log.warning("destination %s stopped (%s); it is tried again at %s", name,
+                            dest.error, self._rebuild_at[name].isoformat(),
+                            extra=_fields(destination=name))
         notify_drain(self.store, self.config, report, [comp.key], self._alerts, self.clock())
         paused = bool(self._gate.tripped)
         progress = self._initial_progress(comp)
@@ -213,7 +227,13 @@ class Daemon:
         return self._space_id
 
     def _clients_for(self, comp: Computation) -> dict[str, Destination] | None:
+        now = self.clock()
         for name in comp.destinations:
+            if name in self._rebuild_at and now >= self._rebuild_at[name]:
+                del self._rebuild_at[name]
+                stopped = self._clients.pop(name, None)
+                if stopped is not None:
+                    stopped.close()
             if name not in self._clients:
                 settings = self.config.destinations[name]
                 shared = self.options.shared_budget
