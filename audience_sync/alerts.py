@@ -7,7 +7,9 @@ retried each cadence) alerts once when it starts and once when it ends, never on
 
 Sending never fails or blocks a run: `AlertSender` posts from one background thread with a
 short timeout and a few quick retries, logs an unreachable webhook at WARNING, and is joined
-for a bounded time at exit. A webhook URL (a Slack hook's path is its secret) is never logged.
+for a bounded time at exit. An alert it could not deliver puts the target's state back as it
+was, so the condition alerts again at the next run or drain that finds it. A webhook URL (a
+Slack hook's path is its secret) is never logged.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -167,8 +169,10 @@ def notify_run(store: Store, config: Config, result: RunResult, sender: AlertSen
                              result.error, result.entered, result.exited)
         for index, alert in enumerate(config.alerts):
             with stored.alert_state(store, row.id, alert.target, at) as slot:
+                before = slot.state
                 fired, slot.state = after_run(slot.state, outcome, rule_of(alert))
-            sender.send(index, alert, fired)
+            sender.send(index, alert, fired, _undo(store, row.id, alert.target, slot.state,
+                                                   before, at))
     except Exception:  # an alert must never fail a run
         log.exception("%s: deciding alerts failed", result.key)
 
@@ -191,26 +195,43 @@ def notify_drain(store: Store, config: Config, report: DrainReport | None,
             failed = stored.failed_count(store, row.id)
             for index, alert in enumerate(config.alerts):
                 with stored.alert_state(store, row.id, alert.target, at) as slot:
+                    before = slot.state
                     fired, slot.state = after_drain(slot.state, key, failed, at,
                                                     rule_of(alert))
-                sender.send(index, alert, fired)
+                sender.send(index, alert, fired, _undo(store, row.id, alert.target,
+                                                       slot.state, before, at))
     except Exception:  # an alert must never fail a drain
         log.exception("deciding delivery alerts failed")
+
+
+def _undo(store: Store, computation_id: int, target: str, told: AlertState,
+          before: AlertState, at: datetime) -> Callable[[], None]:
+    """What to do when the alerts of a decision were not delivered: put the target's state
+    back as it was before the decision (unless a later decision changed it since)."""
+    def undo() -> None:
+        from audience_sync.state import alerts as stored
+
+        stored.restore(store, computation_id, target, told, before, at)
+    return undo
 
 
 class AlertSender:
     """Posts alerts from one background thread: a slow or dead webhook delays nothing."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[int, AlertConfig, Alert] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[int, AlertConfig, Alert, Callable[[], None] | None]
+                                 | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.sent = 0
         self.dropped = 0
 
-    def send(self, index: int, target: AlertConfig, alerts: Sequence[Alert]) -> None:
+    def send(self, index: int, target: AlertConfig, alerts: Sequence[Alert],
+             on_lost: Callable[[], None] | None = None) -> None:
+        """Queue alerts for one target; `on_lost` runs (in the sender's thread) for each one
+        that could not be delivered."""
         for alert in alerts:
             log.info("alert %s for %s to alerts[%d]", alert.event, alert.audience, index)
-            self._queue.put((index, target, alert))
+            self._queue.put((index, target, alert, on_lost))
         if alerts and self._thread is None:
             self._thread = threading.Thread(target=self._work, name="alerts", daemon=True)
             self._thread.start()
@@ -233,13 +254,20 @@ class AlertSender:
                 item = self._queue.get()
                 if item is None:
                     return
-                index, target, alert = item
+                index, target, alert, on_lost = item
                 if self._post(client, target, alert):
                     self.sent += 1
-                else:
-                    self.dropped += 1
-                    log.warning("alerts[%d]: %s alert for %s not delivered after %d attempts",
-                                index, alert.event, alert.audience, ATTEMPTS)
+                    continue
+                self.dropped += 1
+                log.warning("alerts[%d]: %s alert for %s not delivered after %d attempts; "
+                            "it is sent again when the condition is found again", index,
+                            alert.event, alert.audience, ATTEMPTS)
+                if on_lost is not None:
+                    try:
+                        on_lost()
+                    except Exception:  # the state store may be down too: the alert is lost
+                        log.exception("alerts[%d]: could not record that the %s alert for "
+                                      "%s was lost", index, alert.event, alert.audience)
 
     def _post(self, client: Any, target: AlertConfig, alert: Alert) -> bool:
         import httpx

@@ -124,12 +124,21 @@ class Receiver:
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
+        self.down = False  # answer 503 to everything
+        self.refused = 0
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                receiver.bodies.append(json.loads(self.rfile.read(length)))
+                body = json.loads(self.rfile.read(length))
+                if receiver.down:
+                    receiver.refused += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                receiver.bodies.append(body)
                 receiver.paths.append(self.path)
                 self.send_response(200)
                 self.send_header("Content-Length", "2")
@@ -254,6 +263,22 @@ def test_an_unreachable_webhook_does_not_fail_the_run(
     assert code == 0
     assert "size_change alert for scored not delivered" in err
     assert SECRET not in out + err and TOKEN not in out + err
+
+
+def test_an_alert_the_webhook_missed_is_sent_when_the_condition_is_found_again(
+        state_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], receiver: Receiver) -> None:
+    config = _setup(tmp_path, state_url, monkeypatch, receiver.url)
+    assert _sync(capsys, config) == 0
+    _rename_users(tmp_path, "users", "users_gone")
+    receiver.down = True
+    assert _sync(capsys, config) == 1  # `failed` is decided, and not delivered
+    assert receiver.refused == 3 and receiver.events == []
+    receiver.down = False
+    assert _sync(capsys, config) == 1
+    assert _sync(capsys, config) == 1
+    assert receiver.events == ["failed"]  # once, when the condition was found again
+    assert receiver.bodies[0]["counts"]["consecutive_failures"] == 2
 
 
 # -- the daemon --------------------------------------------------------------------------------

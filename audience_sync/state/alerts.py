@@ -48,6 +48,20 @@ def alert_state(store: Store, computation_id: int, target: str,
                 failed_deliveries=slot.state.failed_deliveries, updated_at=at))
 
 
+def restore(store: Store, computation_id: int, target: str, told: AlertState,
+            before: AlertState, at: datetime) -> None:
+    """Put one target's state back to `before`, if it still is what the lost alerts told
+    (`told`): a later decision has since stored a newer state, which stands."""
+    a = t.alert_state
+    where = and_(a.c.computation_id == computation_id, a.c.target == target,
+                 a.c.failing == told.failing, a.c.held == told.held,
+                 a.c.failed_deliveries == told.failed_deliveries)
+    with store.write() as conn:
+        conn.execute(update(a).where(where).values(
+            failing=before.failing, held=before.held,
+            failed_deliveries=before.failed_deliveries, updated_at=at))
+
+
 def failed_count(store: Store, computation_id: int) -> int:
     """Deliveries of one audience refused for good (until `retry`)."""
     d = t.deliveries
