@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from audience_sync.config import load_config
+from audience_sync.state import housekeeping
 from audience_sync.state import schema as t
 from audience_sync.state.housekeeping import claim_daily
 from audience_sync.state.store import Store
@@ -55,8 +56,12 @@ def _count(store: Store, table: Any, *where: Any) -> int:
 
 # -- prune -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("chunk", [None, 1, 3])
 def test_prune_keeps_pending_and_failed_rows_and_history(
-        state_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        state_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, chunk: int | None) -> None:
+    if chunk is not None:  # walked in transactions of `chunk` deliveries
+        monkeypatch.setattr(housekeeping, "PRUNE_CHUNK", chunk)
     config = _config(tmp_path, state_url, [_audience("A")])
     assert cli(capsys, "--config", config, "sync")[0] == 0  # 4 sent deliveries
     store = Store(state_url)

@@ -9,24 +9,44 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, update
+from sqlalchemy import and_, delete, func, select, update
 
 from audience_sync.state import schema as t
 from audience_sync.state.store import Store, insert_ignore
 from audience_sync.states import DeliveryStatus, InitialState
 
+# Deliveries looked at per prune transaction: a prune of millions of old rows must not hold
+# SQLite's write lock (every run's and drain's) for minutes.
+PRUNE_CHUNK = 50_000
 
-def prune_deliveries(store: Store, older_than: datetime) -> int:
+
+def prune_deliveries(store: Store, older_than: datetime, chunk: int | None = None) -> int:
     """Delete sent deliveries acknowledged before `older_than`, and superseded ones observed
-    before it; pending and failed ones are never touched. Returns how many went."""
+    before it; pending and failed ones are never touched. Returns how many went.
+
+    The table is walked in id order, `chunk` rows (PRUNE_CHUNK) per transaction: each step
+    reads one range of the primary key, so the whole walk reads every row once.
+    """
     d = t.deliveries
-    with store.write() as conn:
-        # One status at a time: a literal status per statement (schema.status_is).
-        sent = conn.execute(delete(d).where(t.status_is(DeliveryStatus.SENT),
-                                            d.c.sent_at < older_than)).rowcount
-        superseded = conn.execute(delete(d).where(t.status_is(DeliveryStatus.SUPERSEDED),
-                                                  d.c.observed_at < older_than)).rowcount
-    return int(sent) + int(superseded)
+    step = chunk or PRUNE_CHUNK
+    removed = 0
+    after = 0
+    while True:
+        with store.write() as conn:
+            window = select(d.c.id).where(d.c.id > after).order_by(d.c.id).limit(step) \
+                .subquery()
+            upper = conn.execute(select(func.max(window.c.id))).scalar_one()
+            if upper is None:
+                return removed
+            in_window = and_(d.c.id > after, d.c.id <= upper)
+            # One status at a time: a literal status per statement (schema.status_is).
+            removed += int(conn.execute(delete(d).where(
+                in_window, t.status_is(DeliveryStatus.SENT),
+                d.c.sent_at < older_than)).rowcount)
+            removed += int(conn.execute(delete(d).where(
+                in_window, t.status_is(DeliveryStatus.SUPERSEDED),
+                d.c.observed_at < older_than)).rowcount)
+        after = int(upper)
 
 
 _NEVER = datetime(2000, 1, 1, tzinfo=UTC)
