@@ -152,8 +152,8 @@ def status(
             "destinations": list(comp.destinations) if comp else [],
             "members": row.member_count,
             "initial_sync": row.initial_state,
-            "initial_progress": _progress_item(progress),
-            "last_run": _run_summary(last_run),
+            "initial_progress": progress.as_dict() if progress else None,
+            "last_run": last_run.summary() if last_run else None,
             "last_success_at": iso(row.last_success_at),
             "next_due_at": iso(row.next_due_at) if key in configured else None,
             "pending": pending,
@@ -169,15 +169,6 @@ def status(
                                      for item in items]})
         return
     _print_status(items, now)
-
-
-def _progress_item(progress: queries.Progress | None) -> dict[str, Any] | None:
-    if progress is None:
-        return None
-    return {"run_id": progress.run_id, "started_at": iso(progress.started_at),
-            "total": progress.total, "done": progress.done, "pending": progress.pending,
-            "failed": progress.failed, "rate_per_second": progress.rate,
-            "eta_seconds": progress.eta_seconds}
 
 
 def _print_status(items: list[dict[str, Any]], now: datetime) -> None:
@@ -210,16 +201,6 @@ def _print_status(items: list[dict[str, Any]], now: datetime) -> None:
             print(f"  delivering since {table_time(progress.started_at, now)}")
             print(f"             {progress.done:,}/{progress.total:,} delivered "
                   f"({percent:.0f}%), {rate}, {eta}")
-
-
-def _run_summary(run: queries.RunRecord | None) -> dict[str, Any] | None:
-    """The run record's one mapping; `id` too, as status has always named it."""
-    if run is None:
-        return None
-    document = {name: value for name, value in run.as_dict().items()
-                if name not in ("key", "forced")}
-    document["id"] = run.id
-    return document
 
 
 def _per_destination(counts: dict[str, int]) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, func, select, text
 
 from audience_sync.state import schema as t
+from audience_sync.state.records import Progress, RunRecord, run_record_of, runs_query
 from audience_sync.states import DeliveryStatus, InitialState, RunKind, RunStatus
 
 PENDING, FAILED, SENT = DeliveryStatus.PENDING, DeliveryStatus.FAILED, DeliveryStatus.SENT
@@ -35,54 +36,6 @@ RATE_SAMPLE = 5_000
 
 
 @dataclass(frozen=True)
-class RunRow:
-    id: int
-    kind: str
-    status: str
-    clock: datetime
-    started_at: datetime
-    finished_at: datetime | None
-    members: int
-    entered: int
-    exited: int
-    changed: int
-    queued: int
-    forced: bool
-    skipped_null: int
-    skipped_empty: int
-    skipped_too_long: int
-    skipped_duplicate: int
-    error: str | None
-    skipped_bad_type: int = 0
-    skipped_non_finite: int = 0
-
-    @property
-    def skipped_total(self) -> int:
-        return (self.skipped_null + self.skipped_empty + self.skipped_too_long
-                + self.skipped_duplicate + self.skipped_bad_type + self.skipped_non_finite)
-
-    @property
-    def seconds(self) -> float | None:
-        if self.finished_at is None:
-            return None
-        return (self.finished_at - self.started_at).total_seconds()
-
-
-@dataclass(frozen=True)
-class Progress:
-    """An initial sync being delivered: `done` of `total` deliveries no longer waiting."""
-
-    run_id: int
-    total: int
-    done: int
-    pending: int
-    failed: int
-    rate: float | None  # deliveries acknowledged per second over the last minutes
-    eta_seconds: float | None
-    started_at: datetime | None = None  # when the initial run began
-
-
-@dataclass(frozen=True)
 class AudienceSummary:
     id: int
     key: str
@@ -94,7 +47,7 @@ class AudienceSummary:
     last_success_at: datetime | None
     consecutive_failures: int
     lease_owner: str | None
-    last_run: RunRow | None
+    last_run: RunRecord | None
     sparkline: tuple[int, ...]  # oldest first
     pending: dict[str, int] = field(default_factory=dict)  # per destination
     failed: dict[str, int] = field(default_factory=dict)
@@ -124,8 +77,8 @@ class DeliveryRow:
 @dataclass(frozen=True)
 class AudienceDetail:
     summary: AudienceSummary
-    series: tuple[RunRow, ...]  # the last CHART_RUNS runs, oldest first
-    runs: tuple[RunRow, ...]  # one page, newest first
+    series: tuple[RunRecord, ...]  # the last CHART_RUNS runs, oldest first
+    runs: tuple[RunRecord, ...]  # one page, newest first
     older_than: int | None  # the run id to page on from, when older runs exist
     queued_total: int  # deliveries queued by every run (sent ones are pruned in time)
     recent_failed: tuple[DeliveryRow, ...]
@@ -166,11 +119,6 @@ class UserTimeline:
     deliveries: tuple[DeliveryRow, ...]  # newest first
 
 
-_RUN_COLUMNS = (t.runs.c.id, t.runs.c.kind, t.runs.c.status, t.runs.c.clock, t.runs.c.started_at,
-                t.runs.c.finished_at, t.runs.c.members, t.runs.c.entered, t.runs.c.exited,
-                t.runs.c.changed, t.runs.c.queued, t.runs.c.forced, t.runs.c.skipped_null,
-                t.runs.c.skipped_empty, t.runs.c.skipped_too_long, t.runs.c.skipped_duplicate,
-                t.runs.c.error, t.runs.c.skipped_bad_type, t.runs.c.skipped_non_finite)
 _COMPUTATION_COLUMNS = (t.computations.c.id, t.computations.c.key, t.computations.c.name,
                         t.computations.c.kind, t.computations.c.member_count,
                         t.computations.c.initial_state, t.computations.c.next_due_at,
@@ -181,12 +129,6 @@ _DELIVERY_COLUMNS = (t.deliveries.c.id, t.deliveries.c.destination, t.deliveries
                      t.deliveries.c.value, t.deliveries.c.status, t.deliveries.c.attempts,
                      t.deliveries.c.last_error, t.deliveries.c.run_id, t.deliveries.c.observed_at,
                      t.deliveries.c.sent_at, t.deliveries.c.next_attempt_at)
-
-
-def _run(row: Row[Any]) -> RunRow:
-    values = row._asdict()
-    values["forced"] = bool(values["forced"])
-    return RunRow(**values)
 
 
 def _delivery(row: Row[Any]) -> DeliveryRow:
@@ -227,11 +169,11 @@ def _sparkline(conn: Connection, computation_id: int) -> tuple[int, ...]:
     return tuple(reversed([int(n) for n in conn.execute(query).scalars()]))
 
 
-def _run_row(conn: Connection, run_id: int | None) -> RunRow | None:
+def _run_row(conn: Connection, run_id: int | None) -> RunRecord | None:
     if run_id is None:
         return None
-    row = conn.execute(select(*_RUN_COLUMNS).where(t.runs.c.id == run_id)).first()
-    return _run(row) if row else None
+    row = conn.execute(runs_query().where(t.runs.c.id == run_id)).first()
+    return run_record_of(row) if row else None
 
 
 def _initial_run_id(conn: Connection, computation_id: int) -> int | None:
@@ -314,11 +256,11 @@ def audience(conn: Connection, key: str, at: datetime, *,
     if row is None:
         return None
     summary = _summary(conn, row, unsent_counts(conn, row.id), at)
-    newest = (select(*_RUN_COLUMNS).where(t.runs.c.computation_id == row.id)
+    newest = (runs_query().where(t.runs.c.computation_id == row.id)
               .order_by(t.runs.c.id.desc()))
-    series = tuple(reversed([_run(r) for r in conn.execute(newest.limit(CHART_RUNS))]))
+    series = tuple(reversed([run_record_of(r) for r in conn.execute(newest.limit(CHART_RUNS))]))
     page_query = newest if older_than is None else newest.where(t.runs.c.id < older_than)
-    page = [_run(r) for r in conn.execute(page_query.limit(RUNS_PAGE + 1))]
+    page = [run_record_of(r) for r in conn.execute(page_query.limit(RUNS_PAGE + 1))]
     more = len(page) > RUNS_PAGE
     page = page[:RUNS_PAGE]
     queued = conn.execute(select(func.coalesce(func.sum(t.runs.c.queued), 0))

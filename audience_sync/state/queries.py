@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Row, and_, desc, distinct, func, literal, or_, select, union_all
+from sqlalchemy import Row, and_, desc, distinct, literal, or_, select, union_all
 
-from audience_sync.clock import iso
 from audience_sync.state import schema as t
-from audience_sync.state.dashboard import Progress
+from audience_sync.state.records import Progress, RunRecord, run_record_of, runs_query
 from audience_sync.state.store import ComputationRow, Store
-from audience_sync.states import DeliveryStatus, RunKind, RunStatus
+from audience_sync.states import DeliveryStatus
 
 __all__ = ["AudienceMember", "ComputationRow", "HistoryEvent", "Progress", "RunRecord",
            "TraitValue", "UnsentDelivery", "audience_members", "computations", "delivery_counts",
@@ -29,75 +28,19 @@ __all__ = ["AudienceMember", "ComputationRow", "HistoryEvent", "Progress", "RunR
 
 # -- runs ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class RunRecord:
-    id: int
-    key: str
-    kind: RunKind
-    status: RunStatus
-    clock: datetime
-    finished_at: datetime | None
-    members: int
-    entered: int
-    exited: int
-    changed: int
-    queued: int
-    forced: bool
-    skipped_null: int
-    skipped_empty: int
-    skipped_too_long: int
-    skipped_duplicate: int
-    error: str | None
-    skipped_bad_type: int = 0
-    skipped_non_finite: int = 0
-    fencing_token: int = 0  # the lease grant it ran under (0: none)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The one JSON shape of a run record (runs, status and sync print it)."""
-        return {
-            "run_id": self.id, "key": self.key, "kind": self.kind, "status": self.status,
-            "clock": iso(self.clock), "finished_at": iso(self.finished_at),
-            "members": self.members, "entered": self.entered, "exited": self.exited,
-            "changed": self.changed, "queued": self.queued, "forced": self.forced,
-            "skipped": {"null": self.skipped_null, "empty": self.skipped_empty,
-                        "too_long": self.skipped_too_long,
-                        "duplicate": self.skipped_duplicate,
-                        "bad_type": self.skipped_bad_type,
-                        "non_finite": self.skipped_non_finite},
-            "error": self.error,
-        }
-
-
-def _run_record(row: Row[Any]) -> RunRecord:
-    return RunRecord(
-        id=row.id, key=row.key, kind=RunKind(row.kind), status=RunStatus(row.status),
-        clock=row.clock, finished_at=row.finished_at, members=row.members,
-        entered=row.entered, exited=row.exited, changed=row.changed, queued=row.queued,
-        forced=bool(row.forced), skipped_null=row.skipped_null,
-        skipped_empty=row.skipped_empty, skipped_too_long=row.skipped_too_long,
-        skipped_duplicate=row.skipped_duplicate, error=row.error,
-        skipped_bad_type=row.skipped_bad_type, skipped_non_finite=row.skipped_non_finite,
-        fencing_token=row.fencing_token)
-
-
-def _runs_query() -> Any:
-    r, c = t.runs, t.computations
-    return select(r, c.c.key).join(c, c.c.id == r.c.computation_id)
-
-
 def run_record(store: Store, run_id: int) -> RunRecord | None:
     with store.read() as conn:
-        row = conn.execute(_runs_query().where(t.runs.c.id == run_id)).first()
-    return _run_record(row) if row is not None else None
+        row = conn.execute(runs_query().where(t.runs.c.id == run_id)).first()
+    return run_record_of(row) if row is not None else None
 
 
 def runs(store: Store, *, key: str | None = None, limit: int | None = 50) -> list[RunRecord]:
     """The most recent runs, newest first (of one audience or trait when key is given)."""
-    query = _runs_query().order_by(t.runs.c.id.desc()).limit(limit)
+    query = runs_query().order_by(t.runs.c.id.desc()).limit(limit)
     if key is not None:
         query = query.where(t.computations.c.key == key)
     with store.read() as conn:
-        return [_run_record(row) for row in conn.execute(query)]
+        return [run_record_of(row) for row in conn.execute(query)]
 
 
 # -- status -------------------------------------------------------------------------------------
@@ -123,14 +66,11 @@ def initial_progress(store: Store, computation_id: int, at: datetime) -> Progres
 
 def delivery_counts(store: Store) -> dict[tuple[int, str, DeliveryStatus], int]:
     """(computation id, destination, status) -> count, for pending and failed deliveries."""
-    d = t.deliveries
-    # One query per status, each along its partial index (see schema.status_is).
-    query = union_all(*(
-        select(d.c.computation_id, d.c.destination, d.c.status, func.count())
-        .where(t.status_is(status)).group_by(d.c.computation_id, d.c.destination, d.c.status)
-        for status in (DeliveryStatus.PENDING, DeliveryStatus.FAILED)))
+    from audience_sync.state import dashboard
+
     with store.read() as conn:
-        return {(r[0], r[1], DeliveryStatus(r[2])): int(r[3]) for r in conn.execute(query)}
+        return {(cid, dest, DeliveryStatus(status)): n
+                for (cid, dest, status), n in dashboard.unsent_counts(conn).items()}
 
 
 def keys_with_due_pending(store: Store, now: datetime) -> set[str]:

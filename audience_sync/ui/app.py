@@ -17,7 +17,7 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 
 from jinja2 import Environment, PackageLoader
 
-from audience_sync.clock import Clock, utcnow
+from audience_sync.clock import Clock, iso, utcnow
 from audience_sync.config import Config
 from audience_sync.errors import StoreError
 from audience_sync.state import dashboard
@@ -72,7 +72,7 @@ class Dashboard:
         self.disabled = frozenset(c.key for c in config.disabled)
         self.templates = Environment(loader=PackageLoader("audience_sync.ui", "templates"),
                                      autoescape=True, trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(ago=_ago, until=_until, iso=shapes.iso, num=_num,
+        self.templates.filters.update(ago=_ago, until=_until, iso=iso, num=_num,
                                       seconds=_seconds, quote=lambda v: quote(str(v), safe=""))
         self.templates.globals.update(charts=charts)
 

@@ -4,60 +4,15 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from datetime import UTC, datetime
 from typing import Any
 
+from audience_sync.clock import iso
 from audience_sync.state.dashboard import (
     AudienceDetail,
     AudienceSummary,
     DeliveryRow,
-    Progress,
-    RunRow,
     UserTimeline,
 )
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
-
-
-def run_summary(run: RunRow | None) -> dict[str, Any] | None:
-    """`status --json`'s last_run."""
-    if run is None:
-        return None
-    return {
-        "id": run.id, "run_id": run.id, "kind": run.kind, "status": run.status,
-        "clock": iso(run.clock),
-        "finished_at": iso(run.finished_at), "members": run.members, "entered": run.entered,
-        "exited": run.exited, "changed": run.changed, "queued": run.queued,
-        "skipped": _skipped(run), "error": run.error,
-    }
-
-
-def run_item(run: RunRow, key: str) -> dict[str, Any]:
-    """One item of `runs --json`."""
-    return {
-        "run_id": run.id, "key": key, "kind": run.kind, "status": run.status,
-        "clock": iso(run.clock), "finished_at": iso(run.finished_at), "members": run.members,
-        "entered": run.entered, "exited": run.exited, "changed": run.changed,
-        "queued": run.queued, "forced": run.forced, "skipped": _skipped(run),
-        "error": run.error,
-    }
-
-
-def _skipped(run: RunRow) -> dict[str, int]:
-    return {"null": run.skipped_null, "empty": run.skipped_empty,
-            "too_long": run.skipped_too_long, "duplicate": run.skipped_duplicate,
-            "bad_type": run.skipped_bad_type, "non_finite": run.skipped_non_finite}
-
-
-def progress_item(progress: Progress | None) -> dict[str, Any] | None:
-    if progress is None:
-        return None
-    return {"run_id": progress.run_id, "started_at": iso(progress.started_at),
-            "total": progress.total, "done": progress.done,
-            "pending": progress.pending, "failed": progress.failed,
-            "rate_per_second": progress.rate, "eta_seconds": progress.eta_seconds}
 
 
 def status_item(summary: AudienceSummary, configured: dict[str, tuple[str, ...]],
@@ -70,12 +25,12 @@ def status_item(summary: AudienceSummary, configured: dict[str, tuple[str, ...]]
         "orphaned": not known, "enabled": enabled,
         "destinations": list(configured.get(summary.key, ())),
         "members": summary.members, "initial_sync": summary.initial_state,
-        "last_run": run_summary(summary.last_run),
+        "last_run": summary.last_run.summary() if summary.last_run else None,
         "last_success_at": iso(summary.last_success_at),
         "next_due_at": iso(summary.next_due_at) if known and enabled else None,
         "pending": summary.pending, "failed": summary.failed,
         "lease_owner": summary.lease_owner,
-        "initial_progress": progress_item(summary.progress),
+        "initial_progress": summary.progress.as_dict() if summary.progress else None,
     }
 
 
@@ -119,7 +74,7 @@ def audience_document(detail: AudienceDetail,
                                            | set(detail.summary.failed))
     return {
         "audience": status_item(detail.summary, configured),
-        "runs": [run_item(run, key) for run in detail.runs],
+        "runs": [run.as_dict() for run in detail.runs],
         "older_than": detail.older_than,
         "deliveries": {
             "queued_total": detail.queued_total,
