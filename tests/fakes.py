@@ -434,7 +434,8 @@ def _identify_problem(message: Any) -> str | None:
 
 
 class FakeSegment(FakeServer):
-    """POST /v1/batch with Segment's limits: 32 KB per message, 500 KB and 2,500 per batch."""
+    """POST /v1/batch with Segment's limits: 32 KB per message, 500 KB and 2,500 per batch;
+    every message names a userId or anonymousId (and a group call its groupId)."""
 
     def __init__(self, write_key: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -457,6 +458,12 @@ class FakeSegment(FakeServer):
         for message in batch:
             if len(json.dumps(message, separators=(",", ":"))) > 32 * 1024:
                 return Answer(400, {"message": "message larger than 32 KB"})
+            # Segment's spec: every call names a user (or an anonymous one); a group call
+            # its group.
+            if not (message.get("userId") or message.get("anonymousId")):
+                return Answer(400, {"message": "userId or anonymousId is required"})
+            if message.get("type") == "group" and not message.get("groupId"):
+                return Answer(400, {"message": "a group call needs its groupId"})
         with self.lock:
             self.batches += 1
             self.messages.extend(batch)

@@ -227,15 +227,22 @@ def test_planhat_api_track_goes_out_as_bulk_activities(
     assert TENANT_TOKEN not in out + err
 
 
+CALL_MIX = ("identify", "track", "identify", "group", "track")
+
+
 def _mixed(count: int, name: str) -> list[Delivery]:
-    """Identify and track rows in turn, for audience and trait, entries and exits."""
+    """Identify, track and (an account's) group rows in turn, for audience and trait, entries
+    and exits; half the group calls name a user, the others go with the account as
+    anonymousId."""
     at = datetime(2026, 1, 1, tzinfo=UTC)
     rows = []
     for i in range(count):
         kind, key = ("audience", "aud") if i % 4 < 2 else ("trait", "score")
         value = ("true" if i % 3 else "false") if kind == "audience" else str(i)
+        call = CALL_MIX[i % len(CALL_MIX)]
         rows.append(Delivery(i + 1, key, kind, 1, "d", f"u{i}", value, f"u{i}@example.com",
-                             name, None, "c1", at, 0, "track" if i % 2 else "identify"))
+                             name, None, "c1", at, 0, call,
+                             f"owner{i}" if call == "group" and i % 2 else None))
     return rows
 
 
@@ -255,7 +262,12 @@ def test_segment_batches_stay_within_limits_whatever_the_mix_of_calls(
     finally:
         destination.close()
     assert set(segment.statuses) == {200} and segment.batches >= 3 + 2 + 3
-    assert sum(m["type"] == "track" for m in segment.messages) == (40 + 6_000 + 3_000) // 2
+    sent = [d for count, name in ((40, "x"), (6_000, "Ann"), (3_000, "y"))
+            for d in _mixed(count, name)]
+    assert Counter(m["type"] for m in segment.messages) == Counter(d.call for d in sent)
+    groups = [m for m in segment.messages if m["type"] == "group"]
+    assert groups and all(("userId" in m) != ("anonymousId" in m) for m in groups)
+    assert {m.get("anonymousId") for m in groups} - {None} <= {f"u{i}" for i in range(6_000)}
 
 
 def test_planhat_activities_batched_within_the_bulk_limit_and_acknowledged(
@@ -265,7 +277,8 @@ def test_planhat_activities_batched_within_the_bulk_limit_and_acknowledged(
                            analytics_base_url=planhat.url, rate_limit="2000/s",
                            send=["identify", "track"])
     destination = PlanhatApiDestination("planhat", config)
-    tracks = [d for d in _mixed(2 * ACTIVITY_BULK_MAX + 2_000, "Ann") if d.call == "track"]
+    tracks = [d for d in _mixed(15_000, "Ann") if d.call == "track"]
+    assert len(tracks) == ACTIVITY_BULK_MAX + 1_000
     try:
         outcomes = destination.send(tracks)
     finally:
