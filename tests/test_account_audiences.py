@@ -458,3 +458,27 @@ def test_check_prepares_the_account_users_query_and_the_account_definitions(
     assert ("sources.warehouse.account_users: FAILED: account_users must return user_id and "
             "group_id columns (columns: user_id)") in out
     assert "big_accounts): FAILED: the query returned no group_id column" in out
+
+
+def test_planhat_segment_mode_takes_an_account_audience_user_by_user_by_default(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planhat ignores group calls at /dock/segment: its default is the identify fan-out,
+    each user's company named as Planhat reads it (traits.companyId)."""
+    set_env(monkeypatch)
+    with FakePlanhat(TENANT_TOKEN, API_TOKEN).running() as planhat:
+        assert isinstance(planhat, FakePlanhat)
+        config = _config(tmp_path, state_url, segment.url)
+        document = yaml.safe_load(config.read_text())
+        document["destinations"]["planhat"] = {
+            "type": "planhat", "tenant_token": "${PLANHAT_TENANT_TOKEN}",
+            "base_url": planhat.url, "rate_limit": "2000/s", **FAST}
+        document["audiences"][0]["destinations"] = ["planhat"]
+        del document["computed_traits"]
+        write_config(config, document)
+        code, _, err = cli(capsys, "--config", str(config), "sync")
+        assert code == 0, err
+        assert {m["userId"]: (m["type"], m["user_id"], m["traits"]) for m in planhat.messages} == {
+            u: ("identify", u, {"companyId": account, "big_accounts": True})
+            for u, account in (("u1", "a1"), ("u2", "a1"), ("u3", "a2"), ("u4", "a2"),
+                               ("u6", "a1"))}
