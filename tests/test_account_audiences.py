@@ -482,3 +482,49 @@ def test_planhat_segment_mode_takes_an_account_audience_user_by_user_by_default(
             u: ("identify", u, {"companyId": account, "big_accounts": True})
             for u, account in (("u1", "a1"), ("u2", "a1"), ("u3", "a2"), ("u4", "a2"),
                                ("u6", "a1"))}
+
+
+def test_a_resync_keeps_the_fanned_out_tracks_still_to_send(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Undrained entries of an account audience, then a resync: the users' identifies and
+    the group calls are replaced by the resync's, their tracks (no resync sends one) stay."""
+    from collections import Counter
+    from datetime import UTC, datetime
+
+    from sqlalchemy import create_engine, select
+
+    from audience_sync.runner import run_computation
+    from audience_sync.state import schema as t
+    from audience_sync.state.store import Store
+
+    set_env(monkeypatch)
+    config = load_config(_config(tmp_path, state_url, segment.url))
+    store = Store(state_url)
+    store.upgrade()
+    store.register(config.computations, datetime.now(UTC))
+    engine = create_engine(state_url)
+
+    def pending() -> Counter[tuple[str, str]]:
+        d = t.deliveries
+        with engine.connect() as conn:
+            return Counter(conn.execute(select(d.c.destination, d.c.call).where(
+                d.c.status == "pending", d.c.computation_id == 1)).tuples())
+
+    try:
+        big = config.computations[0]
+        assert run_computation(store, config, big).ok
+        first = pending()
+        assert first == Counter({("segment", "group"): 2, ("users", "identify"): 5,
+                                 ("events", "track"): 5})
+        assert run_computation(store, config, big, resync=True).ok
+        assert pending() == first
+        with engine.connect() as conn:
+            d = t.deliveries
+            runs = Counter(conn.execute(select(d.c.call, d.c.run_id).where(
+                d.c.status == "pending")).tuples())
+        assert {run for (call, run) in runs if call == "track"} == {1}
+        assert {run for (call, run) in runs if call != "track"} == {2}
+    finally:
+        engine.dispose()
+        store.dispose()

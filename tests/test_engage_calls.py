@@ -327,3 +327,62 @@ def test_send_is_kept_in_call_order_and_space_must_be_an_id(
     write_config(config, document)
     code, _, err = cli(capsys, "--config", str(config), "status")
     assert code == 2 and "space" in err
+
+
+def _pending_calls(state_url: str) -> Counter[tuple[str, str]]:
+    """(user, call) of the pending deliveries."""
+    from sqlalchemy import create_engine, select
+
+    from audience_sync.state import schema as t
+
+    engine = create_engine(state_url)
+    try:
+        with engine.connect() as conn:
+            d = t.deliveries
+            return Counter(conn.execute(select(d.c.user_id, d.c.call).where(
+                d.c.status == "pending")).tuples())
+    finally:
+        engine.dispose()
+
+
+def test_a_pending_track_is_never_superseded_by_a_change_that_sends_no_track(
+        tmp_path: Path, state_url: str) -> None:
+    """A resync sends every member's identify again but no event, and a trait's changed email
+    alone is an identify: neither may supersede an entry or a value whose track has not gone
+    out yet (it was lost)."""
+    from audience_sync.runner import run_computation
+    from audience_sync.state.store import Store
+    from tests.helpers import make_warehouse
+
+    make_warehouse(tmp_path / "w.db", [("u1", "a@x.com", None, None, None, 50.0),
+                                       ("u2", "b@x.com", None, None, None, 5.0)])
+    config = load_config(write_config(tmp_path / "config.yaml", {
+        "state_db": state_url,
+        "sources": {"w": {"url": f"sqlite:///{tmp_path / 'w.db'}"}},
+        "destinations": {"file": {"type": "jsonl", "path": str(tmp_path / "out.jsonl"),
+                                  **BOTH}},
+        "audiences": [{"name": "Big", "source": "w", "destinations": ["file"],
+                       "query": "SELECT id AS user_id, email FROM users WHERE score > 10"}],
+        "computed_traits": [{"name": "Score", "source": "w", "destinations": ["file"],
+                             "query": "SELECT id AS user_id, email, score AS value "
+                                      "FROM users"}]}))
+    store = Store(state_url)
+    store.upgrade()
+    store.register(config.computations, datetime.now(UTC))
+    big, score = config.computations
+    try:
+        # Nothing is drained: every call of the first runs stays pending.
+        assert run_computation(store, config, big).ok and run_computation(store, config, score).ok
+        assert _pending_calls(state_url) == Counter({
+            ("u1", "identify"): 2, ("u1", "track"): 2, ("u2", "identify"): 1,
+            ("u2", "track"): 1})
+        assert run_computation(store, config, big, resync=True).ok
+        set_users(tmp_path / "w.db", [("u1", "new@x.com", None, None, None, 50.0),
+                                      ("u2", "b@x.com", None, None, None, 5.0)])
+        assert run_computation(store, config, score).ok
+        # The identifies were replaced by newer ones; the tracks are still there to send.
+        assert _pending_calls(state_url) == Counter({
+            ("u1", "identify"): 2, ("u1", "track"): 2, ("u2", "identify"): 1,
+            ("u2", "track"): 1})
+    finally:
+        store.dispose()

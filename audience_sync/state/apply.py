@@ -238,39 +238,50 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
             ["computation_id", "user_id", "value", "valid_from", "valid_from_run"],
             select(literal(cid), delta.c.user_id, delta.c.value, literal(now, t.UTCDateTime),
                    literal(run_id)).where(new | (delta.c.value_changed == true()))))
-    # Outbox: a newer change supersedes a pending older one for the same user (an account's
-    # rows and its users' rows are told apart by their call: the ids may coincide).
+    # Outbox: a newer change supersedes a pending older one for the same user, call by call:
+    # only by a row of the same call this run writes. A track is an event: a resync's
+    # unchanged member, or a trait's changed email alone, is sent an identify and no track,
+    # and must leave a track still to send where it is. An account's rows and its users'
+    # rows are told apart by their call too (their ids may coincide).
     d = t.deliveries
     pending = and_(d.c.computation_id == cid, t.status_is(DeliveryStatus.PENDING))
     account = comp.level == "account"
+    # Whose track this run writes: entries, exits, new trait values.
+    moved = new if comp.kind == "audience" else new | (delta.c.value_changed == true())
+    tracks = any(call == "track" for _, call in comp.outbox_calls)
     if _any_pending(conn, cid):
+        replaced: list[tuple[Any, Any]] = []  # (which pending rows, by whose new rows)
         if account:
-            conn.execute(update(d).where(
-                pending, d.c.call == GROUP,
-                d.c.user_id.in_(union(select(delta.c.user_id), gone)),
-            ).values(status=DeliveryStatus.SUPERSEDED))
+            replaced.append((d.c.call == GROUP, union(select(delta.c.user_id), gone)))
             if fan is not None:
-                conn.execute(update(d).where(
-                    pending, d.c.call != GROUP,
-                    d.c.user_id.in_(union(
-                        select(fan_delta.c.user_id).where(fan_delta.c.sends == true()),
-                        select(fan_exited.c.user_id))),
-                ).values(status=DeliveryStatus.SUPERSEDED))
-        elif conn.dialect.name == "postgresql" and kind != RunKind.RESYNC:
+                fd = fan_delta.c
+                replaced.append((d.c.call == "identify", union(
+                    select(fd.user_id).where(fd.sends == true()),
+                    select(fan_exited.c.user_id))))
+                replaced.append((d.c.call == "track", union(
+                    select(fd.user_id).where(or_(fd.is_new == true(),
+                                                 fd.value_changed == true())),
+                    select(fan_exited.c.user_id))))
+        elif conn.dialect.name == "postgresql" and kind != RunKind.RESYNC and not (
+                tracks and comp.kind == "trait"):
+            # Every changed user gets every call anew (an audience's changes are entries).
             conn.execute(_SUPERSEDE_BY_PROBES, {"cid": cid})
         else:
-            conn.execute(update(d).where(
-                pending, d.c.user_id.in_(union(select(delta.c.user_id), gone)),
-            ).values(status=DeliveryStatus.SUPERSEDED))
+            replaced.append((d.c.call != "track", union(select(delta.c.user_id), gone)))
+            if tracks:
+                replaced.append((d.c.call == "track",
+                                 union(select(delta.c.user_id).where(moved), gone)))
+        for calls, users in replaced:
+            conn.execute(update(d).where(pending, calls, d.c.user_id.in_(users))
+                         .values(status=DeliveryStatus.SUPERSEDED))
     stay_value = literal("true") if comp.kind == "audience" else delta.c.value
     leave_value = literal("false") if comp.kind == "audience" else literal("null")
     outbox_columns = ["computation_id", "run_id", "destination", "user_id", "value",
                       *CONTACT_TRAITS, "user_ref", "observed_at", "status", "call"]
-    # A track call is an event: sent for an entry, an exit or a new trait value, never for a
-    # member whose contact traits alone changed (nor a resync's unchanged member).
-    moved = new if comp.kind == "audience" else new | (delta.c.value_changed == true())
+    # A track call is an event: sent for an entry, an exit or a new trait value (`moved`),
+    # never for a member whose contact traits alone changed (nor a resync's unchanged member).
     per_call = {"identify": result.queued, "track": result.entered + result.exited}
-    if comp.kind == "trait" and any(call == "track" for _, call in comp.outbox_calls):
+    if comp.kind == "trait" and tracks:
         per_call["track"] += int(conn.execute(select(func.count()).select_from(delta).where(
             delta.c.is_new == false(), delta.c.value_changed == true())).scalar_one())
     if account:
