@@ -528,3 +528,34 @@ def test_a_resync_keeps_the_fanned_out_tracks_still_to_send(
     finally:
         engine.dispose()
         store.dispose()
+
+
+def test_planhat_api_fans_an_account_audience_out_to_end_users_and_activities(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`accounts: identify` in mode api: each user of a member account upserted as an end
+    user with the key as an EndUser custom field; `accounts: track`: user activities naming
+    the user's company."""
+    set_env(monkeypatch)
+    with FakePlanhat(TENANT_TOKEN, API_TOKEN).running() as planhat:
+        assert isinstance(planhat, FakePlanhat)
+        config = _config(tmp_path, state_url, segment.url)
+        document = yaml.safe_load(config.read_text())
+        api = {"type": "planhat", "mode": "api", "api_token": "${PLANHAT_API_TOKEN}",
+               "tenant_token": "${PLANHAT_TENANT_TOKEN}", "base_url": planhat.url,
+               "analytics_base_url": planhat.url, "rate_limit": "2000/s", **FAST}
+        document["destinations"]["ph_users"] = {**api, "accounts": "identify"}
+        document["destinations"]["ph_events"] = {**api, "accounts": "track"}
+        document["audiences"][0]["destinations"] = ["ph_users", "ph_events"]
+        del document["computed_traits"]
+        write_config(config, document)
+        code, _, err = cli(capsys, "--config", str(config), "sync")
+        assert code == 0, err
+        members = {"u1": "a1", "u2": "a1", "u3": "a2", "u4": "a2", "u6": "a1"}
+        assert {k: (u.get("companyId"), u["custom"]) for k, u in planhat.endusers.items()} == {
+            u: (account, {"big_accounts": True}) for u, account in members.items()}
+        assert ("EndUser", "big_accounts", "checkbox") in planhat.fields_created
+        assert planhat.companies == {}
+        assert sorted((a["externalId"], a["companyExternalId"], a["action"])
+                      for a in planhat.activities) == sorted(
+            (u, account, "Audience Entered") for u, account in members.items())
