@@ -268,7 +268,7 @@ def _stage(session: RunSession, comp: Computation, now: datetime, same_db: bool,
 def _figures(result: RunResult) -> RunFigures:
     return RunFigures(status=result.status, members=result.members, entered=result.entered,
                       exited=result.exited, changed=result.changed, queued=result.queued,
-                      skipped=result.skipped, error=result.error)
+                      skipped=result.skipped, error=result.error, fan=result.fan)
 
 
 def _fill(result: RunResult, diff: Diff) -> None:

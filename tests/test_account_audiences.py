@@ -190,6 +190,11 @@ def test_group_calls_for_changed_accounts_and_fan_out_with_moving_users(
     runs_doc = sorted(json.loads(out), key=lambda r: r["run_id"])
     assert [(r["members"], r["entered"], r["exited"]) for r in runs_doc] == [
         (2, 2, 0), (2, 1, 1), (2, 0, 0)]
+    # The fan-out's figures are in the run record too.
+    assert [r["fan_out"] for r in runs_doc] == [
+        {"users": 5, "entered": 5, "exited": 0, "changed": 0},
+        {"users": 5, "entered": 2, "exited": 2, "changed": 0},
+        {"users": 5, "entered": 0, "exited": 0, "changed": 0}]
     code, out, err = cli(capsys, "--config", str(config), "members", "big_accounts",
                          "--at", runs_doc[0]["clock"], "--json")
     assert code == 0, err
@@ -211,6 +216,7 @@ def test_group_calls_for_changed_accounts_and_fan_out_with_moving_users(
         assert status_code == 200
         assert "<small>Accounts</small><b id=\"members\">2</b>" in page
         assert "Account id" in page
+        assert page.count('<small class="fan-out">5 users (+2 -2)</small>') == 1
         status_code, timeline, _ = request(base + "/audiences/big_accounts/users/a2")
         assert status_code == 200
         changes = re.search(r'<ol id="timeline".*?</ol>', timeline, re.S)
@@ -248,6 +254,10 @@ def test_an_emptied_account_users_query_is_held_not_sent_as_exits(
     assert code == 3, err
     assert "would remove 5 of the 5 users its accounts were fanned out to" in err
     assert len(_lines(tmp_path / "users.jsonl")) == seen
+    code, out, err = cli(capsys, "--config", str(config), "runs", "big_accounts", "--json")
+    held = json.loads(out)[0]
+    assert (held["status"], held["fan_out"]) == ("held", {"users": 0, "entered": 0,
+                                                          "exited": 5, "changed": 0})
     # Forced, the exits go out.
     code, _, err = cli(capsys, "--config", str(config), "sync", "big_accounts", "--force")
     assert code == 0, err

@@ -71,6 +71,7 @@ class RunFigures:
     queued: int
     skipped: SkipCounts
     error: str | None = None
+    fan: FanDiff | None = None  # an account audience's fan-out
 
 
 @contextlib.contextmanager
@@ -321,7 +322,7 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
     conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(
         finished_at=finished, members=result.members, entered=result.entered,
         exited=result.exited, changed=result.changed, queued=queued,
-        **_skip_values(result.skipped)))
+        **_skip_values(result.skipped), **_fan_values(result.fan)))
     values: dict[str, Any] = dict(
         member_count=result.members, last_run_id=run_id, last_run_at=now,
         applied_columns=held_columns,
@@ -400,6 +401,14 @@ def _skip_values(skipped: SkipCounts) -> dict[str, int]:
             "skipped_bad_type": skipped.bad_type, "skipped_non_finite": skipped.non_finite}
 
 
+def _fan_values(fan: FanDiff | None) -> dict[str, int | None]:
+    if fan is None:
+        return {"fan_users": None, "fan_entered": None, "fan_exited": None,
+                "fan_changed": None}
+    return {"fan_users": fan.users, "fan_entered": fan.entered, "fan_exited": fan.exited,
+            "fan_changed": fan.changed}
+
+
 def record_unapplied(store: Store, comp: Computation, cid: int, kind: RunKind, now: datetime,
                      result: RunFigures, fencing_token: int | None, clock: Clock) -> int:
     """A failed or held run leaves members, history and outbox as they were; only say so."""
@@ -412,7 +421,7 @@ def record_unapplied(store: Store, comp: Computation, cid: int, kind: RunKind, n
             finished_at=finished, members=result.members, entered=result.entered,
             exited=result.exited, changed=result.changed, queued=0,
             fencing_token=fencing_token or 0, error=result.error,
-            **_skip_values(result.skipped),
+            **_skip_values(result.skipped), **_fan_values(result.fan),
         ).returning(t.runs.c.id)).scalar_one())
         values: dict[str, Any] = dict(last_run_id=run_id, last_run_at=now)
         if result.status == RunStatus.FAILED:

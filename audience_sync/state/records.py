@@ -37,6 +37,18 @@ class RunRecord:
     skipped_non_finite: int = 0
     fencing_token: int = 0  # the lease grant it ran under (0: none)
     started_at: datetime | None = None
+    # An account audience fanned out to users: users after the run, entered, exited, changed.
+    fan_users: int | None = None
+    fan_entered: int | None = None
+    fan_exited: int | None = None
+    fan_changed: int | None = None
+
+    @property
+    def fan_out(self) -> dict[str, int] | None:
+        if self.fan_users is None:
+            return None
+        return {"users": self.fan_users, "entered": self.fan_entered or 0,
+                "exited": self.fan_exited or 0, "changed": self.fan_changed or 0}
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -62,7 +74,7 @@ class RunRecord:
             "clock": iso(self.clock), "finished_at": iso(self.finished_at),
             "members": self.members, "entered": self.entered, "exited": self.exited,
             "changed": self.changed, "queued": self.queued, "forced": self.forced,
-            "skipped": self.skipped, "error": self.error,
+            "skipped": self.skipped, "error": self.error, "fan_out": self.fan_out,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -84,7 +96,8 @@ def run_record_of(row: Row[Any]) -> RunRecord:
         skipped_empty=row.skipped_empty, skipped_too_long=row.skipped_too_long,
         skipped_duplicate=row.skipped_duplicate, error=row.error,
         skipped_bad_type=row.skipped_bad_type, skipped_non_finite=row.skipped_non_finite,
-        fencing_token=row.fencing_token, started_at=row.started_at)
+        fencing_token=row.fencing_token, started_at=row.started_at, fan_users=row.fan_users,
+        fan_entered=row.fan_entered, fan_exited=row.fan_exited, fan_changed=row.fan_changed)
 
 
 def runs_query() -> Select[Any]:

@@ -124,6 +124,12 @@ runs = Table(
     Column("forced", Boolean, nullable=False, server_default="0"),
     Column("fencing_token", BigInteger, nullable=False, server_default="0"),
     Column("error", Text, nullable=True),
+    # An account audience fanned out to users: the users after the run and their changes
+    # (null for every other run).
+    Column("fan_users", Integer, nullable=True),
+    Column("fan_entered", Integer, nullable=True),
+    Column("fan_exited", Integer, nullable=True),
+    Column("fan_changed", Integer, nullable=True),
     Index(None, "computation_id", "id"),
 )
 
