@@ -569,3 +569,18 @@ def test_planhat_api_fans_an_account_audience_out_to_end_users_and_activities(
         assert sorted((a["externalId"], a["companyExternalId"], a["action"])
                       for a in planhat.activities) == sorted(
             (u, account, "Audience Entered") for u, account in members.items())
+
+
+def test_preview_names_an_account_audiences_columns_as_its_query_does(
+        tmp_path: Path, state_url: str, segment: FakeSegment,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch)
+    config = _config(tmp_path, state_url, segment.url)
+    code, out, err = cli(capsys, "--config", str(config), "preview", "big_accounts", "--json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert (document["level"], document["count"]) == ("account", 2)
+    assert document["sample"] == [{"group_id": "a1", "name": "Acme", "user_id": "u1"},
+                                  {"group_id": "a2", "name": "Beta", "user_id": "u3"}]
+    code, out, err = cli(capsys, "--config", str(config), "preview", "big_accounts")
+    assert code == 0 and out.startswith("big_accounts: 2 accounts (source 'warehouse'")

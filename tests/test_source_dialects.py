@@ -238,7 +238,7 @@ def test_demo_audiences_agree_on_sqlite_and_duckdb(
         assert code == 0, out + err
         preview = json.loads(out)
         assert 0 < preview["count"] < 400, preview
-        assert all(row["user_id"].startswith("c") for row in preview["sample"])
+        assert all(row["group_id"].startswith("c") for row in preview["sample"])
 
 
 # Digests of the demo's users and events for a fixed day, from make_warehouse.py as it was before

@@ -74,13 +74,19 @@ def preview(
     result = run_preview(comp, now, limit)
     skipped, sample, count = result.skipped, result.sample, result.count
     columns = result.columns
+    account = comp.level == "account"
+    if account:
+        # As the definition names them: the account's group_id, the group call's user_id.
+        renamed = {"user_id": "group_id", "user_ref": "user_id"}
+        columns = tuple(renamed.get(c, c) for c in columns)
     users = [_shape(columns, row) for row in sample]
     if as_json:
-        print_json({"key": comp.key, "kind": comp.kind, "source": comp.source_name,
-                    "clock": now.isoformat(), "count": count, "sample": users,
-                    "skipped": skipped.as_dict()})
+        print_json({"key": comp.key, "kind": comp.kind, "level": comp.level,
+                    "source": comp.source_name, "clock": now.isoformat(), "count": count,
+                    "sample": users, "skipped": skipped.as_dict()})
         return
-    noun = "members" if comp.kind == "audience" else "users with a value"
+    noun = ("accounts" if account else "members") if comp.kind == "audience" else (
+        "accounts with a value" if account else "users with a value")
     print(f"{comp.key}: {count} {noun} (source {comp.source_name!r}, clock "
           f"{_clock(now)})")
     if skipped.total:
