@@ -102,32 +102,26 @@ account_users = Table(
     Column("group_id", String(USER_ID_MAX)),
     prefixes=["TEMPORARY"],
 )
-fan = Table(
-    "as_fan", _temp,
-    Column("user_id", String(USER_ID_MAX), primary_key=True),
-    Column("group_id", String(USER_ID_MAX), nullable=False),
-    Column("value", Text),
-    prefixes=["TEMPORARY"],
-)
+
+
+def _fan_table(name: str, *extra: Column[Any]) -> Table:
+    """A user of the fan-out: the account that puts them in and its value."""
+    return Table(name, _temp,
+                 Column("user_id", String(USER_ID_MAX), primary_key=True),
+                 Column("group_id", String(USER_ID_MAX), nullable=False),
+                 Column("value", Text), *extra, prefixes=["TEMPORARY"])
+
+
+fan = _fan_table("as_fan")
 # Users new to the fan-out, whose value changed, or (no call) whose account alone changed; on
 # a resync every user.
-fan_delta = Table(
-    "as_fan_delta", _temp,
-    Column("user_id", String(USER_ID_MAX), primary_key=True),
-    Column("group_id", String(USER_ID_MAX), nullable=False),
-    Column("value", Text),
+fan_delta = _fan_table(
+    "as_fan_delta",
     Column("is_new", Boolean, nullable=False),
     Column("value_changed", Boolean, nullable=False),
     Column("sends", Boolean, nullable=False),  # its change is sent (not an account move alone)
-    prefixes=["TEMPORARY"],
 )
-fan_exited = Table(
-    "as_fan_exited", _temp,
-    Column("user_id", String(USER_ID_MAX), primary_key=True),
-    Column("group_id", String(USER_ID_MAX), nullable=False),
-    Column("value", Text),
-    prefixes=["TEMPORARY"],
-)
+fan_exited = _fan_table("as_fan_exited")
 FAN_TABLES = (account_users, fan, fan_delta, fan_exited)
 TEMP_TABLES = (stage, delta, exited, joined, *FAN_TABLES)
 
