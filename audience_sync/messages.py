@@ -63,8 +63,10 @@ class Delivery(NamedTuple):
     observed: datetime | str
     attempts: int = 0
     call: str = "identify"  # identify | track | group
-    # A group call: the user it names (the account definition's user_id), if any.
+    # A group call: the user it names (the account definition's user_id), if any, and the
+    # account traits it carries (the definition's other columns, canonical JSON).
     user_ref: str | None = None
+    traits: str | None = None
 
     @property
     def observed_at(self) -> datetime:
@@ -177,6 +179,8 @@ def group(delivery: Delivery, style: Style = DEFAULT_STYLE, *,
     """Engage's group call for one account of an account audience (or trait): `groupId`, and
     `traits` holding the account traits and `<key>: true|false` (or the value)."""
     traits = contact_traits(delivery)
+    if delivery.traits is not None:
+        traits.update(json.loads(delivery.traits))
     traits[delivery.computation_key] = json.loads(delivery.value)
     head: dict[str, Any] = {"type": "group", "groupId": delivery.user_id}
     if delivery.user_ref is not None:

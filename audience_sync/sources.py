@@ -429,7 +429,10 @@ class SourceRows:
                 statement, params = computation_statement(comp, self.engine, self.now, conn)
                 names, fetch = _open_cursor(conn, statement, params)
                 positions, self.columns = _positions(comp, names)
-                if positions == [0] and len(names) == 1:
+                extras = _account_trait_columns(comp, names)
+                if extras:
+                    pick = _with_account_traits(positions, extras)
+                elif positions == [0] and len(names) == 1:
                     pick = None
                 elif len(positions) == 1:
                     only = positions[0]
@@ -531,8 +534,44 @@ def _open_cursor(conn: Connection, statement: Select[Any] | TextClause, params: 
     return list(result.keys()), lambda: next(partitions, [])
 
 
+# An account definition's columns that are not account traits.
+ACCOUNT_COLUMNS = frozenset(("group_id", "user_id", "value", *CONTACT_TRAITS))
+# Where the account traits go in a staged row (_positions, _with_account_traits).
+_TRAITS_SLOT = -1
+
+
+def _account_trait_columns(comp: Computation, names: Sequence[str]) -> list[tuple[str, int]]:
+    """An account definition's other columns (plan, seats, ...): its account traits, by name
+    and position; none for a user definition."""
+    if comp.level != "account":
+        return []
+    return [(name, i) for i, name in enumerate(names) if name.lower() not in ACCOUNT_COLUMNS]
+
+
+def account_traits_json(values: dict[str, Any]) -> str:
+    """The account traits as canonical JSON; a value JSON cannot carry (NaN) is null."""
+    plain: dict[str, Any] = {}
+    for name, value in values.items():
+        try:
+            plain[name] = json.loads(canonical_json(value))
+        except ValueError:  # NaN, an infinity
+            plain[name] = None
+        except TypeError:  # a type JSON has no form for: its text
+            plain[name] = str(value)
+    return canonical_json(plain)
+
+
+def _with_account_traits(positions: list[int],
+                         extras: list[tuple[str, int]]) -> Callable[[Any], tuple[Any, ...]]:
+    def pick(row: Any) -> tuple[Any, ...]:
+        return tuple(account_traits_json({name: row[i] for name, i in extras})
+                     if p == _TRAITS_SLOT else row[p] for p in positions)
+    return pick
+
+
 def _positions(comp: Computation, names: list[str]) -> tuple[list[int], tuple[str, ...]]:
-    """Where user_id, the contact traits present and the value sit in the query's rows."""
+    """Where user_id, the contact traits present and the value sit in the query's rows (an
+    account definition's other columns, its account traits, become one JSON `traits`)."""
     lowered = [c.lower() for c in names]
     key = "group_id" if comp.level == "account" else "user_id"
     if key not in lowered:
@@ -547,6 +586,9 @@ def _positions(comp: Computation, names: list[str]) -> tuple[list[int], tuple[st
         # An account's user_id: the user its group calls name.
         positions.append(lowered.index("user_id"))
         wanted.append("user_ref")
+    if _account_trait_columns(comp, names):
+        positions.append(_TRAITS_SLOT)
+        wanted.append("traits")
     if comp.kind == "trait":
         if "value" not in lowered:
             raise SourceError(f"{comp.path} ({comp.key}): a computed trait's query must return "

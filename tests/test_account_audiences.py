@@ -584,3 +584,74 @@ def test_preview_names_an_account_audiences_columns_as_its_query_does(
                                   {"group_id": "a2", "name": "Beta", "user_id": "u3"}]
     code, out, err = cli(capsys, "--config", str(config), "preview", "big_accounts")
     assert code == 0 and out.startswith("big_accounts: 2 accounts (source 'warehouse'")
+
+
+@pytest.mark.parametrize("source", ["warehouse", "state database"])
+def test_an_account_definitions_other_columns_are_account_traits_of_its_group_calls(
+        tmp_path: Path, state_url: str, capsys: pytest.CaptureFixture[str],
+        source: str) -> None:
+    """Streamed from a source or written by INSERT ... SELECT in the state database, every
+    column besides group_id, user_id and value travels in the group call's traits; the users
+    of a fan-out get none of them, and a changed account trait alone sends nothing."""
+    from audience_sync.state.store import Store
+
+    setup = ("CREATE TABLE accts (id TEXT, name TEXT, seats INTEGER, plan TEXT, since TEXT)",
+             "INSERT INTO accts VALUES ('a1', 'Acme', 20, 'pro', '2024-01-02'), "
+             "('a2', 'Beta', 3, NULL, NULL)")
+    if source == "warehouse":
+        url = f"sqlite:///{tmp_path / 'w.db'}"
+        db = sqlite3.connect(tmp_path / "w.db")
+        for statement in setup:
+            db.execute(statement)
+        db.commit()
+        db.close()
+    else:
+        url = state_url
+        store = Store(state_url)
+        with store.engine.begin() as conn:
+            for statement in setup:
+                conn.exec_driver_sql(statement)
+        store.dispose()
+    config = write_config(tmp_path / "config.yaml", {
+        "state_db": state_url,
+        "sources": {"s": {"url": url,
+                          "account_users": "SELECT 'u' || id AS user_id, id AS group_id "
+                                           "FROM accts"}},
+        "destinations": {"groups": {"type": "jsonl", "path": str(tmp_path / "g.jsonl")},
+                         "users": {"type": "jsonl", "path": str(tmp_path / "u.jsonl"),
+                                   "accounts": "identify"}},
+        "audiences": [{"name": "Paying", "level": "account", "source": "s",
+                       "destinations": ["groups", "users"],
+                       "query": "SELECT id AS group_id, name, seats, plan AS \"Plan\", since "
+                                "FROM accts WHERE seats > 1"}]})
+    code, _, err = cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    groups = {m["groupId"]: m["traits"] for m in _lines(tmp_path / "g.jsonl")}
+    assert groups == {
+        "a1": {"name": "Acme", "seats": 20, "Plan": "pro", "since": "2024-01-02",
+               "paying": True},
+        "a2": {"name": "Beta", "seats": 3, "Plan": None, "since": None, "paying": True}}
+    assert {m["userId"]: m["traits"] for m in _lines(tmp_path / "u.jsonl")} == {
+        "ua1": {"company_id": "a1", "paying": True},
+        "ua2": {"company_id": "a2", "paying": True}}
+    # A changed account trait alone is no membership change; an exit carries the traits the
+    # account was last sent with.
+    change = ("UPDATE accts SET plan = 'enterprise' WHERE id = 'a1'",
+              "UPDATE accts SET seats = 1 WHERE id = 'a2'")
+    if source == "warehouse":
+        db = sqlite3.connect(tmp_path / "w.db")
+        for statement in change:
+            db.execute(statement)
+        db.commit()
+        db.close()
+    else:
+        store = Store(state_url)
+        with store.engine.begin() as conn:
+            for statement in change:
+                conn.exec_driver_sql(statement)
+        store.dispose()
+    code, _, err = cli(capsys, "--config", str(config), "sync", "--force")
+    assert code == 0, err
+    after = _lines(tmp_path / "g.jsonl")[2:]
+    assert [(m["groupId"], m["traits"]) for m in after] == [
+        ("a2", {"name": "Beta", "seats": 3, "Plan": None, "since": None, "paying": False})]

@@ -98,7 +98,7 @@ def encode(delivery: Delivery, style: Style = DEFAULT_STYLE) -> bytes:
     is written directly: one run's messages share everything but the user, traits and ids,
     and a json.dumps per message was most of the time spent building a batch."""
     (_, key, kind, run_id, _, user_id, value, email, name, title, company_id, observed,
-     _, call, _) = delivery
+     _, call, _, _) = delivery
     if key in _CONTACT or call not in ("identify", "track"):
         # Segment's API needs a user on every call: a group call without one names the account.
         return _dumps(message(delivery, style, needs_user=True))

@@ -278,7 +278,7 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
     stay_value = literal("true") if comp.kind == "audience" else delta.c.value
     leave_value = literal("false") if comp.kind == "audience" else literal("null")
     outbox_columns = ["computation_id", "run_id", "destination", "user_id", "value",
-                      *CONTACT_TRAITS, "user_ref", "observed_at", "status", "call"]
+                      *CONTACT_TRAITS, "user_ref", "traits", "observed_at", "status", "call"]
     # A track call is an event: sent for an entry, an exit or a new trait value (`moved`),
     # never for a member whose contact traits alone changed (nor a resync's unchanged member).
     per_call = {"identify": result.queued, "track": result.entered + result.exited}
@@ -311,7 +311,8 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
             continue
         for table, value in ((delta, stay_value), (exited, leave_value)):
             rows = select(*head, table.c.user_id, value,
-                          *(table.c[n] for n in CONTACT_TRAITS), table.c.user_ref, *tail)
+                          *(table.c[n] for n in CONTACT_TRAITS), table.c.user_ref,
+                          table.c.traits, *tail)
             if call == "track" and table is delta:
                 rows = rows.where(moved)
             conn.execute(insert(d).from_select(outbox_columns, rows))
@@ -336,9 +337,10 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
 
 
 def _fan_traits(group_id: Any) -> list[Any]:
-    """A fanned-out user's contact traits and user_ref: only company_id, their account."""
+    """A fanned-out user's contact traits, user_ref and traits: only company_id, their
+    account."""
     return [group_id if name == "company_id" else literal(None, Text)
-            for name in (*CONTACT_TRAITS, "user_ref")]
+            for name in (*CONTACT_TRAITS, "user_ref", "traits")]
 
 
 def _apply_fan_out(conn: Connection, cid: int, run_id: int, fan: FanDiff | None) -> None:

@@ -59,7 +59,8 @@ _COLUMNS = (t.deliveries.c.id, t.computations.c.key, t.computations.c.kind,
             t.deliveries.c.value, t.deliveries.c.email, t.deliveries.c.name,
             t.deliveries.c.title, t.deliveries.c.company_id,
             type_coerce(t.deliveries.c.observed_at, String).label("observed_at"),
-            t.deliveries.c.attempts, t.deliveries.c.call, t.deliveries.c.user_ref)
+            t.deliveries.c.attempts, t.deliveries.c.call, t.deliveries.c.user_ref,
+            t.deliveries.c.traits)
 
 
 @functools.cache

@@ -148,8 +148,10 @@ members = Table(
     Column("title", Text, nullable=True),
     Column("company_id", Text, nullable=True),
     Column("value", Text, nullable=True),  # canonical JSON of a computed trait's value
-    # An account: the user its group calls name (the definition's user_id column).
+    # An account: the user its group calls name (the definition's user_id column), and its
+    # account traits (the definition's other columns, as a JSON object).
     Column("user_ref", Text, nullable=True),
+    Column("traits", Text, nullable=True),
     Column("entered_run", Integer, nullable=False),
     # Clustered by (computation_id, user_id) on SQLite: the diff reads members in key order
     # and finds each one's sent values without a second lookup.
@@ -232,8 +234,10 @@ deliveries = Table(
     # The call this row delivers (identify | track): a destination sent both gets one row per
     # call, each acknowledged on its own, so a crash between them re-sends only the other.
     Column("call", String(16), nullable=False, server_default="identify"),
-    # A group call (an account's row, `user_id` the account): the user it names, if any.
+    # A group call (an account's row, `user_id` the account): the user it names, if any, and
+    # the account traits it carries (JSON).
     Column("user_ref", Text, nullable=True),
+    Column("traits", Text, nullable=True),
     Index(None, "computation_id", "user_id"),
     Index(None, "run_id"),
     # Pending and failed rows are few while sent ones pile up, so they have partial indexes

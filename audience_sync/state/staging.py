@@ -48,15 +48,16 @@ if typing.TYPE_CHECKING:
     import psycopg
 
 from audience_sync.messages import CONTACT_TRAITS, USER_ID_MAX
-from audience_sync.sources import SkipCounts, SourceRows
+from audience_sync.sources import ACCOUNT_COLUMNS, SkipCounts, SourceRows
 from audience_sync.state import schema as t
 
 SAMPLE_SIZE = 10
 
 _temp = MetaData()
 # What a member's calls carry, as stored: the contact traits, an account's user_ref (the user
-# its group calls name) and a trait's value (last: the streamed rows end with it).
-SENT_COLUMNS = (*CONTACT_TRAITS, "user_ref", "value")
+# its group calls name) and traits (its other columns, as JSON), and a trait's value (last:
+# the streamed rows end with it).
+SENT_COLUMNS = (*CONTACT_TRAITS, "user_ref", "traits", "value")
 
 stage = Table(
     "as_stage", _temp,
@@ -288,6 +289,9 @@ def insert_select(conn: Connection, statement: TextClause | Any, params: dict[st
     values.append(cast(lowered["user_id"], Text).label("user_ref")
                   if level == "account" and "user_id" in lowered
                   else literal(None, Text).label("user_ref"))
+    values.append(_account_traits(conn, [c for name, c in lowered.items()
+                                         if name not in ACCOUNT_COLUMNS])
+                  if level == "account" else literal(None, Text).label("traits"))
     if value is not None:
         as_json = func.json_quote(value) if sqlite else cast(func.to_jsonb(value), Text)
         values.append(func.coalesce(as_json, "null").label("value"))
@@ -302,6 +306,17 @@ def insert_select(conn: Connection, statement: TextClause | Any, params: dict[st
     inserted = int(conn.execute(select(func.count()).select_from(stage)).scalar_one())
     skipped.duplicate += valid - inserted
     return inserted
+
+
+def _account_traits(conn: Connection, columns: list[Any]) -> Any:
+    """An account definition's other columns as one JSON object (null when there are none),
+    built by the database: the same-database path sends no row through Python."""
+    if not columns:
+        return literal(None, Text).label("traits")
+    pairs = [part for c in columns for part in (literal(c.name), c)]
+    if conn.dialect.name == "sqlite":
+        return func.json_object(*pairs).label("traits")
+    return cast(func.jsonb_build_object(*pairs), Text).label("traits")
 
 
 _PG_NUMBERS = "('double precision'::regtype, 'real'::regtype, 'numeric'::regtype)"

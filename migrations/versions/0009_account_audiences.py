@@ -1,4 +1,4 @@
-"""account audiences: computations.level, user_ref, fanout_members, runs' fan-out figures
+"""account audiences: computations.level, user_ref and traits, fanout_members, runs' fan-out figures
 
 Revision ID: 0009
 Revises: 0008
@@ -35,9 +35,11 @@ def upgrade() -> None:
 
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.add_column(sa.Column('user_ref', sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column('traits', sa.Text(), nullable=True))
 
     with op.batch_alter_table('members', schema=None) as batch_op:
         batch_op.add_column(sa.Column('user_ref', sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column('traits', sa.Text(), nullable=True))
 
     with op.batch_alter_table('runs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('fan_users', sa.Integer(), nullable=True))
@@ -57,9 +59,11 @@ def downgrade() -> None:
         batch_op.drop_column('fan_users')
 
     with op.batch_alter_table('members', schema=None) as batch_op:
+        batch_op.drop_column('traits')
         batch_op.drop_column('user_ref')
 
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
+        batch_op.drop_column('traits')
         batch_op.drop_column('user_ref')
 
     with op.batch_alter_table('computations', schema=None) as batch_op:
