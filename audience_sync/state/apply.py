@@ -121,6 +121,7 @@ class RunSession:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self.fan_out = False  # it staged account users (and has the fan-out's tables)
 
     def stage_from_state_db(self, comp: Computation, now: datetime,
                             skipped: SkipCounts) -> int:
@@ -143,6 +144,7 @@ class RunSession:
 
     def stage_account_users(self, rows: Iterable[list[tuple[Any, ...]]]) -> int:
         """The source's account_users rows, for an account computation's fan-out."""
+        self.fan_out = True
         with self._conn.begin():
             return load_account_users(self._conn, rows)
 
@@ -164,13 +166,14 @@ def run_session(store: Store, label: str) -> Iterator[RunSession]:
     with _store_errors(label), store.engine.connect() as conn:
         with conn.begin():
             create_temp_tables(conn)
+        session = RunSession(conn)
         try:
-            yield RunSession(conn)
+            yield session
         finally:
             if not conn.closed and not conn.invalidated:
                 if conn.in_transaction():
                     conn.rollback()
-                drop_temp_tables(conn)
+                drop_temp_tables(conn, fan_out=session.fan_out)
                 conn.commit()
 
 

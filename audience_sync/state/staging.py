@@ -123,8 +123,9 @@ fan_delta = _fan_table(
     Column("sends", Boolean, nullable=False),  # its change is sent (not an account move alone)
 )
 fan_exited = _fan_table("as_fan_exited")
+TEMP_TABLES = (stage, delta, exited, joined)
+# Created only by a run that fans out (load_account_users): every other run does without.
 FAN_TABLES = (account_users, fan, fan_delta, fan_exited)
-TEMP_TABLES = (stage, delta, exited, joined, *FAN_TABLES)
 
 
 def create_temp_tables(conn: Connection) -> None:
@@ -141,12 +142,11 @@ def create_temp_tables(conn: Connection) -> None:
     if conn.dialect.name != "postgresql":  # PostgreSQL creates them from the diff's queries
         delta.create(conn)
         exited.create(conn)
-    for table in FAN_TABLES:
-        table.create(conn)
 
 
-def drop_temp_tables(conn: Connection) -> None:
-    for table in TEMP_TABLES:
+def drop_temp_tables(conn: Connection, *, fan_out: bool = False) -> None:
+    """The run's temporary tables (and the fan-out's, when it had them)."""
+    for table in (*TEMP_TABLES, *(FAN_TABLES if fan_out else ())):
         conn.execute(text(f"DROP TABLE IF EXISTS {table.name}"))
 
 
@@ -166,8 +166,12 @@ def load_rows(conn: Connection, snapshot: SourceRows,
 
 
 def load_account_users(conn: Connection, rows: Iterable[list[tuple[Any, ...]]]) -> int:
-    """Load the source's account_users rows (user_id, group_id); repeated pairs are harmless
-    (the fan-out groups them)."""
+    """Create the fan-out's temporary tables and load the source's account_users rows
+    (user_id, group_id) into the first; repeated pairs are harmless (the fan-out groups
+    them)."""
+    for table in FAN_TABLES:
+        conn.execute(text(f"DROP TABLE IF EXISTS {table.name}"))
+        table.create(conn)
     columns = ("user_id", "group_id")
     if conn.dialect.name == "postgresql":
         return _copy_rows(conn, account_users.name, rows, lambda: columns, None)
