@@ -227,20 +227,25 @@ def prove_account_users(source: Source, now: datetime) -> tuple[tuple[str, ...],
     ((), why it cannot run). The source must be reachable (ping_source)."""
     assert source.account_users is not None
     engine = create_source_engine(source.url)
-    body = source.account_users.strip().rstrip(";")
     try:
         with engine.connect() as conn:
-            names = tuple(conn.execute(text(f"SELECT * FROM ({body}) AS proof LIMIT 0"),
+            names = tuple(conn.execute(_limit_zero(source.account_users),
                                        {"now": bind_now(engine.dialect.name, now)}).keys())
     except _driver_errors() as exc:
         return (), describe_db_error(exc)
     finally:
         engine.dispose()
-    lowered = {n.lower() for n in names}
-    if not {"user_id", "group_id"} <= lowered:
-        return names, (f"account_users must return user_id and group_id columns (columns: "
-                       f"{', '.join(names) or 'none'})")
+    try:
+        _account_user_positions(names)
+    except ValueError as exc:
+        return names, f"account_users {exc}"
     return names, None
+
+
+def _limit_zero(query: str) -> TextClause:
+    """A query as the user wrote it (less a trailing semicolon), wrapped so the database plans
+    it and names its columns without reading a row."""
+    return text(f"SELECT * FROM ({query.strip().rstrip(';')}) AS proof LIMIT 0")
 
 
 def _prove(comp: Computation, engine: Engine, now: datetime) -> Proof:
@@ -248,9 +253,7 @@ def _prove(comp: Computation, engine: Engine, now: datetime) -> Proof:
         with engine.connect() as conn:
             statement, params = computation_statement(comp, engine, now, conn)
             if isinstance(statement, TextClause):
-                # The query's text as the user wrote it, less a trailing semicolon.
-                body = statement.text.strip().rstrip(";")
-                probe: Any = text(f"SELECT * FROM ({body}) AS proof LIMIT 0")
+                probe: Any = _limit_zero(statement.text)
             else:
                 probe = select(statement.subquery("proof")).limit(0)
             names = list(conn.execute(probe, params).keys())
@@ -476,12 +479,10 @@ class AccountUsers:
                 names, fetch = _open_cursor(conn, text(self.query),
                                             {"now": bind_now(self.engine.dialect.name,
                                                              self.now)})
-                lowered = [n.lower() for n in names]
-                if "user_id" not in lowered or "group_id" not in lowered:
-                    raise SourceError(f"{comp.path} ({comp.key}): {where} must return user_id "
-                                      f"and group_id columns (columns: "
-                                      f"{', '.join(names) or 'none'})")
-                pick = itemgetter(lowered.index("user_id"), lowered.index("group_id"))
+                try:
+                    pick = itemgetter(*_account_user_positions(names))
+                except ValueError as exc:
+                    raise SourceError(f"{comp.path} ({comp.key}): {where} {exc}") from None
                 while chunk := fetch():
                     rows = [pick(row) for row in chunk]
                     if not _ids_all_valid(rows) or not _ids_all_valid(
@@ -493,12 +494,25 @@ class AccountUsers:
                               f"{describe_db_error(exc)}") from exc
 
     def _valid(self, rows: list[Any]) -> list[tuple[Any, ...]]:
+        """The rows whose user id and then account id (each checked first in its row) are
+        ids, both as text."""
         counts = SkipCounts()
         users = _drop_bad_ids(rows, counts)
-        both = [(group, user) for group, user in
-                _drop_bad_ids([(g, u) for u, g in users], counts)]
+        both = _drop_bad_ids([(g, u) for u, g in users], counts)
         self.skipped += counts.total
         return [(user, group) for group, user in both]
+
+
+def _account_user_positions(names: Sequence[str]) -> tuple[int, int]:
+    """Where user_id and group_id sit in an account_users query's rows.
+
+    :raises ValueError: one is missing (the message names the columns it has).
+    """
+    lowered = [n.lower() for n in names]
+    if "user_id" not in lowered or "group_id" not in lowered:
+        raise ValueError(f"must return user_id and group_id columns (columns: "
+                         f"{', '.join(names) or 'none'})")
+    return lowered.index("user_id"), lowered.index("group_id")
 
 
 def _value_decoder(comp: Computation) -> Callable[[Any], Any] | None:
