@@ -70,9 +70,7 @@ class RunResult:
             "skipped": self.skipped.as_dict(),
             "error": self.error, "sample_entered": self.sample_entered,
             "sample_exited": self.sample_exited, "seconds": round(self.seconds, 3),
-            "fan_out": None if self.fan is None else {
-                "users": self.fan.users, "entered": self.fan.entered,
-                "exited": self.fan.exited, "changed": self.fan.changed},
+            "fan_out": None if self.fan is None else self.fan.as_dict(),
         }
 
 
@@ -140,12 +138,11 @@ def run_computation(
                 sends = result.queued
                 # A dry run tells what a forced run would send, to each destination: an
                 # identify per change, a track per entry, exit or new trait value.
-                per_call = {"identify": sends, "track": result.entered + result.exited + (
-                    result.changed if comp.kind == "trait" else 0)}
                 if comp.level == "account":
-                    # One row per account (group), or per user of the fan-out.
-                    fan = result.fan or FanDiff()
-                    per_call = {"group": sends, "identify": fan.sends, "track": fan.moves}
+                    per_call = (result.fan or FanDiff()).per_call(sends)
+                else:
+                    per_call = {"identify": sends, "track": result.entered + result.exited + (
+                        result.changed if comp.kind == "trait" else 0)}
                 result.per_destination = {name: 0 for name in comp.destinations}
                 for name, call in comp.outbox_calls:
                     result.per_destination[name] += per_call[call]
@@ -287,17 +284,22 @@ def _hold_reason(comp: Computation, result: RunResult, force: bool) -> str | Non
     if result.members == 0:
         return (f"{comp.key}: the source returned no rows for an audience of "
                 f"{result.previous_members} members; held (run with --force to apply)")
-    fraction = result.exited / result.previous_members
-    if fraction > comp.max_removal_fraction:
-        return (f"{comp.key}: would remove {result.exited} of {result.previous_members} members "
-                f"({fraction:.0%} > max_removal_fraction {comp.max_removal_fraction:.0%}); "
-                "held (run with --force to apply)")
+    held = _removes_too_many(comp, result.exited, result.previous_members,
+                             f"{result.previous_members} members")
     fan = result.fan
-    if fan is not None and fan.previous and fan.exited / fan.previous > \
-            comp.max_removal_fraction:
+    if held is None and fan is not None and fan.previous:
         # An emptied or broken account_users query must not send every user `false`.
-        return (f"{comp.key}: would remove {fan.exited} of the {fan.previous} users its "
-                f"accounts were fanned out to ({fan.exited / fan.previous:.0%} > "
-                f"max_removal_fraction {comp.max_removal_fraction:.0%}); "
-                "held (run with --force to apply)")
-    return None
+        held = _removes_too_many(comp, fan.exited, fan.previous,
+                                 f"the {fan.previous} users its accounts were fanned out to")
+    return held
+
+
+def _removes_too_many(comp: Computation, removed: int, previous: int,
+                      of: str) -> str | None:
+    """Why a run is held, when it would remove more than max_removal_fraction of `previous`."""
+    fraction = removed / previous
+    if fraction <= comp.max_removal_fraction:
+        return None
+    return (f"{comp.key}: would remove {removed} of {of} ({fraction:.0%} > "
+            f"max_removal_fraction {comp.max_removal_fraction:.0%}); held (run with --force "
+            "to apply)")

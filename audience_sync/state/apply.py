@@ -284,15 +284,13 @@ def _apply(conn: Connection, comp: Computation, cid: int, kind: RunKind, now: da
                       *CONTACT_TRAITS, "user_ref", "traits", "observed_at", "status", "call"]
     # A track call is an event: sent for an entry, an exit or a new trait value (`moved`),
     # never for a member whose contact traits alone changed (nor a resync's unchanged member).
-    per_call = {"identify": result.queued, "track": result.entered + result.exited}
-    if comp.kind == "trait" and tracks:
-        per_call["track"] += int(conn.execute(select(func.count()).select_from(delta).where(
-            delta.c.is_new == false(), delta.c.value_changed == true())).scalar_one())
     if account:
-        # An account's own row (group call, Planhat company) is what an identify is to a
-        # user; the users' rows come from the fan-out.
-        per_call = {GROUP: result.queued, "identify": fan.sends if fan else 0,
-                    "track": fan.moves if fan else 0}
+        per_call = (fan or FanDiff()).per_call(result.queued)
+    else:
+        per_call = {"identify": result.queued, "track": result.entered + result.exited}
+        if comp.kind == "trait" and tracks:
+            per_call["track"] += int(conn.execute(select(func.count()).select_from(delta).where(
+                delta.c.is_new == false(), delta.c.value_changed == true())).scalar_one())
     observed = literal(now, t.UTCDateTime)
     queued = 0
     for destination, call in comp.outbox_calls:

@@ -47,7 +47,7 @@ from sqlalchemy.sql.elements import TextClause
 if typing.TYPE_CHECKING:
     import psycopg
 
-from audience_sync.messages import CONTACT_TRAITS, USER_ID_MAX
+from audience_sync.messages import CONTACT_TRAITS, GROUP, USER_ID_MAX
 from audience_sync.sources import ACCOUNT_COLUMNS, SkipCounts, SourceRows
 from audience_sync.state import schema as t
 
@@ -510,6 +510,15 @@ class FanDiff:
     def moves(self) -> int:
         """Track calls: entries, exits and new values."""
         return self.entered + self.exited + self.changed
+
+    def per_call(self, accounts: int) -> dict[str, int]:
+        """The outbox rows of each call: `accounts` rows of the accounts' own (group calls,
+        Planhat companies: what an identify is to a user), the users' from the fan-out."""
+        return {GROUP: accounts, "identify": self.sends, "track": self.moves}
+
+    def as_dict(self) -> dict[str, int]:
+        return {"users": self.users, "entered": self.entered, "exited": self.exited,
+                "changed": self.changed}
 
 
 def compute_fan_diff(conn: Connection, computation_id: int, resync: bool) -> FanDiff:
