@@ -16,6 +16,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from tests.delivery_setup import API_TOKEN, TENANT_TOKEN, WRITE_KEY
+from tests.fakes import FakePlanhat, FakeSegment
+
 PG_URL = os.environ.get("AUDIENCE_SYNC_TEST_PG_URL")
 
 
@@ -72,3 +75,20 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
     finally:
         drop_pg_schema(admin, schema)
+
+
+@pytest.fixture
+def planhat() -> Iterator[FakePlanhat]:
+    """A fake Planhat (both modes) taking the delivery tests' tokens; a module needing another
+    kind (strict fields, a trickle) overrides it."""
+    with FakePlanhat(TENANT_TOKEN, API_TOKEN).running() as fake:
+        assert isinstance(fake, FakePlanhat)
+        yield fake
+
+
+@pytest.fixture
+def segment() -> Iterator[FakeSegment]:
+    """A fake Segment tracking API taking the delivery tests' write key."""
+    with FakeSegment(WRITE_KEY).running() as fake:
+        assert isinstance(fake, FakeSegment)
+        yield fake

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import yaml
 from audience_sync.config import load_config
 from audience_sync.errors import ConfigError
 from audience_sync.messages import message_id
-from tests.delivery_setup import API_TOKEN, FAST, TENANT_TOKEN, WRITE_KEY, set_env
+from tests.delivery_setup import API_TOKEN, FAST, TENANT_TOKEN, set_env
 from tests.fakes import FakePlanhat, FakeSegment
 from tests.helpers import cli, write_config
 from tests.membership_rule import is_membership
@@ -48,13 +48,6 @@ def _warehouse(path: Path, accounts: Sequence[tuple[Any, ...]],
     db.executemany("INSERT INTO memberships VALUES (?, ?)", memberships)
     db.commit()
     db.close()
-
-
-@pytest.fixture
-def segment() -> Iterator[FakeSegment]:
-    with FakeSegment(WRITE_KEY).running() as fake:
-        assert isinstance(fake, FakeSegment)
-        yield fake
 
 
 def _config(tmp_path: Path, state_url: str, segment_url: str, **extra: Any) -> Path:

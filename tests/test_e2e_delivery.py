@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from tests.delivery_setup import (
     SECRETS,
     TENANT_TOKEN,
     USERS,
-    WRITE_KEY,
     delivery_config,
     set_env,
 )
@@ -23,20 +21,6 @@ from tests.fakes import FakePlanhat, FakeSegment, basic
 from tests.helpers import cli, set_users
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-@pytest.fixture
-def planhat() -> Iterator[FakePlanhat]:
-    with FakePlanhat(TENANT_TOKEN, API_TOKEN).running() as fake:
-        assert isinstance(fake, FakePlanhat)
-        yield fake
-
-
-@pytest.fixture
-def segment() -> Iterator[FakeSegment]:
-    with FakeSegment(WRITE_KEY).running() as fake:
-        assert isinstance(fake, FakeSegment)
-        yield fake
 
 
 def _by(messages: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:

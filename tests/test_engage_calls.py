@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,20 +31,6 @@ from tests.test_e2e_delivery_kill import _kill_mid_drain_then_restart
 
 BOTH = {"send": ["identify", "track"]}
 RENAMED = {"entered": "Joined Segment", "exited": "Left Segment", "trait": "Score Changed"}
-
-
-@pytest.fixture
-def planhat() -> Iterator[FakePlanhat]:
-    with FakePlanhat(TENANT_TOKEN, API_TOKEN).running() as fake:
-        assert isinstance(fake, FakePlanhat)
-        yield fake
-
-
-@pytest.fixture
-def segment() -> Iterator[FakeSegment]:
-    with FakeSegment(WRITE_KEY).running() as fake:
-        assert isinstance(fake, FakeSegment)
-        yield fake
 
 
 def _value(m: dict[str, Any]) -> Any:

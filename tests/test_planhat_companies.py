@@ -27,11 +27,9 @@ AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def planhat() -> Iterator[FakePlanhat]:
-    with FakePlanhat(TENANT_TOKEN, API_TOKEN).running() as fake:
-        assert isinstance(fake, FakePlanhat)
-        fake.strict_fields = True  # an upsert to a field that does not exist is refused
-        yield fake
+def planhat(planhat: FakePlanhat) -> FakePlanhat:
+    planhat.strict_fields = True  # an upsert to a field that does not exist is refused
+    return planhat
 
 
 @pytest.fixture

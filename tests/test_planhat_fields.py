@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,15 @@ from audience_sync.config import PlanhatConfig
 from audience_sync.destinations.planhat import ENDUSER, PlanhatApiDestination
 from audience_sync.state.fields import StoredFields
 from audience_sync.state.store import Store
-from tests.delivery_setup import API_TOKEN, TENANT_TOKEN, USERS, delivery_config, set_env
+from tests.delivery_setup import API_TOKEN, USERS, delivery_config, set_env
 from tests.fakes import MAX_WAIT, FakePlanhat
 from tests.helpers import cli, set_users
 
 
 @pytest.fixture
-def planhat() -> Iterator[FakePlanhat]:
-    with FakePlanhat(TENANT_TOKEN, API_TOKEN).running() as fake:
-        assert isinstance(fake, FakePlanhat)
-        fake.strict_fields = True  # an upsert to a field that does not exist is refused
-        yield fake
+def planhat(planhat: FakePlanhat) -> FakePlanhat:
+    planhat.strict_fields = True  # an upsert to a field that does not exist is refused
+    return planhat
 
 
 def _lists(fake: FakePlanhat) -> int:
