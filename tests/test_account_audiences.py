@@ -586,25 +586,23 @@ def test_an_account_definitions_other_columns_are_account_traits_of_its_group_ca
     """Streamed from a source or written by INSERT ... SELECT in the state database, every
     column besides group_id, user_id and value travels in the group call's traits; the users
     of a fan-out get none of them, and a changed account trait alone sends nothing."""
-    from audience_sync.state.store import Store
+    from sqlalchemy import create_engine
 
     setup = ("CREATE TABLE accts (id TEXT, name TEXT, seats INTEGER, plan TEXT, since TEXT)",
              "INSERT INTO accts VALUES ('a1', 'Acme', 20, 'pro', '2024-01-02'), "
              "('a2', 'Beta', 3, NULL, NULL)")
-    if source == "warehouse":
-        url = f"sqlite:///{tmp_path / 'w.db'}"
-        db = sqlite3.connect(tmp_path / "w.db")
-        for statement in setup:
-            db.execute(statement)
-        db.commit()
-        db.close()
-    else:
-        url = state_url
-        store = Store(state_url)
-        with store.engine.begin() as conn:
-            for statement in setup:
-                conn.exec_driver_sql(statement)
-        store.dispose()
+    url = f"sqlite:///{tmp_path / 'w.db'}" if source == "warehouse" else state_url
+
+    def execute(statements: tuple[str, ...]) -> None:
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                for statement in statements:
+                    conn.exec_driver_sql(statement)
+        finally:
+            engine.dispose()
+
+    execute(setup)
     config = write_config(tmp_path / "config.yaml", {
         "state_db": state_url,
         "sources": {"s": {"url": url,
@@ -631,18 +629,7 @@ def test_an_account_definitions_other_columns_are_account_traits_of_its_group_ca
     # account was last sent with.
     change = ("UPDATE accts SET plan = 'enterprise' WHERE id = 'a1'",
               "UPDATE accts SET seats = 1 WHERE id = 'a2'")
-    if source == "warehouse":
-        db = sqlite3.connect(tmp_path / "w.db")
-        for statement in change:
-            db.execute(statement)
-        db.commit()
-        db.close()
-    else:
-        store = Store(state_url)
-        with store.engine.begin() as conn:
-            for statement in change:
-                conn.exec_driver_sql(statement)
-        store.dispose()
+    execute(change)
     code, _, err = cli(capsys, "--config", str(config), "sync", "--force")
     assert code == 0, err
     after = _lines(tmp_path / "g.jsonl")[2:]
