@@ -326,6 +326,8 @@ class PlanhatConfig(_HttpConfig):
     def account_call(self) -> AccountCall:
         return self.accounts or ("companies" if self.mode == "api" else "identify")
 
+    # Named as _Calls._accounts, so it replaces that check: Planhat takes companies (mode api)
+    # and refuses group calls.
     @model_validator(mode="after")
     def _accounts(self) -> PlanhatConfig:
         if self.accounts == "group":
